@@ -1,0 +1,34 @@
+"""rayflow: a fault-tolerant stream processor for Python on Ray.
+
+Build a :class:`Dataflow`, then ``rf.run(flow)`` (blocking) or
+``rf.start(flow)`` (returns a :class:`JobHandle`).
+"""
+
+from rayflow import errors, sinks, sources, testing
+from rayflow.config import RuntimeConfig
+from rayflow.dataflow import Dataflow, KeyedStream, Stream
+from rayflow.errors import BuildError, ConfigError, JobFailedError, RayflowError
+from rayflow.job import JobHandle, JobResult, JobStatus, run, start
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BuildError",
+    "ConfigError",
+    "Dataflow",
+    "JobFailedError",
+    "JobHandle",
+    "JobResult",
+    "JobStatus",
+    "KeyedStream",
+    "RayflowError",
+    "RuntimeConfig",
+    "Stream",
+    "__version__",
+    "errors",
+    "run",
+    "sinks",
+    "sources",
+    "start",
+    "testing",
+]

@@ -1,0 +1,137 @@
+"""Every Ray call that concerns a job's operator actors, in one place.
+
+The coordinator's logic talks to a :class:`Deployment` only, so the Ray
+specifics (options, names, handles, futures) stay here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import ray
+
+from rayflow._internal import naming
+from rayflow._internal.plan import Plan, encode_plan
+from rayflow._internal.runtime.actor import OperatorActor
+from rayflow.config import RuntimeConfig
+
+log = logging.getLogger("rayflow")
+
+_RemoteOperator = ray.remote(OperatorActor)
+
+ActorKey = tuple[str, int]  # (stage, partition)
+
+
+class Deployment:
+    def __init__(self, job: str, plan: Plan, config: RuntimeConfig):
+        self.job = job
+        self.plan = plan
+        self.config = config
+        self.handles: dict[ActorKey, Any] = {}
+        self._plan_ref: Any = None
+
+    def keys(self) -> list[ActorKey]:
+        return [(s.name, p) for s in self.plan.stages for p in range(s.parallelism)]
+
+    def name(self, key: ActorKey) -> str:
+        return naming.operator_actor(self.job, key[0], key[1])
+
+    def create(self, keys: Iterable[ActorKey] | None = None) -> None:
+        """Start the operator actors (all of them, or ``keys``)."""
+        if self._plan_ref is None:
+            self._plan_ref = ray.put(encode_plan(self.plan))
+        for key in self.keys() if keys is None else keys:
+            stage = self.plan.stage(key[0])
+            self.handles[key] = _RemoteOperator.options(
+                name=self.name(key),
+                namespace=naming.NAMESPACE,
+                max_restarts=0,
+                max_concurrency=10_000,
+                **stage.resources.ray_options(),
+            ).remote(self._plan_ref, key[0], key[1], self.job, self.config)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Wait until every actor is up; explain what is missing if they are not."""
+        refs = {key: h.ready.remote() for key, h in self.handles.items()}
+        waited = 0.0
+        step = 30.0
+        while True:
+            done, pending = await asyncio.wait(
+                [asyncio.wrap_future(r.future()) for r in refs.values()],
+                timeout=min(step, timeout_s - waited),
+            )
+            for fut in done:
+                fut.result()  # raises if an actor failed to start
+            if not pending:
+                return
+            waited += step
+            missing = [self.name(k) for k, r in refs.items() if not r.future().done()]
+            needs = {self.name(k): self.plan.stage(k[0]).resources.ray_options() for k in refs}
+            message = (
+                f"{len(missing)} operator actor(s) of job {self.job!r} are not running "
+                f"after {waited:.0f} s: {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''}; they ask for "
+                f"{needs[missing[0]] if missing else {}} each and the cluster has "
+                f"{ray.available_resources()} free. Lower the steps' num_cpus/memory/"
+                "resources or add nodes."
+            )
+            if waited >= timeout_s:
+                raise TimeoutError(message)
+            log.warning(message)
+
+    async def connect(self) -> None:
+        calls = []
+        for (stage_name, p), handle in self.handles.items():
+            stage = self.plan.stage(stage_name)
+            receivers: dict[tuple[int, int], tuple[str, Any]] = {}
+            for edge_id in stage.outputs:
+                edge = self.plan.edges[edge_id]
+                for q in edge.receivers_of(p):
+                    key = (edge.dst_stage, q)
+                    receivers[(edge_id, q)] = (self.name(key), self.handles[key])
+            calls.append(handle.connect.remote(receivers))
+        await asyncio.gather(*(asyncio.wrap_future(c.future()) for c in calls))
+
+    def run_all(self) -> dict[ActorKey, asyncio.Future[Any]]:
+        return {
+            key: asyncio.wrap_future(h.run.remote().future()) for key, h in self.handles.items()
+        }
+
+    async def metrics(self, timeout_s: float = 10.0) -> dict[str, list[dict[str, Any]]]:
+        """Metrics of every step partition; actors that do not answer are left out."""
+        keys = list(self.handles)
+        futures = [asyncio.wrap_future(self.handles[k].metrics.remote().future()) for k in keys]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(f, timeout_s) for f in futures), return_exceptions=True
+        )
+        by_step: dict[str, list[dict[str, Any]]] = {}
+        for result in results:
+            if isinstance(result, BaseException):
+                continue
+            for entry in result:
+                by_step.setdefault(entry["step"], []).append(entry)
+        for entries in by_step.values():
+            entries.sort(key=lambda e: e["partition"])
+        return by_step
+
+    async def stop_sources(self) -> None:
+        calls = [
+            h.request_stop.remote()
+            for (stage, _), h in self.handles.items()
+            if self.plan.stage(stage).inputs == ()
+        ]
+        await asyncio.gather(
+            *(asyncio.wrap_future(c.future()) for c in calls), return_exceptions=True
+        )
+
+    def kill(self, keys: Iterable[ActorKey] | None = None) -> None:
+        for key in list(self.handles) if keys is None else list(keys):
+            handle = self.handles.pop(key, None)
+            if handle is not None:
+                try:
+                    ray.kill(handle, no_restart=True)
+                except Exception as exc:  # already gone
+                    log.debug("kill %s: %s", self.name(key), exc)

@@ -1,0 +1,129 @@
+"""Driver-side Ray calls: connect to Ray, create the job's actors, find them again."""
+
+from __future__ import annotations
+
+import logging
+import os
+import site
+import sys
+import sysconfig
+from typing import Any
+
+import ray
+from ray import cloudpickle as ray_cloudpickle
+
+from rayflow._internal import naming
+from rayflow._internal.job.collector import Collector
+from rayflow._internal.job.coordinator import JobCoordinator
+from rayflow._internal.plan import Plan, encode_plan
+from rayflow._internal.spec import StepKind
+from rayflow.config import RuntimeConfig
+from rayflow.errors import BuildError, JobAlreadyRunningError
+from rayflow.testing import Collect
+
+log = logging.getLogger("rayflow")
+
+_RemoteCoordinator = ray.remote(JobCoordinator)
+_RemoteCollector = ray.remote(Collector)
+
+
+def ensure_ray() -> None:
+    """Use the Ray this process is connected to; else join RAY_ADDRESS or start one."""
+    if not ray.is_initialized():
+        ray.init()
+
+
+def _library_roots() -> list[str]:
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    roots.update([*site.getsitepackages(), site.getusersitepackages()])
+    return [os.path.realpath(r) + os.sep for r in roots if r]
+
+
+def ship_user_modules_by_value() -> None:
+    """Let Ray workers run functions from the user's own modules.
+
+    cloudpickle pickles functions of importable modules by reference, and a
+    worker cannot import a script's sibling module or a test file that only
+    the driver's ``sys.path`` reaches. Modules outside the installed
+    libraries are therefore pickled by value, as ``__main__`` already is.
+    """
+    roots = _library_roots()
+    for name, module in list(sys.modules.items()):
+        top = name.partition(".")[0]
+        if top in ("rayflow", "__main__") or top in sys.stdlib_module_names or "." in name:
+            continue
+        path = getattr(module, "__file__", None)
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if any(real.startswith(root) for root in roots):
+            continue
+        try:
+            ray_cloudpickle.register_pickle_by_value(module)
+        except ValueError:
+            continue
+
+
+def check_picklable(plan: Plan) -> None:
+    """Every function and connector must travel to Ray workers; say which cannot."""
+    ship_user_modules_by_value()
+    for step in plan.flow.steps:
+        for what, value in (("function", step.fn), ("connector", step.connector)):
+            if value is None:
+                continue
+            try:
+                ray_cloudpickle.dumps(value)
+            except Exception as exc:
+                raise BuildError(
+                    f"step {step.name!r}: its {what} cannot be sent to Ray workers: "
+                    f"{type(exc).__name__}: {exc}. It must be picklable: do not capture "
+                    "locks, open files, sockets or clients; create those inside the function."
+                ) from None
+
+
+def check_not_running(job: str) -> None:
+    try:
+        ray.get_actor(naming.coordinator_actor(job), namespace=naming.NAMESPACE)
+    except ValueError:
+        return
+    raise JobAlreadyRunningError(
+        f"a job named {job!r} is already running on this Ray cluster "
+        f"(actor {naming.coordinator_actor(job)!r}); stop it first, or give this one "
+        "another name with job_name=..."
+    )
+
+
+def collect_sinks(plan: Plan) -> list[str]:
+    """Names of the steps that sink into ``rf.testing.Collect``."""
+    return [
+        s.name
+        for s in plan.flow.steps
+        if s.kind is StepKind.SINK and isinstance(s.connector, Collect)
+    ]
+
+
+def create_collector(job: str) -> Any:
+    return _RemoteCollector.options(
+        name=naming.collector_actor(job), namespace=naming.NAMESPACE, num_cpus=0
+    ).remote()
+
+
+def create_coordinator(job: str, plan: Plan, config: RuntimeConfig) -> Any:
+    blob = encode_plan(plan)
+    return _RemoteCoordinator.options(
+        name=naming.coordinator_actor(job),
+        namespace=naming.NAMESPACE,
+        num_cpus=0,
+        max_concurrency=1000,
+        max_restarts=0,
+    ).remote(job, blob, config)
+
+
+def kill_quietly(handle: Any) -> None:
+    if handle is None:
+        return
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception as exc:
+        log.debug("kill: %s", exc)

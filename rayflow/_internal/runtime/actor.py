@@ -1,0 +1,63 @@
+"""The Ray actor that runs one partition of one stage.
+
+A thin shell around :class:`StageTask`: it turns actor handles into send
+functions and exposes the task's methods as actor methods. Every ``push``
+call stays open until its batch leaves the mailbox; that return is the
+credit the sender waits for.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+from rayflow._internal.plan import decode_plan
+from rayflow._internal.runtime.channels import SendFn
+from rayflow._internal.runtime.task import StageTask, TaskOutcome
+from rayflow.config import RuntimeConfig
+
+
+class OperatorActor:
+    def __init__(
+        self, plan_blob: bytes, stage: str, partition: int, job: str, config: RuntimeConfig
+    ) -> None:
+        # Streams allocate many short-lived tuples; the default gen-0 threshold
+        # (700) makes the collector run thousands of times per second.
+        gc.set_threshold(50_000, 20, 100)
+        plan = decode_plan(plan_blob)
+        self.task = StageTask(plan, stage, partition, job=job, config=config)
+
+    async def ready(self) -> str:
+        return self.task.actor_name
+
+    async def connect(self, receivers: dict[tuple[int, int], tuple[str, Any]]) -> None:
+        """``receivers`` maps (edge id, receiver partition) to (actor name, handle)."""
+        senders: dict[tuple[int, int], tuple[str, SendFn]] = {}
+        for (edge_id, q), (name, handle) in receivers.items():
+            senders[(edge_id, q)] = (name, self._sender(handle, (edge_id, self.task.partition)))
+        self.task.connect(senders)
+
+    def _sender(self, handle: Any, channel: tuple[int, int]) -> SendFn:
+        task = self.task
+        push = handle.push
+
+        def send(seq: int, kind: int, payload: Any) -> Any:
+            return push.remote(task.epoch, channel, seq, kind, payload).future()
+
+        return send
+
+    async def run(self) -> TaskOutcome:
+        return await self.task.run()
+
+    async def push(
+        self, epoch: int, channel: tuple[int, int], seq: int, kind: int, payload: Any
+    ) -> None:
+        done = self.task.offer(epoch, channel, seq, kind, payload)
+        if done is not None:
+            await done
+
+    async def metrics(self) -> list[dict[str, Any]]:
+        return self.task.metrics()
+
+    async def request_stop(self) -> None:
+        self.task.request_stop()

@@ -1,0 +1,286 @@
+"""The sending side of channels: batching, sequence numbers and credits.
+
+An :class:`OutputChannel` buffers records for one receiver partition, cuts
+them into batches (at most ``batch_size`` records and about ``batch_bytes``
+bytes, or whatever has waited ``linger_s``), numbers every batch, and sends
+one only while it holds a credit: fewer than the receiver's per-channel
+batch credit in flight, and their bytes within its byte credit. A credit
+comes back when the receiver takes the batch out of its mailbox (the push
+call returns then), so a slow consumer leaves its producers without credits
+and they wait: that wait is the back-pressured time.
+
+Routers put records into channels: FORWARD to one channel, REBALANCE
+rotating over all, HASH by the key group of each ``(key, value)`` record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Future as ConcurrentFuture
+from typing import Any
+
+from rayflow._internal.keygroups import SUPPORTED_KEY_TYPES, KeyRouter
+from rayflow._internal.plan import ChannelId
+from rayflow._internal.runtime import serde
+from rayflow._internal.runtime.mailbox import DATA
+from rayflow._internal.runtime.timing import BACKPRESSURED, TimeAccount
+
+#: send(seq, kind, payload) -> a future that resolves when the receiver consumed it.
+SendFn = Callable[[int, int, Any], "ConcurrentFuture[Any] | asyncio.Future[Any]"]
+
+
+class ChannelBroken(Exception):
+    """A receiver could not be reached (its actor died or the call failed)."""
+
+    def __init__(self, receiver: str, cause: BaseException):
+        super().__init__(f"cannot send to {receiver}: {type(cause).__name__}: {cause}")
+        self.receiver = receiver
+        self.cause = cause
+
+
+class OutputChannel:
+    __slots__ = (
+        "_event",
+        "_loop",
+        "_send",
+        "batch_limit",
+        "buffer",
+        "channel",
+        "credit_batches",
+        "credit_bytes",
+        "failure",
+        "in_flight",
+        "in_flight_bytes",
+        "next_seq",
+        "receiver",
+        "since",
+    )
+
+    def __init__(
+        self,
+        channel: ChannelId,
+        receiver: str,
+        send: SendFn,
+        *,
+        credit_batches: int,
+        credit_bytes: int,
+        batch_size: int,
+    ):
+        self.channel = channel
+        self.receiver = receiver
+        self._send = send
+        self.credit_batches = credit_batches
+        self.credit_bytes = credit_bytes
+        self.batch_limit = batch_size
+        self.buffer: list[Any] = []
+        self.since = 0.0  # when the oldest buffered record arrived
+        self.next_seq = 0
+        self.in_flight = 0
+        self.in_flight_bytes = 0
+        self.failure: BaseException | None = None
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+
+    def has_credit(self, size: int) -> bool:
+        if self.in_flight >= self.credit_batches:
+            return False
+        return self.in_flight == 0 or self.in_flight_bytes + size <= self.credit_bytes
+
+    async def wait_credit(self, size: int) -> None:
+        while not self.has_credit(size):
+            self._raise_if_broken()
+            self._event.clear()
+            await self._event.wait()
+        self._raise_if_broken()
+
+    def send_now(self, kind: int, payload: Any, size: int) -> None:
+        """Send one message; the caller made sure a credit is held."""
+        self._raise_if_broken()
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        self.in_flight += 1
+        self.in_flight_bytes += size
+        future = self._send(seq, kind, payload)
+        loop = self._loop
+
+        def done(f: Any, size: int = size) -> None:
+            loop.call_soon_threadsafe(self._on_done, f, size)
+
+        future.add_done_callback(done)
+
+    def _on_done(self, future: Any, size: int) -> None:
+        self.in_flight -= 1
+        self.in_flight_bytes -= size
+        if future.cancelled():
+            self.failure = self.failure or asyncio.CancelledError("send cancelled")
+        else:
+            exc = future.exception()
+            if exc is not None and self.failure is None:
+                self.failure = exc
+        self._event.set()
+
+    async def drain(self) -> None:
+        """Wait until the receiver consumed everything sent."""
+        while self.in_flight:
+            self._event.clear()
+            await self._event.wait()
+        self._raise_if_broken()
+
+    def _raise_if_broken(self) -> None:
+        if self.failure is not None:
+            raise ChannelBroken(self.receiver, self.failure)
+
+
+class Outputs:
+    """All output channels of one actor, and the policy of when to send."""
+
+    def __init__(self, *, batch_size: int, batch_bytes: int, linger_s: float, clock: TimeAccount):
+        self.batch_size = batch_size
+        self.batch_bytes = batch_bytes
+        self.linger_s = linger_s
+        self.channels: list[OutputChannel] = []
+        self._clock = clock
+
+    def add(self, channel: OutputChannel) -> OutputChannel:
+        self.channels.append(channel)
+        return channel
+
+    def next_deadline(self) -> float | None:
+        """When the oldest buffered record's linger time runs out (monotonic)."""
+        deadline = None
+        for ch in self.channels:
+            if ch.buffer:
+                d = ch.since + self.linger_s
+                if deadline is None or d < deadline:
+                    deadline = d
+        return deadline
+
+    async def flush(self, *, force: bool = False) -> None:
+        """Send full batches, and partial ones whose linger ran out (or all, with force)."""
+        now = time.monotonic()
+        for ch in self.channels:
+            if not ch.buffer:
+                continue
+            while len(ch.buffer) >= ch.batch_limit:
+                await self._send_batch(ch, ch.batch_limit)
+            if ch.buffer and (force or now - ch.since >= self.linger_s):
+                await self._send_batch(ch, len(ch.buffer))
+
+    async def _send_batch(self, ch: OutputChannel, n: int) -> None:
+        buf = ch.buffer
+        if n >= len(buf):
+            batch, ch.buffer = buf, []
+        else:
+            batch = buf[:n]
+            del buf[:n]
+            ch.since = time.monotonic()
+        payload = serde.dumps(batch)
+        size = len(payload)
+        # Adapt the batch length so that batches stay near batch_bytes.
+        per_record = max(1, size // len(batch))
+        ch.batch_limit = max(1, min(self.batch_size, self.batch_bytes // per_record))
+        if not ch.has_credit(size):
+            previous = self._clock.switch(BACKPRESSURED)
+            try:
+                await ch.wait_credit(size)
+            finally:
+                self._clock.switch(previous)
+        ch.send_now(DATA, payload, size)
+
+    async def send_control(self, kind: int, payload: Any) -> None:
+        """Send a barrier or end-of-stream on every channel, after its buffered records."""
+        await self.flush(force=True)
+        for ch in self.channels:
+            if not ch.has_credit(0):
+                previous = self._clock.switch(BACKPRESSURED)
+                try:
+                    await ch.wait_credit(0)
+                finally:
+                    self._clock.switch(previous)
+            ch.send_now(kind, payload, 0)
+
+    async def drain(self) -> None:
+        for ch in self.channels:
+            await ch.drain()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(ch.in_flight for ch in self.channels)
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(ch.buffer) for ch in self.channels)
+
+
+class UnroutableKey(Exception):
+    """A key that cannot be hashed stably; carries the offending record."""
+
+    def __init__(self, record: Any, cause: BaseException):
+        super().__init__(str(cause))
+        self.record = record
+        self.cause = cause
+
+
+def forward_router(channel: OutputChannel) -> Callable[[list[Any]], None]:
+    def route(items: list[Any]) -> None:
+        buf = channel.buffer
+        if not buf:
+            channel.since = time.monotonic()
+        buf.extend(items)
+
+    return route
+
+
+def rebalance_router(channels: list[OutputChannel]) -> Callable[[list[Any]], None]:
+    """Whole batches go round-robin over the receivers."""
+    state = {"next": 0}
+
+    def route(items: list[Any]) -> None:
+        ch = channels[state["next"]]
+        if not ch.buffer:
+            ch.since = time.monotonic()
+        ch.buffer.extend(items)
+        if len(ch.buffer) >= ch.batch_limit:
+            state["next"] = (state["next"] + 1) % len(channels)
+
+    return route
+
+
+def hash_router(channels: list[OutputChannel], max_parallelism: int) -> Callable[[list[Any]], None]:
+    """Route ``(key, value)`` records by the key group of ``key``."""
+    if len(channels) == 1:
+        return forward_router(channels[0])
+    router = KeyRouter(max_parallelism, len(channels))
+    cache = router._cache
+    partition = router.partition
+    buffers = [ch.buffer for ch in channels]
+
+    def route(items: list[Any]) -> None:
+        nonlocal buffers
+        # The channels swap their buffer lists when they send; refresh them.
+        for i, ch in enumerate(channels):
+            if buffers[i] is not ch.buffer:
+                buffers[i] = ch.buffer
+            if not ch.buffer:
+                ch.since = time.monotonic()
+        get = cache.get
+        kv: Any = None
+        try:
+            for kv in items:
+                p = get(kv[0])
+                if p is None:
+                    p = partition(kv[0])
+                buffers[p].append(kv)
+        except TypeError as exc:
+            message = str(exc)
+            if "keys must be" not in message:  # unhashable: dict lookup failed
+                message = (
+                    f"key {kv[0]!r:.80} of type {type(kv[0]).__name__} cannot be used: "
+                    f"{exc}; keys must be {SUPPORTED_KEY_TYPES}"
+                )
+            # Blame the user's record (the value), not our (key, value) pair.
+            raise UnroutableKey(kv[1], TypeError(message)) from None
+
+    return route

@@ -1,0 +1,320 @@
+"""Executable steps: each takes a list of records and feeds its outputs on.
+
+Records move through a fused chain as Python lists; every step processes a
+whole batch in one tight loop (no per-record dispatch). An exception from a
+user function is wrapped in :class:`UserCodeError`, which remembers the step
+and the record that failed.
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from rayflow._internal.spec import MISSING, StepKind, StepSpec
+from rayflow.errors import Failure
+from rayflow.sinks import SinkContext, SinkWriter
+
+Feed = Callable[[list[Any]], None]
+
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset)
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # a broken __repr__ must not hide the real error
+        text = f"<unrepresentable {type(value).__name__}: {exc}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class UserCodeError(Exception):
+    """A user function (or connector) raised while handling a record."""
+
+    def __init__(self, step: str, record: Any, cause: BaseException, *, what: str = ""):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.step = step
+        self.record = record
+        self.cause = cause
+        self.what = what
+
+    def failure(self, partition: int) -> Failure:
+        record = self.what or short_repr(self.record)
+        return Failure(
+            kind="user",
+            message=f"{type(self.cause).__name__}: {self.cause}",
+            step=self.step,
+            partition=partition,
+            record=record,
+            error_type=f"{type(self.cause).__module__}.{type(self.cause).__qualname__}",
+            traceback="".join(traceback.format_exception(self.cause)),
+        )
+
+
+class Op:
+    """One step in an actor; ``downstream`` holds the feeds of what reads it."""
+
+    __slots__ = ("downstream", "name", "records_in", "records_out")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.records_in = 0
+        self.records_out = 0
+        self.downstream: list[Feed] = []
+
+    def feed(self, items: list[Any]) -> None:
+        self.records_in += len(items)
+        out = self.apply(items)
+        if out:
+            self.emit(out)
+
+    def emit(self, out: list[Any]) -> None:
+        self.records_out += len(out)
+        for target in self.downstream:
+            target(out)
+
+    def apply(self, items: list[Any]) -> list[Any]:
+        return items
+
+    @property
+    def state_size(self) -> int | None:
+        return None
+
+
+class MapOp(Op):
+    __slots__ = ("fn",)
+
+    def __init__(self, name: str, fn: Callable[[Any], Any]):
+        super().__init__(name)
+        self.fn = fn
+
+    def apply(self, items: list[Any]) -> list[Any]:
+        fn = self.fn
+        out: list[Any] = []
+        append = out.append
+        x = None
+        try:
+            for x in items:
+                append(fn(x))
+        except Exception as exc:
+            raise UserCodeError(self.name, x, exc) from exc
+        return out
+
+
+class FilterOp(MapOp):
+    __slots__ = ()
+
+    def apply(self, items: list[Any]) -> list[Any]:
+        fn = self.fn
+        out: list[Any] = []
+        append = out.append
+        x = None
+        try:
+            for x in items:
+                if fn(x):
+                    append(x)
+        except Exception as exc:
+            raise UserCodeError(self.name, x, exc) from exc
+        return out
+
+
+class FlatMapOp(MapOp):
+    __slots__ = ()
+
+    def apply(self, items: list[Any]) -> list[Any]:
+        fn = self.fn
+        out: list[Any] = []
+        extend = out.extend
+        x = None
+        result: Any = _UNSET
+        try:
+            for x in items:
+                result = fn(x)
+                extend(result)
+        except TypeError as exc:
+            # Either fn raised, or it returned something extend() cannot take;
+            # only in the second case is ``result`` this record's (non-iterable) result.
+            error: Exception = exc
+            if result is not _UNSET and not _iterable(result):
+                error = TypeError(
+                    "the flat_map function must return an iterable of records; "
+                    f"it returned {short_repr(result, 80)}"
+                )
+            raise UserCodeError(self.name, x, error) from exc
+        except Exception as exc:
+            raise UserCodeError(self.name, x, exc) from exc
+        return out
+
+
+class KeyByOp(MapOp):
+    __slots__ = ()
+
+    def apply(self, items: list[Any]) -> list[Any]:
+        fn = self.fn
+        out: list[Any] = []
+        append = out.append
+        x = None
+        try:
+            for x in items:
+                append((fn(x), x))
+        except Exception as exc:
+            raise UserCodeError(self.name, x, exc) from exc
+        return out
+
+
+class KeyedState:
+    """A keyed operator's state: one value per key."""
+
+    __slots__ = ("values",)
+
+    def __init__(self) -> None:
+        self.values: dict[Any, Any] = {}
+
+
+class ReduceOp(Op):
+    __slots__ = ("fn", "initial", "state")
+
+    def __init__(self, name: str, fn: Callable[[Any, Any], Any], initial: Any):
+        super().__init__(name)
+        self.fn = fn
+        self.initial = initial
+        self.state = KeyedState()
+
+    def apply(self, items: list[Any]) -> list[Any]:
+        fn = self.fn
+        values = self.state.values
+        get = values.get
+        initial = self.initial
+        copy_initial = initial is not MISSING and not isinstance(initial, _IMMUTABLE)
+        out: list[Any] = []
+        append = out.append
+        kv: Any = None
+        try:
+            for kv in items:
+                key, value = kv
+                acc = get(key, MISSING)
+                if acc is MISSING:
+                    if initial is MISSING:
+                        acc = value
+                    else:
+                        acc = fn(copy.deepcopy(initial) if copy_initial else initial, value)
+                else:
+                    acc = fn(acc, value)
+                values[key] = acc
+                append((key, acc))
+        except Exception as exc:
+            raise UserCodeError(self.name, kv, exc) from exc
+        return out
+
+    @property
+    def state_size(self) -> int:
+        return len(self.state.values)
+
+
+class StatefulMapOp(Op):
+    __slots__ = ("fn", "state")
+
+    def __init__(self, name: str, fn: Callable[[Any, Any], Any]):
+        super().__init__(name)
+        self.fn = fn
+        self.state = KeyedState()
+
+    def apply(self, items: list[Any]) -> list[Any]:
+        fn = self.fn
+        values = self.state.values
+        get = values.get
+        out: list[Any] = []
+        append = out.append
+        kv: Any = None
+        try:
+            for kv in items:
+                key, value = kv
+                result = fn(get(key), value)
+                try:
+                    new_state, outputs = result
+                except (TypeError, ValueError):
+                    raise TypeError(
+                        "the stateful_map function must return a pair "
+                        f"(new_state_or_None, outputs); it returned {short_repr(result, 80)}"
+                    ) from None
+                if new_state is None:
+                    values.pop(key, None)
+                else:
+                    values[key] = new_state
+                if outputs:
+                    for o in outputs:
+                        append((key, o))
+        except Exception as exc:
+            raise UserCodeError(self.name, kv, exc) from exc
+        return out
+
+    @property
+    def state_size(self) -> int:
+        return len(self.state.values)
+
+
+class SinkOp(Op):
+    __slots__ = ("writer",)
+
+    def __init__(self, name: str, writer: SinkWriter):
+        super().__init__(name)
+        self.writer = writer
+
+    def apply(self, items: list[Any]) -> list[Any]:
+        try:
+            self.writer.write(items)
+        except Exception as exc:
+            raise UserCodeError(
+                self.name,
+                items[0],
+                exc,
+                what=f"one of a batch of {len(items)} records, "
+                f"the first being {short_repr(items[0])}",
+            ) from exc
+        return []
+
+
+class SourceOp(Op):
+    """The head of a source stage; the actor's loop calls ``emit`` with what it read."""
+
+    __slots__ = ()
+
+
+def build_op(spec: StepSpec, job: str, partition: int) -> Op:
+    kind = spec.kind
+    if kind is StepKind.SOURCE:
+        return SourceOp(spec.name)
+    if kind is StepKind.UNION:
+        return Op(spec.name)
+    if kind is StepKind.SINK:
+        ctx = SinkContext(
+            job=job, step=spec.name, partition=partition, parallelism=spec.parallelism
+        )
+        return SinkOp(spec.name, spec.connector.open(ctx))
+    assert spec.fn is not None
+    if kind is StepKind.MAP:
+        return MapOp(spec.name, spec.fn)
+    if kind is StepKind.FILTER:
+        return FilterOp(spec.name, spec.fn)
+    if kind is StepKind.FLAT_MAP:
+        return FlatMapOp(spec.name, spec.fn)
+    if kind is StepKind.KEY_BY:
+        return KeyByOp(spec.name, spec.fn)
+    if kind is StepKind.REDUCE:
+        return ReduceOp(spec.name, spec.fn, spec.initial)
+    if kind is StepKind.STATEFUL_MAP:
+        return StatefulMapOp(spec.name, spec.fn)
+    raise AssertionError(f"unknown step kind {kind}")
+
+
+_UNSET = object()
+
+
+def _iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True

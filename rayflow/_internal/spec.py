@@ -1,0 +1,95 @@
+"""The logical description of a dataflow: steps, their functions and options.
+
+This is what the user builds with :mod:`rayflow.dataflow`; the planner turns
+it into a physical plan. Everything here is plain, picklable data.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class StepKind(enum.Enum):
+    SOURCE = "source"
+    MAP = "map"
+    FILTER = "filter"
+    FLAT_MAP = "flat_map"
+    KEY_BY = "key_by"
+    REDUCE = "reduce"
+    STATEFUL_MAP = "stateful_map"
+    UNION = "union"
+    SINK = "sink"
+
+    @property
+    def stateful(self) -> bool:
+        return self in (StepKind.REDUCE, StepKind.STATEFUL_MAP)
+
+
+class _Missing:
+    """Marker for "no initial value" in ``reduce`` (the first value starts the sum)."""
+
+    _instance: _Missing | None = None
+
+    def __new__(cls) -> _Missing:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_Missing, ())
+
+
+MISSING: Any = _Missing()
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one operator actor asks Ray for. Fused steps must agree on it."""
+
+    num_cpus: float = 0.0
+    memory: int | None = None
+    custom: tuple[tuple[str, float], ...] = ()
+
+    def ray_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.memory is not None:
+            opts["memory"] = self.memory
+        if self.custom:
+            opts["resources"] = dict(self.custom)
+        return opts
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One named step of a dataflow."""
+
+    name: str
+    kind: StepKind
+    inputs: tuple[str, ...]
+    parallelism: int
+    resources: Resources = field(default_factory=Resources)
+    fn: Callable[..., Any] | None = None
+    initial: Any = MISSING
+    connector: Any = None  # a Source for SOURCE steps, a Sink for SINK steps
+    keyed: bool = False  # whether the step's output is a KeyedStream
+
+
+@dataclass(frozen=True)
+class FlowSpec:
+    """A whole dataflow, in the order its steps were added (a topological order)."""
+
+    name: str
+    max_parallelism: int
+    steps: tuple[StepSpec, ...]
+
+    def step(self, name: str) -> StepSpec:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)

@@ -1,0 +1,71 @@
+"""Union, stateful_map and the other operators on a real Ray."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import rayflow as rf
+
+
+def test_union_of_two_sources_with_different_parallelism() -> None:
+    flow = rf.Dataflow("union", parallelism=2)
+    evens = flow.source(
+        "evens", rf.testing.from_items(range(0, 2000, 2), partitions=3), parallelism=3
+    )
+    odds = flow.source("odds", rf.testing.from_items(range(1, 2000, 2), partitions=2))
+    tagged = evens.map("tag", lambda x: ("even", x), parallelism=3)
+    merged = tagged.union("merged", odds.map("tag_odd", lambda x: ("odd", x)))
+    merged.filter("not_ten", lambda r: r[1] != 10).sink("out", rf.testing.Collect())
+    result = rf.run(flow)
+    out = result.output("out")
+    assert sorted(x for _, x in out) == [x for x in range(2000) if x != 10]
+    assert all((tag == "even") == (x % 2 == 0) for tag, x in out)
+
+
+def _sessions(state: dict[str, Any] | None, event: tuple[str, str]) -> tuple[Any, list[Any]]:
+    """Collect a user's pages until 'logout', then emit the session and forget it."""
+    _, action = event
+    pages = [] if state is None else state["pages"]
+    if action == "logout":
+        return None, [pages]
+    return {"pages": [*pages, action]}, []
+
+
+def test_stateful_map_with_deletes() -> None:
+    events = []
+    for i in range(300):
+        user = f"u{i % 30}"
+        events.append((user, f"p{i}"))
+        if i % 7 == 6:
+            events.append((user, "logout"))
+    flow = rf.Dataflow("sessions", parallelism=2)
+    src = flow.source("events", rf.testing.from_items(events), parallelism=1)
+    sessions = src.key_by("by_user", lambda e: e[0]).stateful_map("sessionize", _sessions)
+    sessions.sink("out", rf.testing.Collect())
+    result = rf.run(flow)
+
+    expected: list[tuple[str, list[str]]] = []
+    open_sessions: dict[str, list[str]] = {}
+    for user, action in events:
+        if action == "logout":
+            expected.append((user, open_sessions.pop(user, [])))
+        else:
+            open_sessions.setdefault(user, []).append(action)
+    assert sorted(result.output("out")) == sorted(expected)
+    # Deleted keys are gone from state; the rest are still open sessions.
+    state_keys = sum(e["state_keys"] for e in result.metrics["sessionize"])
+    assert state_keys == len(open_sessions)
+
+
+def test_reduce_without_initial_and_flat_map_chain() -> None:
+    flow = rf.Dataflow("maxes")
+    nums = flow.source("nums", rf.testing.from_items(range(100), partitions=4), parallelism=2)
+    pairs = nums.flat_map("twice", lambda x: [x, -x])
+    maxima = pairs.key_by("parity", lambda x: x % 2).reduce("max", max, parallelism=3)
+    maxima.sink("out", rf.testing.Collect(), parallelism=3)
+    out = rf.run(flow).output("out")
+    final: dict[int, int] = {}
+    for key, value in out:
+        final[key] = value  # per key, updates arrive in order
+    assert final == {0: 98, 1: 99}
+    assert len(out) == 200
