@@ -16,7 +16,7 @@ from rayflow._internal.spec import StepKind
 from rayflow._internal.telemetry import MetricsPublisher
 from rayflow.config import RuntimeConfig
 from rayflow.dataflow import Dataflow
-from rayflow.errors import ConfigError, JobFailedError
+from rayflow.errors import ConfigError, Failure, JobFailedError
 
 __all__ = ["JobHandle", "JobResult", "JobStatus", "run", "start"]
 
@@ -28,6 +28,9 @@ class JobResult:
     job: str
     status: JobStatus
     duration_s: float
+    started_at: float = 0.0  # wall-clock times (time.time())
+    running_at: float | None = None  # every operator deployed and running
+    ended_at: float = 0.0
     metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     outputs: dict[str, list[Any]] = field(default_factory=dict, repr=False)
 
@@ -119,6 +122,13 @@ class JobHandle:
             report: JobReport = ray.get(self._coordinator.wait.remote(), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"job {self.job!r} is still running after {timeout} s") from None
+        except ray.exceptions.RayActorError as exc:
+            report = JobReport(
+                job=self.job,
+                status=JobStatus.FAILED,
+                started_at=time.time(),
+                failures=[Failure(kind="system", message=f"the job's coordinator died: {exc}")],
+            )
         return self._conclude(report)
 
     def _conclude(self, report: JobReport) -> JobResult:
@@ -132,11 +142,14 @@ class JobHandle:
         if report.status is JobStatus.FAILED:
             self._error = JobFailedError(self.job, report.failures)
             raise self._error
-        duration = (report.ended_at or time.time()) - report.started_at
+        ended_at = report.ended_at or time.time()
         self._result = JobResult(
             job=self.job,
             status=report.status,
-            duration_s=duration,
+            duration_s=ended_at - report.started_at,
+            started_at=report.started_at,
+            running_at=report.running_at,
+            ended_at=ended_at,
             metrics=report.metrics,
             outputs=outputs,
         )

@@ -55,6 +55,7 @@ class JobCoordinator:
         self._report = JobReport(job=job, status=JobStatus.STARTING, started_at=time.time())
         self._finished: asyncio.Event | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        self._stop_when_running = False
 
     async def start(self) -> JobReport:
         """Deploy and start every operator; returns the report (FAILED if that failed)."""
@@ -74,6 +75,8 @@ class JobCoordinator:
             return self._report
         self._set_status(JobStatus.RUNNING)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise(runs))
+        if self._stop_when_running:
+            await self.stop()
         return self._report
 
     async def wait(self) -> JobReport:
@@ -96,7 +99,9 @@ class JobCoordinator:
 
     async def stop(self) -> None:
         """Graceful stop: sources end their streams, everything drains and commits."""
-        if self._status in (JobStatus.RUNNING, JobStatus.STARTING):
+        if self._status is JobStatus.STARTING:
+            self._stop_when_running = True
+        elif self._status is JobStatus.RUNNING:
             self._set_status(JobStatus.STOPPING)
             await self._deployed.stop_sources()
 
