@@ -5,15 +5,17 @@ Build a :class:`Dataflow`, then ``rf.run(flow)`` (blocking) or
 """
 
 from rayflow import errors, sinks, sources, testing
-from rayflow.config import RuntimeConfig
+from rayflow.config import Checkpointing, RuntimeConfig
 from rayflow.dataflow import Dataflow, KeyedStream, Stream
 from rayflow.errors import BuildError, ConfigError, JobFailedError, RayflowError
-from rayflow.job import JobHandle, JobResult, JobStatus, run, start
+from rayflow.job import CheckpointError, JobHandle, JobResult, JobStatus, run, start
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BuildError",
+    "CheckpointError",
+    "Checkpointing",
     "ConfigError",
     "Dataflow",
     "JobFailedError",

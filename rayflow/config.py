@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 from rayflow.errors import ConfigError
 
-__all__ = ["RuntimeConfig"]
+__all__ = ["Checkpointing", "RuntimeConfig"]
 
 
 @dataclass(frozen=True)
@@ -44,3 +45,54 @@ class RuntimeConfig:
                 raise ConfigError(f"RuntimeConfig.{f.name} must be {need}; got {value!r}")
         if self.metrics_interval_s == 0:
             raise ConfigError("RuntimeConfig.metrics_interval_s must be > 0")
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """When and where a job takes checkpoints.
+
+    - ``storage``: a local folder (the default, ``./rayflow-checkpoints``;
+      on a multi-node cluster it must be a shared file system) or
+      ``s3://bucket/prefix`` (boto3's credential chain; ``AWS_ENDPOINT_URL``
+      for an S3-compatible server).
+    - ``interval_s``: time between the start of two checkpoints.
+    - ``timeout_s``: a checkpoint not complete by then is declined.
+    - ``min_pause_s``: at least this long between the end of one checkpoint
+      and the start of the next.
+    - ``retain``: complete checkpoints to keep (older ones are deleted, but
+      never an object a kept checkpoint still needs).
+    - ``full_every``: every K-th snapshot of keyed state is full; those in
+      between hold only the keys changed since the previous one.
+    - ``max_consecutive_failures``: this many failed checkpoints in a row
+      fail the job.
+    """
+
+    storage: str = "rayflow-checkpoints"
+    interval_s: float = 5.0
+    timeout_s: float = 60.0
+    min_pause_s: float = 0.0
+    retain: int = 3
+    full_every: int = 10
+    max_consecutive_failures: int = 5
+
+    def __post_init__(self) -> None:
+        from rayflow._internal.storage.base import normalize_uri
+
+        if not isinstance(self.storage, (str, os.PathLike)) or not os.fspath(self.storage):
+            raise ConfigError(
+                f"Checkpointing.storage must be a folder path or s3://bucket/prefix; "
+                f"got {self.storage!r}"
+            )
+        object.__setattr__(self, "storage", normalize_uri(self.storage))
+        for name in ("interval_s", "timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"Checkpointing.{name} must be > 0 seconds; got {value!r}")
+        if not isinstance(self.min_pause_s, (int, float)) or self.min_pause_s < 0:
+            raise ConfigError(
+                f"Checkpointing.min_pause_s must be >= 0 seconds; got {self.min_pause_s!r}"
+            )
+        for name in ("retain", "full_every", "max_consecutive_failures"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"Checkpointing.{name} must be an int >= 1; got {value!r}")

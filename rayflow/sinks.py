@@ -51,7 +51,11 @@ class SinkWriter(ABC):
         return None
 
     def commit(self, committable: Any) -> None:  # noqa: B027 - optional hook
-        """Publish a committable from ``prepare_commit``. Must be idempotent."""
+        """Publish a committable from ``prepare_commit``. Must be idempotent.
+
+        After a restore it may be called on another partition's writer (the
+        parallelism may have changed), so a committable names its partition.
+        """
 
     def abort(self, committable: Any) -> None:  # noqa: B027 - optional hook
         """Discard staged data that will never be committed."""
@@ -63,11 +67,13 @@ class SinkWriter(ABC):
 class Sink(ABC):
     """A destination; subclass it and return a writer from ``open``."""
 
-    def setup(self, job: str, *, fresh: bool) -> None:  # noqa: B027 - optional hook
-        """Called once on the driver before a job starts.
+    def setup(self, job: str, *, restored_checkpoint: int | None) -> None:  # noqa: B027
+        """Called once by the job's coordinator before the writers open.
 
-        ``fresh`` is true when the job starts from nothing (not resumed from a
-        checkpoint), so a sink may clear output that an earlier run left.
+        ``restored_checkpoint`` is None when the job starts from nothing, so a
+        sink may clear what an earlier run left; otherwise the job continues
+        from that checkpoint, and data staged for later checkpoints will never
+        be committed and may be deleted.
         """
 
     @abstractmethod
@@ -105,7 +111,8 @@ class JsonLines(Sink):
     ``.part-NNNNN.jsonl.commit`` file beside each part file records the last
     committed checkpoint and the file's size after it; that makes commit
     idempotent and lets a restart cut off a half-finished append. A fresh
-    (not resumed) job clears the part files an earlier run left.
+    (not resumed) job clears the part files an earlier run left; a restored
+    one deletes what was staged for checkpoints after the one it restored.
     """
 
     def __init__(self, folder: str | os.PathLike[str]):
@@ -113,13 +120,19 @@ class JsonLines(Sink):
             raise ConfigError(f"JsonLines needs an output folder path; got {folder!r}")
         self.folder = os.path.abspath(os.fspath(folder))
 
-    def setup(self, job: str, *, fresh: bool) -> None:
+    def setup(self, job: str, *, restored_checkpoint: int | None) -> None:
         os.makedirs(self.folder, exist_ok=True)
-        if fresh:
+        if restored_checkpoint is None:
             patterns = ("part-*.jsonl", ".part-*.jsonl.commit", ".staging/*")
             for pattern in patterns:
                 for path in glob.glob(os.path.join(self.folder, pattern)):
                     os.remove(path)
+            return
+        for path in glob.glob(os.path.join(self.folder, ".staging", "*")):
+            name = os.path.basename(path)
+            staged_id = _staged_checkpoint(name)
+            if staged_id is None or staged_id > restored_checkpoint:
+                os.remove(path)  # in progress, or staged for a checkpoint that never committed
 
     def open(self, ctx: SinkContext) -> SinkWriter:
         return _JsonLinesWriter(self.folder, ctx)
@@ -128,31 +141,44 @@ class JsonLines(Sink):
         return f"JsonLines({self.folder!r})"
 
 
+def _staged_checkpoint(name: str) -> int | None:
+    """The checkpoint id of a staged file ``part-NNNNN-<id>.jsonl``; None if in progress."""
+    if not name.endswith(".jsonl"):
+        return None
+    tail = name[: -len(".jsonl")].rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _part_paths(folder: str, partition: int) -> tuple[str, str]:
+    return (
+        os.path.join(folder, f"part-{partition:05d}.jsonl"),
+        os.path.join(folder, f".part-{partition:05d}.jsonl.commit"),
+    )
+
+
+def _read_marker(marker: str) -> tuple[int, int]:
+    try:
+        with open(marker) as f:
+            data = json.load(f)
+        return int(data["checkpoint"]), int(data["size"])
+    except FileNotFoundError:
+        return 0, 0
+
+
 class _JsonLinesWriter(SinkWriter):
     def __init__(self, folder: str, ctx: SinkContext):
         self._ctx = ctx
+        self._folder = folder
         self._staging = os.path.join(folder, ".staging")
         os.makedirs(self._staging, exist_ok=True)
-        self._part = os.path.join(folder, f"part-{ctx.partition:05d}.jsonl")
-        self._marker = os.path.join(folder, f".part-{ctx.partition:05d}.jsonl.commit")
         self._current: IO[str] | None = None
         self._current_path = ""
-        self._truncate_to_committed()
-
-    def _read_marker(self) -> tuple[int, int]:
-        try:
-            with open(self._marker) as f:
-                data = json.load(f)
-            return int(data["checkpoint"]), int(data["size"])
-        except FileNotFoundError:
-            return 0, 0
-
-    def _truncate_to_committed(self) -> None:
         # A crash in the middle of a commit can leave a partial append; the
         # marker holds the size of the part file after the last full commit.
-        _, size = self._read_marker()
-        if os.path.exists(self._part) and os.path.getsize(self._part) > size:
-            with open(self._part, "r+b") as f:
+        part, marker = _part_paths(folder, ctx.partition)
+        _, size = _read_marker(marker)
+        if os.path.exists(part) and os.path.getsize(part) > size:
+            with open(part, "r+b") as f:
                 f.truncate(size)
 
     def write(self, items: list[Any]) -> None:
@@ -181,18 +207,19 @@ class _JsonLinesWriter(SinkWriter):
             self._staging, f"part-{self._ctx.partition:05d}-{checkpoint_id:010d}.jsonl"
         )
         os.replace(self._current_path, staged)
-        return {"staged": staged, "checkpoint": checkpoint_id}
+        return {"staged": staged, "checkpoint": checkpoint_id, "partition": self._ctx.partition}
 
     def commit(self, committable: Any) -> None:
         if committable is None:
             return
         staged, checkpoint = committable["staged"], committable["checkpoint"]
-        done, size = self._read_marker()
+        part, marker = _part_paths(self._folder, committable["partition"])
+        done, size = _read_marker(marker)
         if checkpoint <= done:  # committed before (a re-issued commit)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(staged)
             return
-        with open(self._part, "ab") as out:
+        with open(part, "ab") as out:
             out.truncate(size)  # cut any partial append of an interrupted commit
             with open(staged, "rb") as src:
                 while chunk := src.read(1 << 20):
@@ -200,12 +227,12 @@ class _JsonLinesWriter(SinkWriter):
             out.flush()
             os.fsync(out.fileno())
             new_size = out.tell()
-        tmp = self._marker + ".tmp"
+        tmp = marker + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"checkpoint": checkpoint, "size": new_size}, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self._marker)
+        os.replace(tmp, marker)
         os.remove(staged)
 
     def abort(self, committable: Any) -> None:

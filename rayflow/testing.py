@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from rayflow._internal import naming
@@ -10,7 +11,19 @@ from rayflow.errors import ConfigError
 from rayflow.sinks import Sink, SinkContext, SinkWriter
 from rayflow.sources import Source, SourceReader
 
-__all__ = ["Collect", "from_items"]
+__all__ = ["Collect", "Faults", "from_items"]
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults to inject into a job, for tests: ``rf.start(flow, faults=Faults(...))``.
+
+    - ``crash_coordinator_before_manifest``: the coordinator process exits
+      once every operator acknowledged that checkpoint, before its manifest
+      is written (the snapshots exist; the checkpoint must not).
+    """
+
+    crash_coordinator_before_manifest: int | None = None
 
 
 class _Items(Source):
@@ -87,19 +100,17 @@ class _CollectWriter(SinkWriter):
 
     def prepare_commit(self, checkpoint_id: int) -> Any:
         staged, self._pending = self._pending, []
-        return (checkpoint_id, staged)
+        return (self._ctx.partition, checkpoint_id, staged)
 
     def commit(self, committable: Any) -> None:
         import ray
 
-        checkpoint_id, records = committable
+        partition, checkpoint_id, records = committable
         if self._collector is None:
             self._collector = ray.get_actor(
                 naming.collector_actor(self._ctx.job), namespace=naming.NAMESPACE
             )
-        ref = self._collector.commit.remote(
-            self._ctx.step, self._ctx.partition, checkpoint_id, records
-        )
+        ref = self._collector.commit.remote(self._ctx.step, partition, checkpoint_id, records)
         # Commits run in a worker thread; wait on the future, not ray.get,
         # which Ray reports as blocking when the process runs an event loop.
         ref.future().result()

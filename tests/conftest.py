@@ -3,16 +3,29 @@
 Ray is started once per session (it takes seconds), privately, with every
 listener on 127.0.0.1 and its files in a temp folder of this run. Unit
 tests never touch it; integration tests ask for the ``ray_session`` fixture.
+
+The S3 tests run against a real S3-compatible server (SeaweedFS ``weed
+mini``) on loopback with enforced credentials, started on first use and
+stopped by pid at the end. Its address and credentials go into the
+environment now, before Ray starts, so that Ray's workers inherit them.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "infra"))
+
+import local_s3  # noqa: E402
 
 # Set before Ray is imported anywhere: Ray reads them at import and init.
 _RAY_TMP = tempfile.mkdtemp(prefix="rf-ray-", dir="/tmp")
@@ -21,6 +34,18 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_TMPDIR"] = _RAY_TMP
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+S3_BUCKET = "rayflow-test"
+_S3 = local_s3.LocalS3(
+    os.path.join(_RAY_TMP, "s3"),
+    port=local_s3.find_free_base(),
+    access_key="rayflow-test-key",
+    secret_key="rayflow-test-secret",
+)
+os.environ.update(_S3.env())
+# Tests stop the server on purpose: fail fast instead of retrying for a minute.
+os.environ["RAYFLOW_S3_CONNECT_TIMEOUT"] = "1"
+os.environ["RAYFLOW_S3_READ_TIMEOUT"] = "5"
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +57,27 @@ def ray_session() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-        shutil.rmtree(_RAY_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[local_s3.LocalS3]:
+    _S3.start()
+    _S3.create_bucket(S3_BUCKET)
+    try:
+        yield _S3
+    finally:
+        _S3.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh checkpoint storage: a local folder, or a prefix on the S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "checkpoints")
+    request.getfixturevalue("s3_server")
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _S3.stop()
     shutil.rmtree(_RAY_TMP, ignore_errors=True)

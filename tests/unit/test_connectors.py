@@ -67,7 +67,7 @@ def _ctx(partition: int = 0) -> SinkContext:
 
 def test_json_lines_publishes_only_on_commit_and_commit_is_idempotent(tmp_path: Path) -> None:
     sink = rf.sinks.JsonLines(tmp_path)
-    sink.setup("j", fresh=True)
+    sink.setup("j", restored_checkpoint=None)
     writer = sink.open(_ctx())
     writer.write([{"a": 1}, [1, 2]])
     part = tmp_path / "part-00000.jsonl"
@@ -85,7 +85,7 @@ def test_json_lines_publishes_only_on_commit_and_commit_is_idempotent(tmp_path: 
 
 def test_json_lines_cuts_a_half_finished_append_on_reopen(tmp_path: Path) -> None:
     sink = rf.sinks.JsonLines(tmp_path)
-    sink.setup("j", fresh=True)
+    sink.setup("j", restored_checkpoint=None)
     writer = sink.open(_ctx())
     writer.write([1, 2])
     writer.commit(writer.prepare_commit(1))
@@ -99,5 +99,5 @@ def test_json_lines_cuts_a_half_finished_append_on_reopen(tmp_path: Path) -> Non
 def test_a_fresh_job_clears_old_part_files(tmp_path: Path) -> None:
     (tmp_path / "part-00007.jsonl").write_text("old\n")
     (tmp_path / "keep.txt").write_text("not ours\n")
-    rf.sinks.JsonLines(tmp_path).setup("j", fresh=True)
+    rf.sinks.JsonLines(tmp_path).setup("j", restored_checkpoint=None)
     assert sorted(os.listdir(tmp_path)) == ["keep.txt"]

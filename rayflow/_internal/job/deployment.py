@@ -1,7 +1,8 @@
 """Every Ray call that concerns a job's operator actors, in one place.
 
 The coordinator's logic talks to a :class:`Deployment` only, so the Ray
-specifics (options, names, handles, futures) stay here.
+specifics (options, names, handles, futures) stay here. It is also the
+checkpoint coordinator's gateway to the operators.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 import ray
 
 from rayflow._internal import naming
+from rayflow._internal.checkpoint.restore import Assignment
+from rayflow._internal.checkpoint.snapshot import BarrierInfo
 from rayflow._internal.plan import Plan, encode_plan
 from rayflow._internal.runtime.actor import OperatorActor
 from rayflow.config import RuntimeConfig
@@ -25,16 +28,27 @@ _RemoteOperator = ray.remote(OperatorActor)
 ActorKey = tuple[str, int]  # (stage, partition)
 
 
+def _wrap(ref: Any) -> asyncio.Future[Any]:
+    return asyncio.wrap_future(ref.future())
+
+
 class Deployment:
-    def __init__(self, job: str, plan: Plan, config: RuntimeConfig):
+    def __init__(self, job: str, plan: Plan, config: RuntimeConfig, full_every: int | None = None):
         self.job = job
         self.plan = plan
         self.config = config
+        self.full_every = full_every
         self.handles: dict[ActorKey, Any] = {}
         self._plan_ref: Any = None
 
     def keys(self) -> list[ActorKey]:
         return [(s.name, p) for s in self.plan.stages for p in range(s.parallelism)]
+
+    def actor_keys(self) -> list[ActorKey]:
+        return list(self.handles)
+
+    def source_keys(self) -> list[ActorKey]:
+        return [k for k in self.handles if not self.plan.stage(k[0]).inputs]
 
     def name(self, key: ActorKey) -> str:
         return naming.operator_actor(self.job, key[0], key[1])
@@ -51,7 +65,7 @@ class Deployment:
                 max_restarts=0,
                 max_concurrency=10_000,
                 **stage.resources.ray_options(),
-            ).remote(self._plan_ref, key[0], key[1], self.job, self.config)
+            ).remote(self._plan_ref, key[0], key[1], self.job, self.config, self.full_every)
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Wait until every actor is up; explain what is missing if they are not."""
@@ -60,8 +74,7 @@ class Deployment:
         step = 30.0
         while True:
             done, pending = await asyncio.wait(
-                [asyncio.wrap_future(r.future()) for r in refs.values()],
-                timeout=min(step, timeout_s - waited),
+                [_wrap(r) for r in refs.values()], timeout=min(step, timeout_s - waited)
             )
             for fut in done:
                 fut.result()  # raises if an actor failed to start
@@ -82,7 +95,16 @@ class Deployment:
                 raise TimeoutError(message)
             log.warning(message)
 
-    async def connect(self) -> None:
+    async def restore(self, assignments: dict[ActorKey, Assignment]) -> None:
+        await asyncio.gather(
+            *(
+                _wrap(self.handles[k].restore.remote(a))
+                for k, a in assignments.items()
+                if k in self.handles
+            )
+        )
+
+    async def connect(self, coordinator: Any) -> None:
         calls = []
         for (stage_name, p), handle in self.handles.items():
             stage = self.plan.stage(stage_name)
@@ -92,18 +114,16 @@ class Deployment:
                 for q in edge.receivers_of(p):
                     key = (edge.dst_stage, q)
                     receivers[(edge_id, q)] = (self.name(key), self.handles[key])
-            calls.append(handle.connect.remote(receivers))
-        await asyncio.gather(*(asyncio.wrap_future(c.future()) for c in calls))
+            calls.append(handle.connect.remote(receivers, coordinator))
+        await asyncio.gather(*(_wrap(c) for c in calls))
 
     def run_all(self) -> dict[ActorKey, asyncio.Future[Any]]:
-        return {
-            key: asyncio.wrap_future(h.run.remote().future()) for key, h in self.handles.items()
-        }
+        return {key: _wrap(h.run.remote()) for key, h in self.handles.items()}
 
     async def metrics(self, timeout_s: float = 10.0) -> dict[str, list[dict[str, Any]]]:
         """Metrics of every step partition; actors that do not answer are left out."""
         keys = list(self.handles)
-        futures = [asyncio.wrap_future(self.handles[k].metrics.remote().future()) for k in keys]
+        futures = [_wrap(self.handles[k].metrics.remote()) for k in keys]
         results = await asyncio.gather(
             *(asyncio.wait_for(f, timeout_s) for f in futures), return_exceptions=True
         )
@@ -117,15 +137,25 @@ class Deployment:
             entries.sort(key=lambda e: e["partition"])
         return by_step
 
+    async def _call_sources(self, method: str, *args: Any) -> None:
+        calls = [getattr(self.handles[k], method).remote(*args) for k in self.source_keys()]
+        await asyncio.gather(*(_wrap(c) for c in calls))
+
     async def stop_sources(self) -> None:
-        calls = [
-            h.request_stop.remote()
-            for (stage, _), h in self.handles.items()
-            if self.plan.stage(stage).inputs == ()
-        ]
-        await asyncio.gather(
-            *(asyncio.wrap_future(c.future()) for c in calls), return_exceptions=True
-        )
+        await self._call_sources("request_stop")
+
+    async def finish_sources(self) -> None:
+        await self._call_sources("finish")
+
+    # -- the checkpoint coordinator's gateway --------------------------------
+
+    async def trigger_sources(self, barrier: BarrierInfo) -> None:
+        await self._call_sources("trigger_checkpoint", barrier)
+
+    async def notify_complete(self, checkpoint_id: int, *, wait: bool) -> None:
+        calls = [h.notify_complete.remote(checkpoint_id) for h in self.handles.values()]
+        if wait:
+            await asyncio.gather(*(_wrap(c) for c in calls))
 
     def kill(self, keys: Iterable[ActorKey] | None = None) -> None:
         for key in list(self.handles) if keys is None else list(keys):

@@ -13,11 +13,12 @@ import ray
 from ray import cloudpickle as ray_cloudpickle
 
 from rayflow._internal import naming
+from rayflow._internal.checkpoint.restore import RestorePoint
 from rayflow._internal.job.collector import Collector
 from rayflow._internal.job.coordinator import JobCoordinator
 from rayflow._internal.plan import Plan, encode_plan
 from rayflow._internal.spec import StepKind
-from rayflow.config import RuntimeConfig
+from rayflow.config import Checkpointing, RuntimeConfig
 from rayflow.errors import BuildError, JobAlreadyRunningError
 from rayflow.testing import Collect
 
@@ -109,7 +110,14 @@ def create_collector(job: str) -> Any:
     ).remote()
 
 
-def create_coordinator(job: str, plan: Plan, config: RuntimeConfig) -> Any:
+def create_coordinator(
+    job: str,
+    plan: Plan,
+    config: RuntimeConfig,
+    checkpointing: Checkpointing | None,
+    restore_point: RestorePoint | None,
+    crash_before_manifest: int | None,
+) -> Any:
     blob = encode_plan(plan)
     return _RemoteCoordinator.options(
         name=naming.coordinator_actor(job),
@@ -117,7 +125,7 @@ def create_coordinator(job: str, plan: Plan, config: RuntimeConfig) -> Any:
         num_cpus=0,
         max_concurrency=1000,
         max_restarts=0,
-    ).remote(job, blob, config)
+    ).remote(job, blob, config, checkpointing, restore_point, crash_before_manifest)
 
 
 def kill_quietly(handle: Any) -> None:

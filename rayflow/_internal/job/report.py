@@ -36,3 +36,6 @@ class JobReport:
     ended_at: float | None = None
     failures: list[Failure] = field(default_factory=list)
     metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    checkpoints: dict[str, Any] | None = None  # checkpoint statistics, if checkpointing
+    final_checkpoint: int | None = None  # the checkpoint the job ended with
+    savepoint: str | None = None  # where the final savepoint went, if the stop asked for one

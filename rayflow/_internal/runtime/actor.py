@@ -1,7 +1,8 @@
 """The Ray actor that runs one partition of one stage.
 
 A thin shell around :class:`StageTask`: it turns actor handles into send
-functions and exposes the task's methods as actor methods. Every ``push``
+functions, and the coordinator's handle into the task's coordination
+callbacks, and exposes the task's methods as actor methods. Every ``push``
 call stays open until its batch leaves the mailbox; that return is the
 credit the sender waits for.
 """
@@ -11,31 +12,63 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+from rayflow._internal.checkpoint.manifest import OperatorSnapshot
+from rayflow._internal.checkpoint.restore import Assignment
+from rayflow._internal.checkpoint.snapshot import BarrierInfo
 from rayflow._internal.plan import decode_plan
 from rayflow._internal.runtime.channels import SendFn
 from rayflow._internal.runtime.task import StageTask, TaskOutcome
 from rayflow.config import RuntimeConfig
 
 
+class _CoordinatorLink:
+    """Fire-and-forget calls from an operator to its coordinator."""
+
+    def __init__(self, handle: Any, key: tuple[str, int]):
+        self._handle = handle
+        self._key = key
+
+    def acknowledge(self, checkpoint_id: int, snapshot: OperatorSnapshot) -> None:
+        self._handle.acknowledge.remote(checkpoint_id, self._key, snapshot)
+
+    def decline(self, checkpoint_id: int, reason: str) -> None:
+        self._handle.decline.remote(checkpoint_id, self._key, reason)
+
+    def source_done(self) -> None:
+        self._handle.source_done.remote(self._key)
+
+
 class OperatorActor:
     def __init__(
-        self, plan_blob: bytes, stage: str, partition: int, job: str, config: RuntimeConfig
+        self,
+        plan_blob: bytes,
+        stage: str,
+        partition: int,
+        job: str,
+        config: RuntimeConfig,
+        full_every: int | None,
     ) -> None:
         # Streams allocate many short-lived tuples; the default gen-0 threshold
         # (700) makes the collector run thousands of times per second.
         gc.set_threshold(50_000, 20, 100)
         plan = decode_plan(plan_blob)
-        self.task = StageTask(plan, stage, partition, job=job, config=config)
+        self.task = StageTask(plan, stage, partition, job=job, config=config, full_every=full_every)
 
     async def ready(self) -> str:
         return self.task.actor_name
 
-    async def connect(self, receivers: dict[tuple[int, int], tuple[str, Any]]) -> None:
+    async def restore(self, assignment: Assignment) -> None:
+        await self.task.restore(assignment)
+
+    async def connect(
+        self, receivers: dict[tuple[int, int], tuple[str, Any]], coordinator: Any
+    ) -> None:
         """``receivers`` maps (edge id, receiver partition) to (actor name, handle)."""
         senders: dict[tuple[int, int], tuple[str, SendFn]] = {}
         for (edge_id, q), (name, handle) in receivers.items():
             senders[(edge_id, q)] = (name, self._sender(handle, (edge_id, self.task.partition)))
-        self.task.connect(senders)
+        key = (self.task.stage.name, self.task.partition)
+        self.task.connect(senders, _CoordinatorLink(coordinator, key))
 
     def _sender(self, handle: Any, channel: tuple[int, int]) -> SendFn:
         task = self.task
@@ -61,3 +94,12 @@ class OperatorActor:
 
     async def request_stop(self) -> None:
         self.task.request_stop()
+
+    async def finish(self) -> None:
+        self.task.finish()
+
+    async def trigger_checkpoint(self, barrier: BarrierInfo) -> None:
+        self.task.trigger_checkpoint(barrier)
+
+    async def notify_complete(self, checkpoint_id: int) -> None:
+        await self.task.notify_complete(checkpoint_id)

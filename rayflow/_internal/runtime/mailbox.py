@@ -127,14 +127,28 @@ class Mailbox:
         return None
 
     async def wait(self, timeout: float | None) -> None:
-        """Wait until something may be deliverable, at most ``timeout`` seconds."""
+        """Wait until something may be deliverable (or a poke), at most ``timeout`` seconds.
+
+        The event is cleared only by ``pop`` finding nothing, so a poke that
+        comes in between is never lost.
+        """
         if self._order:
             return
-        self._ready.clear()
+        if timeout == 0.0:
+            await asyncio.sleep(0)
+            return
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except asyncio.TimeoutError:
             pass
+
+    def poke(self) -> None:
+        """Wake a waiting consumer (it has control work to do)."""
+        self._ready.set()
+
+    def clear_ready(self) -> None:
+        if not self._order:
+            self._ready.clear()
 
     # -- alignment ---------------------------------------------------------
 

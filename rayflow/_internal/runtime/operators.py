@@ -9,6 +9,7 @@ and the record that failed.
 from __future__ import annotations
 
 import copy
+import operator
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -173,14 +174,52 @@ class KeyedState:
         self.values: dict[Any, Any] = {}
 
 
-class ReduceOp(Op):
-    __slots__ = ("fn", "initial", "state")
+class KeyedOp(Op):
+    """A step with keyed state; it can record which keys each batch touched.
+
+    Change tracking is on only when the job checkpoints: incremental
+    snapshots write just the keys changed since the last one.
+    """
+
+    __slots__ = ("_changed", "state")
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.state = KeyedState()
+        self._changed: set[Any] | None = None
+
+    def track_changes(self) -> None:
+        self._changed = set()
+
+    def take_changes(self) -> set[Any]:
+        """Keys touched since the last call (changed or deleted)."""
+        changed = self._changed if self._changed is not None else set()
+        self._changed = set()
+        return changed
+
+    def feed(self, items: list[Any]) -> None:
+        self.records_in += len(items)
+        if self._changed is not None:
+            self._changed.update(map(_first, items))  # C-level: a few ns per record
+        out = self.apply(items)
+        if out:
+            self.emit(out)
+
+    @property
+    def state_size(self) -> int:
+        return len(self.state.values)
+
+
+_first = operator.itemgetter(0)
+
+
+class ReduceOp(KeyedOp):
+    __slots__ = ("fn", "initial")
 
     def __init__(self, name: str, fn: Callable[[Any, Any], Any], initial: Any):
         super().__init__(name)
         self.fn = fn
         self.initial = initial
-        self.state = KeyedState()
 
     def apply(self, items: list[Any]) -> list[Any]:
         fn = self.fn
@@ -208,18 +247,13 @@ class ReduceOp(Op):
             raise UserCodeError(self.name, kv, exc) from exc
         return out
 
-    @property
-    def state_size(self) -> int:
-        return len(self.state.values)
 
-
-class StatefulMapOp(Op):
-    __slots__ = ("fn", "state")
+class StatefulMapOp(KeyedOp):
+    __slots__ = ("fn",)
 
     def __init__(self, name: str, fn: Callable[[Any, Any], Any]):
         super().__init__(name)
         self.fn = fn
-        self.state = KeyedState()
 
     def apply(self, items: list[Any]) -> list[Any]:
         fn = self.fn
@@ -249,10 +283,6 @@ class StatefulMapOp(Op):
         except Exception as exc:
             raise UserCodeError(self.name, kv, exc) from exc
         return out
-
-    @property
-    def state_size(self) -> int:
-        return len(self.state.values)
 
 
 class SinkOp(Op):

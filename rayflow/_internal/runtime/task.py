@@ -2,9 +2,21 @@
 
 The task owns the fused steps, the mailbox and the output channels. Its loop
 takes a batch from the mailbox (or, in a source stage, reads one from the
-source), runs it through the steps, and sends what is due. It is plain
-asyncio with no Ray in it: the actor wrapper supplies the send functions, so
-the logic can be tested in one process.
+source), runs it through the steps, and sends what is due. Between batches
+it runs control actions: checkpoint triggers (sources), sink commits, and
+the end of the stream.
+
+Checkpoints: a source snapshots its offsets when triggered and sends the
+barrier in-band. An operator with several input channels *aligns*: a
+channel that delivered barrier *n* is held back until every open channel
+has, then the operator snapshots (synchronously, so the snapshot matches the
+barrier's position), forwards the barrier and lets the upload run in the
+background while it goes on processing. The acknowledgement goes to the
+coordinator once the object is written.
+
+It is plain asyncio with no Ray in it: the actor wrapper supplies the send
+functions and the coordinator callbacks, so the logic runs in one process
+in tests.
 """
 
 from __future__ import annotations
@@ -13,14 +25,25 @@ import asyncio
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
 from rayflow._internal import naming
-from rayflow._internal.plan import Partitioning, Plan
+from rayflow._internal.checkpoint import snapshot as snap
+from rayflow._internal.checkpoint.manifest import (
+    CHECKPOINT,
+    ObjectInfo,
+    OperatorSnapshot,
+    encode_offset,
+)
+from rayflow._internal.checkpoint.restore import Assignment
+from rayflow._internal.keygroups import key_group_range, stable_hash
+from rayflow._internal.plan import ChannelId, Partitioning, Plan
 from rayflow._internal.runtime import serde
 from rayflow._internal.runtime.channels import (
     ChannelBroken,
@@ -32,9 +55,10 @@ from rayflow._internal.runtime.channels import (
     hash_router,
     rebalance_router,
 )
-from rayflow._internal.runtime.mailbox import DATA, EOS, Mailbox
+from rayflow._internal.runtime.mailbox import BARRIER, DATA, EOS, Mailbox
 from rayflow._internal.runtime.operators import (
     Feed,
+    KeyedOp,
     Op,
     SinkOp,
     SourceOp,
@@ -44,12 +68,23 @@ from rayflow._internal.runtime.operators import (
 )
 from rayflow._internal.runtime.timing import BUSY, IDLE, RateWindow, TimeAccount
 from rayflow._internal.spec import StepKind
+from rayflow._internal.storage import Storage, open_storage
 from rayflow.config import RuntimeConfig
 from rayflow.errors import Failure
 from rayflow.sources import SourceReader
 
 #: How long an idle source waits before polling an unbounded reader again.
 SOURCE_POLL_S = 0.005
+
+
+class Coordination(Protocol):
+    """How a task talks to its job's coordinator (fire and forget)."""
+
+    def acknowledge(self, checkpoint_id: int, snapshot: OperatorSnapshot) -> None: ...
+
+    def decline(self, checkpoint_id: int, reason: str) -> None: ...
+
+    def source_done(self) -> None: ...
 
 
 @dataclass
@@ -71,8 +106,11 @@ class StageTask:
         *,
         job: str,
         config: RuntimeConfig,
+        full_every: int | None = None,
+        coordination: Coordination | None = None,
         final_checkpoint_id: int = 1,
     ):
+        """``full_every`` is set when the job checkpoints (it enables barriers)."""
         self.plan = plan
         self.stage = plan.stage(stage)
         self.partition = partition
@@ -82,9 +120,10 @@ class StageTask:
         self.clock = TimeAccount()
         self._rates = RateWindow()
         self._final_checkpoint_id = final_checkpoint_id
-        self._stop_requested = False
         self._process = psutil.Process(os.getpid())
         self.epoch = 0
+        self.checkpointing = full_every is not None
+        self._coordination = coordination
 
         self.ops: dict[str, Op] = {}
         for step in self.stage.steps:
@@ -92,6 +131,14 @@ class StageTask:
         for step in self.stage.steps:
             op = self.ops[step]
             op.downstream = [self.ops[c].feed for c in plan.consumers_in_stage(step)]
+        self._keyed: KeyedOp | None = next(
+            (op for op in self.ops.values() if isinstance(op, KeyedOp)), None
+        )
+        self._tracker = snap.IncrementalTracker(full_every) if full_every else None
+        if self._keyed is not None and self._tracker is not None:
+            self._keyed.track_changes()
+        self._sinks = [op for op in self.ops.values() if isinstance(op, SinkOp)]
+        self._committables: dict[str, list[tuple[int, Any]]] = {s.name: [] for s in self._sinks}
 
         self.mailbox = Mailbox(
             plan.input_channels(stage, partition), config.mailbox_batches, config.mailbox_bytes
@@ -102,12 +149,36 @@ class StageTask:
         self.outputs: Outputs | None = None
         head = plan.step(self.stage.steps[0])
         self.is_source = head.kind is StepKind.SOURCE
+
+        # Sources
         self._readers: dict[int, SourceReader] = {}
+        self._offsets: dict[int, Any] = {}
+        self._start_offsets: dict[int, Any] = {}
+        self._stop_requested = False
+        self._finish_requested = False
+        self._ended = False
+        # Control actions queued by actor calls, run by the loop between batches.
+        self._control: deque[Callable[[], Awaitable[None]]] = deque()
+        # Alignment
+        self._open: set[ChannelId] = set(self.mailbox.channels)
+        self._aligning: snap.BarrierInfo | None = None
+        self._aligned: set[ChannelId] = set()
+        self.last_alignment_ms = 0.0
+        self._align_started = 0.0
+        # Uploads run in threads so that processing goes on meanwhile.
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayflow-io")
+        self._uploads: set[asyncio.Task[None]] = set()
+        self.last_snapshot: dict[str, Any] = {}
 
     # -- wiring ------------------------------------------------------------
 
-    def connect(self, senders: dict[tuple[int, int], tuple[str, SendFn]]) -> None:
+    def connect(
+        self,
+        senders: dict[tuple[int, int], tuple[str, SendFn]],
+        coordination: Coordination | None = None,
+    ) -> None:
         """Create the output channels; ``senders`` maps (edge, receiver partition) to a sender."""
+        self._coordination = coordination
         cfg = self.config
         outputs = Outputs(
             batch_size=cfg.batch_size,
@@ -144,7 +215,7 @@ class StageTask:
             self.ops[edge.src_step].downstream.append(route)
         self.outputs = outputs
 
-    # -- data plane --------------------------------------------------------
+    # -- data plane and control -------------------------------------------
 
     def offer(
         self, epoch: int, channel: tuple[int, int], seq: int, kind: int, payload: Any
@@ -154,9 +225,43 @@ class StageTask:
         size = len(payload) if kind == DATA else 0
         return self.mailbox.offer(channel, seq, kind, payload, size)
 
+    def _enqueue(self, action: Callable[[], Awaitable[None]]) -> None:
+        self._control.append(action)
+        self.mailbox.poke()
+
     def request_stop(self) -> None:
-        """Sources stop reading and end their streams; the rest drains."""
+        """Sources stop reading; without checkpoints they end their streams at once."""
         self._stop_requested = True
+        self.mailbox.poke()
+
+    def finish(self) -> None:
+        """End the streams (sent by the coordinator after the final checkpoint)."""
+        self._finish_requested = True
+        self.mailbox.poke()
+
+    def trigger_checkpoint(self, barrier: snap.BarrierInfo) -> None:
+        """Sources: snapshot offsets and send the barrier, before the next batch."""
+        self._enqueue(lambda: self._checkpoint(barrier))
+
+    async def notify_complete(self, checkpoint_id: int) -> None:
+        """Checkpoint ``checkpoint_id`` is committed: sinks publish what it covers."""
+        if self._ended:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def commit() -> None:
+            try:
+                await self._commit_up_to(checkpoint_id)
+            finally:
+                if not done.done():
+                    done.set_result(None)
+
+        self._enqueue(commit)
+        await done
+
+    async def _run_control(self) -> None:
+        while self._control:
+            await self._control.popleft()()
 
     # -- the loop ----------------------------------------------------------
 
@@ -171,14 +276,16 @@ class StageTask:
         except UserCodeError as exc:
             return self._outcome(exc.failure(self.partition))
         except UnroutableKey as exc:
-            key_step = self._key_step()
             return self._outcome(
-                UserCodeError(key_step, exc.record, exc.cause).failure(self.partition)
+                UserCodeError(self._key_step(), exc.record, exc.cause).failure(self.partition)
             )
         except ChannelBroken as exc:
             return self._outcome(
                 Failure(
-                    kind="channel", message=str(exc), step=self.stage.name, partition=self.partition
+                    kind="channel",
+                    message=str(exc),
+                    step=self.stage.name,
+                    partition=self.partition,
                 )
             )
         except Exception as exc:
@@ -192,6 +299,8 @@ class StageTask:
                     traceback="".join(traceback.format_exception(exc)),
                 )
             )
+        finally:
+            self._io.shutdown(wait=False)
         return self._outcome(None)
 
     def _key_step(self) -> str:
@@ -208,28 +317,42 @@ class StageTask:
             records_out={n: op.records_out for n, op in self.ops.items()},
         )
 
+    async def _idle(self, timeout: float | None) -> None:
+        """Wait for input or control work (at most ``timeout`` s), counted as idle time."""
+        self.clock.switch(IDLE)
+        if self.is_source:
+            # Sources never pop the mailbox (which clears its event), so clear it
+            # here, before looking for work: a poke after this point wakes us.
+            self.mailbox.clear_ready()
+            if self._control or self._finish_requested:
+                timeout = 0.0
+        await self.mailbox.wait(timeout)
+        self.clock.switch(BUSY)
+
     async def _run_operator(self) -> None:
         mailbox = self.mailbox
         outputs = self.outputs
         assert outputs is not None
-        clock = self.clock
         entry = self._entry
-        open_channels = len(mailbox.channels)
-        while open_channels:
+        while self._open:
+            if self._control:
+                await self._run_control()
             env = mailbox.pop()
             if env is None:
                 await outputs.flush()
                 deadline = outputs.next_deadline()
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                clock.switch(IDLE)
-                await mailbox.wait(timeout)
-                clock.switch(BUSY)
+                await self._idle(
+                    None if deadline is None else max(0.0, deadline - time.monotonic())
+                )
                 continue
             if env.kind == DATA:
                 entry[env.channel[0]](serde.loads(env.payload))
                 await outputs.flush()
+            elif env.kind == BARRIER:
+                await self._on_barrier(env.channel, env.payload)
             elif env.kind == EOS:
-                open_channels -= 1
+                self._open.discard(env.channel)
+                await self._maybe_aligned()
             # Let queued calls (pushes, metrics, control) in between batches.
             await asyncio.sleep(0)
             self._sample_rates()
@@ -241,11 +364,29 @@ class StageTask:
         assert isinstance(head, SourceOp)
         spec = self.plan.step(head.name)
         for sp in self.plan.source_partitions(self.stage.name, self.partition):
-            self._readers[sp] = spec.connector.open(sp, None)
+            offset = self._start_offsets.get(sp)
+            self._readers[sp] = spec.connector.open(sp, offset)
+            self._offsets[sp] = self._readers[sp].offset()
         active = list(self._readers)
         batch_size = self.config.batch_size
-        clock = self.clock
-        while active and not self._stop_requested:
+        reported_done = False
+        while True:
+            if self._control:
+                await self._run_control()
+            if self._finish_requested:
+                break
+            if not active or self._stop_requested:
+                if not self.checkpointing:
+                    break
+                # With checkpoints the stream ends after a final checkpoint:
+                # tell the coordinator, then keep serving barriers until told to finish.
+                if not reported_done:
+                    reported_done = True
+                    await outputs.flush(force=True)
+                    assert self._coordination is not None
+                    self._coordination.source_done()
+                await self._idle(None)
+                continue
             progressed = False
             for sp in list(active):
                 reader = self._readers[sp]
@@ -261,17 +402,15 @@ class StageTask:
                     ) from exc
                 if items is None:
                     active.remove(sp)
-                    reader.close()
                     continue
+                self._offsets[sp] = reader.offset()
                 if items:
                     progressed = True
                     head.emit(items)
                     await outputs.flush()
             if not progressed and active:
                 await outputs.flush()
-                clock.switch(IDLE)
-                await asyncio.sleep(SOURCE_POLL_S)
-                clock.switch(BUSY)
+                await self._idle(SOURCE_POLL_S)
             else:
                 await asyncio.sleep(0)
             self._sample_rates()
@@ -279,22 +418,218 @@ class StageTask:
             reader.close()
 
     async def _finish(self) -> None:
-        """End of input: flush, end every output stream, wait for it, commit sinks."""
+        """End of input: flush, end every output stream, wait for it, close sinks."""
         assert self.outputs is not None
         await self.outputs.send_control(EOS, None)
         await self.outputs.drain()
-        for op in self.ops.values():
-            if isinstance(op, SinkOp):
-                await self._commit_final(op)
+        for op in self._sinks:
+            if not self.checkpointing:
+                # Without checkpoints a sink commits once, at the end of its input.
+                try:
+                    committable = op.writer.prepare_commit(self._final_checkpoint_id)
+                except Exception as exc:
+                    raise _sink_error(op, exc) from exc
+                self._committables[op.name].append((self._final_checkpoint_id, committable))
+                await self._commit_up_to(self._final_checkpoint_id)
+            try:
+                op.writer.close()
+            except Exception as exc:
+                raise _sink_error(op, exc) from exc
+        await self._run_control()
+        self._ended = True
 
-    async def _commit_final(self, op: SinkOp) -> None:
-        writer = op.writer
+    # -- checkpoints -------------------------------------------------------
+
+    async def _on_barrier(self, channel: ChannelId, barrier: snap.BarrierInfo) -> None:
+        if self._aligning is None:
+            self._aligning = barrier
+            self._aligned = set()
+            self._align_started = time.monotonic()
+        self._aligned.add(channel)
+        self.mailbox.block(channel)
+        await self._maybe_aligned()
+
+    async def _maybe_aligned(self) -> None:
+        """Once every open channel delivered the barrier: checkpoint, then release them."""
+        barrier = self._aligning
+        if barrier is None or not self._aligned >= self._open:
+            return
+        self._aligning = None
+        self.last_alignment_ms = (time.monotonic() - self._align_started) * 1000.0
+        await self._checkpoint(barrier)
+        self.mailbox.unblock_all()
+
+    async def _checkpoint(self, barrier: snap.BarrierInfo) -> None:
+        """Snapshot now, forward the barrier, upload and acknowledge in the background."""
+        assert self.outputs is not None
+        cid = barrier.checkpoint_id
+        # Step 1. Snapshot synchronously: the state matches the barrier's position.
         try:
-            committable = writer.prepare_commit(self._final_checkpoint_id)
-            await asyncio.to_thread(writer.commit, committable)
-            writer.close()
+            data, mode, sources = self._snapshot(barrier)
+        except UserCodeError:
+            raise
         except Exception as exc:
-            raise UserCodeError(op.name, None, exc, what="committing the sink's output") from exc
+            self._decline(cid, f"taking the snapshot failed: {type(exc).__name__}: {exc}")
+            await self.outputs.send_control(BARRIER, barrier)
+            return
+        # Step 2. Forward the barrier behind everything already emitted.
+        await self.outputs.send_control(BARRIER, barrier)
+        # Step 3. Upload while processing goes on; acknowledge when written.
+        task = asyncio.get_running_loop().create_task(self._upload(barrier, data, mode, sources))
+        self._uploads.add(task)
+        task.add_done_callback(self._uploads.discard)
+
+    def _snapshot(
+        self, barrier: snap.BarrierInfo
+    ) -> tuple[bytes, str, dict[str, dict[str, dict[str, Any]]]]:
+        cid = barrier.checkpoint_id
+        doc: dict[str, Any] = {
+            "stage": self.stage.name,
+            "partition": self.partition,
+            "checkpoint_id": cid,
+            "sources": {},
+            "keyed": None,
+            "sinks": {},
+        }
+        sources: dict[str, dict[str, dict[str, Any]]] = {}
+        if self.is_source:
+            head = self.stage.steps[0]
+            doc["sources"][head] = dict(self._offsets)
+            sources[head] = {str(sp): encode_offset(o) for sp, o in self._offsets.items()}
+        mode = "plain"
+        if self._keyed is not None:
+            assert self._tracker is not None
+            values = self._keyed.state.values
+            if barrier.kind == CHECKPOINT:
+                keyed = self._tracker.take(
+                    cid, barrier.last_completed, values, self._keyed.take_changes()
+                )
+            else:  # a savepoint is full and self-contained, and leaves the chain alone
+                keyed = {"mode": "full", "values": values, "deleted": []}
+            doc["keyed"] = {"step": self._keyed.name, **keyed}
+            mode = keyed["mode"]
+        for op in self._sinks:
+            try:
+                committable = op.writer.prepare_commit(cid)
+            except Exception as exc:
+                raise _sink_error(op, exc) from exc
+            self._committables[op.name].append((cid, committable))
+            doc["sinks"][op.name] = list(self._committables[op.name])
+        return snap.encode(doc), mode, sources
+
+    async def _upload(
+        self,
+        barrier: snap.BarrierInfo,
+        data: bytes,
+        mode: str,
+        sources: dict[str, dict[str, dict[str, Any]]],
+    ) -> None:
+        cid = barrier.checkpoint_id
+        key = f"{barrier.object_prefix}{self.stage.name}-{self.partition}.snapshot"
+        started = time.monotonic()
+        try:
+            storage = open_storage(barrier.storage)
+            digest = await asyncio.get_running_loop().run_in_executor(
+                self._io, _put_and_hash, storage, key, data
+            )
+        except Exception as exc:
+            self._decline(cid, f"writing {key} to {barrier.storage} failed: {exc}")
+            return
+        obj = ObjectInfo(key=key, size=len(data), sha256=digest, checkpoint_id=cid, mode=mode)
+        chain: tuple[ObjectInfo, ...] = ()
+        key_groups = None
+        keyed_step = None
+        if self._keyed is not None:
+            assert self._tracker is not None
+            keyed_step = self._keyed.name
+            groups = key_group_range(
+                self.partition, self.plan.flow.max_parallelism, self.stage.parallelism
+            )
+            key_groups = (groups.start, groups.stop)
+            if barrier.kind == CHECKPOINT:
+                chain = tuple(self._tracker.written(cid, obj))
+            else:
+                chain = (obj,)
+        self.last_snapshot = {
+            "checkpoint_id": cid,
+            "bytes": len(data),
+            "mode": mode,
+            "upload_ms": (time.monotonic() - started) * 1000.0,
+        }
+        if self._coordination is not None:
+            self._coordination.acknowledge(
+                cid,
+                OperatorSnapshot(
+                    stage=self.stage.name,
+                    partition=self.partition,
+                    object=obj,
+                    keyed_step=keyed_step,
+                    key_groups=key_groups,
+                    chain=chain,
+                    sources=sources,
+                ),
+            )
+
+    def _decline(self, checkpoint_id: int, reason: str) -> None:
+        if self._coordination is not None:
+            self._coordination.decline(checkpoint_id, reason)
+
+    async def _commit_up_to(self, checkpoint_id: int) -> None:
+        """Publish every staged committable of checkpoints up to ``checkpoint_id``, in order."""
+        for op in self._sinks:
+            pending = self._committables[op.name]
+            while pending and pending[0][0] <= checkpoint_id:
+                _, committable = pending[0]
+                try:
+                    await asyncio.to_thread(op.writer.commit, committable)
+                except Exception as exc:
+                    raise _sink_error(op, exc) from exc
+                pending.pop(0)
+
+    # -- restore -----------------------------------------------------------
+
+    async def restore(self, assignment: Assignment) -> None:
+        """Load this partition's share of a checkpoint before the task runs."""
+        storage = open_storage(assignment.storage)
+        infos: dict[str, ObjectInfo] = {}
+        for chain in assignment.keyed_chains:
+            for info in chain:
+                infos[info.key] = info
+        for _, info in assignment.sink_objects:
+            infos[info.key] = info
+        loop = asyncio.get_running_loop()
+        docs: dict[str, dict[str, Any]] = {}
+        for key, info in infos.items():
+            docs[key] = await loop.run_in_executor(self._io, _get_and_check, storage, info)
+
+        self._start_offsets = dict(assignment.source_offsets)
+        if self._keyed is not None:
+            keep = None
+            if assignment.key_filter is not None:
+                start, stop, max_par = assignment.key_filter
+
+                def keep(key: Any) -> bool:
+                    return start <= stable_hash(key) % max_par < stop
+
+            values: dict[Any, Any] = {}
+            for chain in assignment.keyed_chains:
+                values.update(snap.apply_chain([docs[i.key] for i in chain], keep))
+            self._keyed.state.values = values
+            if self._tracker is not None:
+                chain_list = list(assignment.continue_chain) if assignment.continue_chain else None
+                self._tracker.reset(chain_list)
+        # Re-issue the commits the checkpoint covers (commit is idempotent).
+        restored: list[tuple[int, str, Any]] = []
+        for step, info in assignment.sink_objects:
+            for cid, committable in docs[info.key]["sinks"].get(step, []):
+                restored.append((cid, step, committable))
+        for _, step, committable in sorted(restored, key=lambda r: r[0]):
+            op = self.ops[step]
+            assert isinstance(op, SinkOp)
+            try:
+                await asyncio.to_thread(op.writer.commit, committable)
+            except Exception as exc:
+                raise _sink_error(op, exc) from exc
 
     # -- observation -------------------------------------------------------
 
@@ -344,8 +679,25 @@ class StageTask:
             }
             if op.state_size is not None:
                 entry["state_keys"] = op.state_size
+            if self.checkpointing and head:
+                entry["alignment_ms"] = self.last_alignment_ms
+                entry["last_snapshot"] = dict(self.last_snapshot)
             result.append(entry)
         return result
+
+
+def _put_and_hash(storage: Storage, key: str, data: bytes) -> str:
+    digest = snap.sha256(data)
+    storage.put(key, data)
+    return digest
+
+
+def _get_and_check(storage: Storage, info: ObjectInfo) -> dict[str, Any]:
+    return snap.decode(storage.get(info.key), info)
+
+
+def _sink_error(op: SinkOp, exc: BaseException) -> UserCodeError:
+    return UserCodeError(op.name, None, exc, what="committing the sink's output")
 
 
 def _safe_offset(reader: SourceReader) -> Any:

@@ -1,0 +1,1 @@
+"""Checkpoints: barriers, snapshots, manifests, retention and restore."""

@@ -1,0 +1,107 @@
+"""Checkpoint storage in S3 or any S3-compatible server, on boto3.
+
+Credentials come from boto3's usual chain; ``AWS_ENDPOINT_URL`` points it at
+an S3-compatible server (path-style addressing is used then). Timeouts and
+retries are short on purpose: a checkpoint that cannot be written should be
+declined in seconds, not hang the job for minutes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from rayflow._internal.storage.base import ObjectNotFound, Storage, StorageError
+
+
+def s3_client() -> Any:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    style = os.environ.get("RAYFLOW_S3_ADDRESSING_STYLE", "path" if endpoint else "auto")
+    config = Config(
+        s3={"addressing_style": style},
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=float(os.environ.get("RAYFLOW_S3_CONNECT_TIMEOUT", "3")),
+        read_timeout=float(os.environ.get("RAYFLOW_S3_READ_TIMEOUT", "20")),
+    )
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=endpoint or None, config=config)
+
+
+class S3Storage(Storage):
+    def __init__(self, uri: str):
+        self.uri = uri
+        rest = uri[len("s3://") :]
+        self.bucket, _, prefix = rest.partition("/")
+        self.prefix = prefix.strip("/")
+        self._client = s3_client()
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _fail(self, action: str, key: str, exc: Exception) -> StorageError:
+        return StorageError(f"S3 {action} of {self.describe(key)} failed: {exc}")
+
+    def put(self, key: str, data: bytes) -> None:
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("put", key, exc) from exc
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        try:
+            self._client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+            )
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (
+                409,
+                412,
+            ):
+                return False
+            raise self._fail("conditional put", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("conditional put", key, exc) from exc
+        return True
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            body: bytes = response["Body"].read()
+            return body
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ObjectNotFound(f"{self.describe(key)} does not exist") from None
+            raise self._fail("get", key, exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("get", key, exc) from exc
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._key(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys: list[str] = []
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("list", prefix, exc) from exc
+        return sorted(keys)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        batch = [self._key(k) for k in keys]
+        for start in range(0, len(batch), 1000):
+            chunk = batch[start : start + 1000]
+            try:
+                self._client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
+                )
+            except (BotoCoreError, ClientError) as exc:
+                raise self._fail("delete", chunk[0], exc) from exc

@@ -1,0 +1,80 @@
+"""The storage interface, against a local folder and a real S3 server (no Ray)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from rayflow._internal.storage import StorageError, open_storage
+from rayflow._internal.storage.base import ObjectNotFound, normalize_uri
+from rayflow._internal.storage.s3 import S3Storage
+
+
+def test_put_get_list_delete(storage_uri: str) -> None:
+    storage = open_storage(storage_uri)
+    storage.put("job/a/1.bin", b"one")
+    storage.put("job/a/2.bin", b"two")
+    storage.put("job/b/3.bin", b"three")
+    storage.put("job/a/1.bin", b"uno")  # replaces
+    assert storage.get("job/a/1.bin") == b"uno"
+    assert storage.list("job/a/") == ["job/a/1.bin", "job/a/2.bin"]
+    assert storage.list("job/") == ["job/a/1.bin", "job/a/2.bin", "job/b/3.bin"]
+    storage.delete(["job/a/1.bin", "job/missing"])
+    assert storage.list("job/") == ["job/a/2.bin", "job/b/3.bin"]
+    with pytest.raises(ObjectNotFound):
+        storage.get("job/a/1.bin")
+
+
+def test_put_if_absent_lets_exactly_one_writer_win(storage_uri: str) -> None:
+    storage = open_storage(storage_uri)
+    results: list[bool] = []
+    barrier = threading.Barrier(4)
+
+    def write(i: int) -> None:
+        barrier.wait()
+        results.append(
+            storage.put_if_absent(
+                "job/checkpoints/0000000001/manifest.json", f"writer {i}".encode()
+            )
+        )
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, False, False, True]
+    winner = results.index(True)
+    assert storage.get("job/checkpoints/0000000001/manifest.json").startswith(b"writer ")
+    assert winner >= 0
+
+
+def test_an_unreachable_s3_fails_fast_naming_the_object(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    storage = S3Storage("s3://bucket/prefix")
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"S3 put of s3://bucket/prefix/x failed"):
+        storage.put("x", b"1")
+    assert time.monotonic() - started < 15
+
+
+def test_wrong_s3_credentials_are_refused(
+    s3_server: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    storage = S3Storage("s3://rayflow-test/creds")
+    with pytest.raises(StorageError, match=r"SignatureDoesNotMatch|AccessDenied|InvalidAccess"):
+        storage.put("x", b"1")
+
+
+def test_uris_are_normalized() -> None:
+    assert normalize_uri("s3://b/p/") == "s3://b/p"
+    assert normalize_uri("file:///tmp/x") == "/tmp/x"
+    with pytest.raises(ValueError, match="unsupported scheme 'gs'"):
+        normalize_uri("gs://bucket/x")
+    with pytest.raises(ValueError, match="no bucket"):
+        normalize_uri("s3:///x")

@@ -1,0 +1,280 @@
+"""The checkpoint protocol's logic without Ray: tracker, store, coordinator, restore."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import rayflow as rf
+from rayflow._internal.checkpoint.coordinator import CheckpointCoordinator, CheckpointFailed
+from rayflow._internal.checkpoint.manifest import (
+    Manifest,
+    ObjectInfo,
+    OperatorSnapshot,
+    decode_offset,
+    encode_offset,
+    manifest_key,
+)
+from rayflow._internal.checkpoint.pending import AckOutcome
+from rayflow._internal.checkpoint.restore import RestorePoint, assign, list_checkpoint_ids
+from rayflow._internal.checkpoint.snapshot import BarrierInfo, IncrementalTracker, apply_chain
+from rayflow._internal.checkpoint.store import CompletedCheckpointStore
+from rayflow._internal.plan import build_plan
+from rayflow._internal.storage import open_storage
+
+
+def _obj(cid: int, mode: str, name: str = "op") -> ObjectInfo:
+    return ObjectInfo(f"j/checkpoints/{cid:010d}/{name}.snapshot", 10, "x", cid, mode)
+
+
+def test_tracker_full_then_deltas_of_changed_and_deleted_keys() -> None:
+    tracker = IncrementalTracker(full_every=3)
+    values = {"a": 1, "b": 2}
+    first = tracker.take(1, 0, values, {"a", "b"})
+    assert first["mode"] == "full"
+    assert tracker.written(1, _obj(1, "full")) == [_obj(1, "full")]
+    values["a"] = 5
+    del values["b"]
+    second = tracker.take(2, 1, values, {"a", "b"})
+    assert second == {"mode": "delta", "values": {"a": 5}, "deleted": ["b"]}
+    assert tracker.written(2, _obj(2, "delta")) == [_obj(1, "full"), _obj(2, "delta")]
+    tracker.take(3, 2, values, set())
+    tracker.written(3, _obj(3, "delta"))
+    # Three links: the next snapshot is full again, which bounds the chain.
+    assert tracker.take(4, 3, values, set())["mode"] == "full"
+
+
+def test_tracker_carries_the_keys_of_a_failed_checkpoint_into_the_next_delta() -> None:
+    tracker = IncrementalTracker(full_every=10)
+    values = {"a": 1, "b": 1, "c": 1}
+    tracker.take(1, 0, values, set(values))
+    tracker.written(1, _obj(1, "full"))
+    tracker.take(2, 1, values, {"a"})
+    tracker.written(2, _obj(2, "delta"))  # written, but checkpoint 2 never completes
+    delta = tracker.take(3, 1, values, {"b"})  # last completed is still 1
+    assert delta["mode"] == "delta" and set(delta["values"]) == {"a", "b"}
+    assert tracker.written(3, _obj(3, "delta")) == [_obj(1, "full"), _obj(3, "delta")]
+
+
+def test_apply_chain_rebuilds_state_and_filters_keys() -> None:
+    docs = [
+        {"keyed": {"mode": "full", "values": {"a": 1, "b": 2, "c": 3}, "deleted": []}},
+        {"keyed": {"mode": "delta", "values": {"a": 10}, "deleted": ["b"]}},
+    ]
+    assert apply_chain(docs) == {"a": 10, "c": 3}
+    assert apply_chain(docs, keep=lambda k: k != "c") == {"a": 10}
+
+
+def test_offsets_round_trip_through_json() -> None:
+    for offset in (0, 12345, "abc", {"file": "x", "pos": 3}, (1, 2), b"raw"):
+        assert decode_offset(encode_offset(offset)) == offset
+    assert encode_offset(7) == {"json": 7}
+    assert "pickle" in encode_offset((1, 2))  # a tuple would come back as a list
+
+
+def _manifest(cid: int, objects: list[ObjectInfo]) -> Manifest:
+    ops = tuple(OperatorSnapshot("op", i, o, "step", (0, 128), (o,)) for i, o in enumerate(objects))
+    return Manifest("j", cid, "checkpoint", 0.0, 1.0, {"steps": []}, ops)
+
+
+def test_retention_keeps_what_kept_checkpoints_need_and_never_in_flight_objects(
+    tmp_path: Path,
+) -> None:
+    storage = open_storage(tmp_path)
+    store = CompletedCheckpointStore(storage, "j", retain=2)
+    base = _obj(3, "full", "base")
+    for cid in range(1, 7):
+        storage.put(f"j/checkpoints/{cid:010d}/op.snapshot", b"x")
+    storage.put(base.key, b"x")
+    for cid in (3, 4, 5):
+        objs = [base, _obj(cid, "delta")] if cid > 3 else [base]
+        manifest = _manifest(cid, objs)
+        storage.put(manifest_key("j", cid), manifest.to_json())
+        store.add(manifest)
+    storage.put(manifest_key("j", 1), _manifest(1, [_obj(1, "full")]).to_json())
+    store.collect_garbage()
+    keys = set(storage.list("j/"))
+    assert manifest_key("j", 3) not in keys and manifest_key("j", 1) not in keys
+    assert base.key in keys  # shared by the kept checkpoints 4 and 5
+    assert "j/checkpoints/0000000006/op.snapshot" in keys  # in flight: never touched
+    assert "j/checkpoints/0000000002/op.snapshot" not in keys  # a failed one's leftovers
+    assert list_checkpoint_ids(str(tmp_path), "j") == [4, 5]
+
+
+class FakeGateway:
+    """Operators that acknowledge (or not) as the test says."""
+
+    def __init__(self, keys: list[tuple[str, int]], behaviour: str = "ack"):
+        self.keys = keys
+        self.behaviour = behaviour
+        self.coordinator: CheckpointCoordinator | None = None
+        self.notified: list[int] = []
+        self.outcomes: list[AckOutcome] = []
+
+    def actor_keys(self) -> list[tuple[str, int]]:
+        return list(self.keys)
+
+    async def trigger_sources(self, barrier: BarrierInfo) -> None:
+        assert self.coordinator is not None
+        for stage, p in self.keys:
+            info = ObjectInfo(
+                f"{barrier.object_prefix}{stage}-{p}.snapshot",
+                3,
+                "abc",
+                barrier.checkpoint_id,
+                "plain",
+            )
+            if self.behaviour == "ack":
+                snap = OperatorSnapshot(stage, p, info)
+                self.outcomes.append(
+                    self.coordinator.acknowledge(barrier.checkpoint_id, (stage, p), snap)
+                )
+                # A retried call delivers the same acknowledgement twice.
+                self.outcomes.append(
+                    self.coordinator.acknowledge(barrier.checkpoint_id, (stage, p), snap)
+                )
+            elif self.behaviour == "decline":
+                self.coordinator.decline(barrier.checkpoint_id, (stage, p), "disk full")
+                return
+
+    async def notify_complete(self, checkpoint_id: int, *, wait: bool) -> None:
+        self.notified.append(checkpoint_id)
+
+
+def _coordinator(tmp_path: Path, behaviour: str, **options: Any) -> tuple[Any, FakeGateway]:
+    gateway = FakeGateway([("src", 0), ("sum", 0), ("sum", 1)], behaviour)
+    config = rf.Checkpointing(storage=str(tmp_path), interval_s=3600, **options)
+    coordinator = CheckpointCoordinator("j", {"steps": []}, config, gateway)
+    gateway.coordinator = coordinator
+    return coordinator, gateway
+
+
+def test_a_checkpoint_commits_through_its_manifest(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        coordinator, gateway = _coordinator(tmp_path, "ack")
+        loop = asyncio.create_task(coordinator.run(lambda reasons: None))
+        manifest = await coordinator.trigger()
+        coordinator.close()
+        await loop
+        assert manifest.checkpoint_id == 1
+        assert gateway.notified == [1]
+        assert gateway.outcomes.count(AckOutcome.SUCCESS) == 3
+        assert gateway.outcomes.count(AckOutcome.DUPLICATE) == 3
+        stored = Manifest.from_json(open_storage(tmp_path).get(manifest_key("j", 1)))
+        assert {(o.stage, o.partition) for o in stored.operators} == set(gateway.keys)
+        assert coordinator.stats()["completed"] == 1
+
+    asyncio.run(scenario())
+
+
+def test_declined_and_expired_checkpoints_fail_with_their_reason(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        coordinator, _ = _coordinator(tmp_path / "a", "decline")
+        loop = asyncio.create_task(coordinator.run(lambda reasons: None))
+        with pytest.raises(CheckpointFailed, match=r"declined by rayflow/j/src/0: disk full"):
+            await coordinator.trigger()
+        coordinator.close()
+        await loop
+
+        silent, _ = _coordinator(tmp_path / "b", "silent", timeout_s=0.2)
+        loop = asyncio.create_task(silent.run(lambda reasons: None))
+        with pytest.raises(CheckpointFailed, match=r"expired after 0.2 s; still waiting for src/0"):
+            await silent.trigger()
+        silent.close()
+        await loop
+        assert not list_checkpoint_ids(str(tmp_path / "b"), "j")
+
+    asyncio.run(scenario())
+
+
+def test_consecutive_failures_over_the_limit_are_fatal(tmp_path: Path) -> None:
+    async def scenario() -> list[str]:
+        coordinator, _ = _coordinator(tmp_path, "decline", max_consecutive_failures=2)
+        fatal: list[str] = []
+        loop = asyncio.create_task(coordinator.run(fatal.extend))
+        for _ in range(2):
+            with pytest.raises(CheckpointFailed):
+                await coordinator.trigger()
+        coordinator.close()
+        await loop
+        return fatal
+
+    reasons = asyncio.run(scenario())
+    assert len(reasons) == 2 and all("disk full" in r for r in reasons)
+
+
+def test_a_manifest_that_exists_is_never_overwritten(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        open_storage(tmp_path).put(manifest_key("j", 1), b"someone else's")
+        coordinator, _ = _coordinator(tmp_path, "ack")
+        loop = asyncio.create_task(coordinator.run(lambda reasons: None))
+        with pytest.raises(CheckpointFailed, match="already exists"):
+            await coordinator.trigger()
+        coordinator.close()
+        await loop
+        assert open_storage(tmp_path).get(manifest_key("j", 1)) == b"someone else's"
+
+    asyncio.run(scenario())
+
+
+def test_restore_assignment_redistributes_key_groups_at_another_parallelism() -> None:
+    def flow(par: int) -> rf.Dataflow:
+        f = rf.Dataflow("j", parallelism=par)
+        s = f.source("src", rf.testing.from_items([1], partitions=4))
+        s.key_by("k", str).reduce("sum", lambda a, b: a + b, initial=0).sink(
+            "out", rf.testing.Collect()
+        )
+        return f
+
+    old = build_plan(flow(2).spec())
+    ops = []
+    for p, groups in ((0, (0, 64)), (1, (64, 128))):
+        obj = _obj(5, "full", f"sum-{p}")
+        ops.append(OperatorSnapshot("sum", p, obj, "sum", groups, (obj,)))
+    for p in range(2):
+        ops.append(
+            OperatorSnapshot(
+                "src",
+                p,
+                _obj(5, "plain", f"src-{p}"),
+                sources={"src": {str(sp): {"json": 10 + sp} for sp in range(p, 4, 2)}},
+            )
+        )
+    from rayflow._internal.checkpoint.manifest import describe_flow
+
+    manifest = Manifest("j", 5, "checkpoint", 0.0, 1.0, describe_flow(old), tuple(ops))
+    new = build_plan(flow(3).spec())
+    result = assign(new, RestorePoint("/s", manifest), continue_in="/s")
+    # New partition 1 owns key groups 43..85: it needs both old halves, filtered.
+    mid = result[("sum", 1)]
+    assert len(mid.keyed_chains) == 2 and mid.key_filter == (43, 86, 128)
+    assert mid.continue_chain is None  # a rescaled partition starts with a full snapshot
+    assert result[("src", 0)].source_offsets == {0: 10, 3: 13}
+    # The sink's committables of old partitions 0 and 1 go to new partitions 0 and 1.
+    assert [i.key for _, i in result[("sum", 0)].sink_objects] == [_obj(5, "full", "sum-0").key]
+    same = assign(old, RestorePoint("/s", manifest), continue_in="/s")
+    assert same[("sum", 1)].continue_chain == ops[1].chain and same[("sum", 1)].key_filter is None
+    elsewhere = assign(old, RestorePoint("/s", manifest), continue_in="/other")
+    assert elsewhere[("sum", 1)].continue_chain is None
+
+
+def test_restore_refuses_a_renamed_stateful_step() -> None:
+    f = rf.Dataflow("j")
+    f.source("src", rf.testing.from_items([1])).key_by("k", str).reduce(
+        "renamed", lambda a, b: a, initial=0
+    ).sink("out", rf.testing.Collect())
+    obj = _obj(1, "full")
+    manifest = Manifest(
+        "j",
+        1,
+        "checkpoint",
+        0.0,
+        1.0,
+        {"max_parallelism": 128, "steps": [{"name": "sum", "kind": "reduce", "stage": "sum"}]},
+        (OperatorSnapshot("sum", 0, obj, "sum", (0, 128), (obj,)),),
+    )
+    with pytest.raises(rf.ConfigError, match=r"state of step 'sum'.*no longer has"):
+        assign(build_plan(f.spec()), RestorePoint("/s", manifest))
