@@ -11,7 +11,7 @@ from rayflow.errors import ConfigError
 from rayflow.sinks import Sink, SinkContext, SinkWriter
 from rayflow.sources import Source, SourceReader
 
-__all__ = ["Collect", "Faults", "from_items"]
+__all__ = ["Collect", "Discard", "Faults", "from_items"]
 
 
 @dataclass(frozen=True)
@@ -114,3 +114,18 @@ class _CollectWriter(SinkWriter):
         # Commits run in a worker thread; wait on the future, not ray.get,
         # which Ray reports as blocking when the process runs an event loop.
         ref.future().result()
+
+
+class Discard(Sink):
+    """Drops every record (for benchmarks and for flows whose metrics are the point)."""
+
+    def open(self, ctx: SinkContext) -> SinkWriter:
+        return _DiscardWriter()
+
+    def __repr__(self) -> str:
+        return "Discard()"
+
+
+class _DiscardWriter(SinkWriter):
+    def write(self, items: list[Any]) -> None:
+        pass

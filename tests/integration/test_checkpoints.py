@@ -167,7 +167,7 @@ def test_incremental_checkpoint_after_one_percent_changed_is_small(storage_uri: 
     src = flow.source("updates", rf.sources.Generator(_touch_one_percent, rate=20_000))
     src.key_by("key", lambda r: r[0]).reduce(
         "count", lambda acc, r: acc + r[1], initial=0, parallelism=1
-    ).sink("out", rf.sinks.Print(prefix=None), parallelism=2)
+    ).sink("out", rf.testing.Discard(), parallelism=2)
     handle = rf.start(flow, checkpoint=config)
     try:
         _wait_for(
@@ -195,8 +195,17 @@ def test_incremental_checkpoint_after_one_percent_changed_is_small(storage_uri: 
 
 
 def test_retention_deletes_old_checkpoints_and_keeps_shared_objects(storage_uri: str) -> None:
-    config = rf.Checkpointing(storage=storage_uri, interval_s=0.15, retain=2, full_every=4)
-    handle = rf.start(_union_and_shuffle("retention"), checkpoint=config)
+    # 16,000 keys (8,000 per partition): enough for incremental snapshots, so that the kept
+    # checkpoints' chains start with a full snapshot of an older checkpoint.
+    config = rf.Checkpointing(storage=storage_uri, interval_s=0.15, retain=2, full_every=100)
+    flow = rf.Dataflow("retention", parallelism=2)
+    src = flow.source(
+        "n", rf.sources.Generator(lambda p, i: (i % 16_000, 1), partitions=2, rate=60_000)
+    )
+    src.key_by("k", lambda r: r[0]).reduce("total", lambda a, r: a + r[1], initial=0).sink(
+        "out", rf.testing.Discard()
+    )
+    handle = rf.start(flow, checkpoint=config)
     try:
         _wait_for(
             lambda: (handle.checkpoint_stats() or {}).get("completed", 0) >= 9, what="9 checkpoints"

@@ -278,3 +278,16 @@ def test_restore_refuses_a_renamed_stateful_step() -> None:
     )
     with pytest.raises(rf.ConfigError, match=r"state of step 'sum'.*no longer has"):
         assign(build_plan(f.spec()), RestorePoint("/s", manifest))
+
+
+def test_untracked_snapshots_are_full_and_a_failed_one_forces_the_next_full() -> None:
+    tracker = IncrementalTracker(full_every=10)
+    values = {"a": 1}
+    assert tracker.take(1, 0, values, None)["mode"] == "full"  # changes were not tracked
+    tracker.written(1, _obj(1, "full"))
+    assert tracker.take(2, 1, values, {"a"})["mode"] == "delta"
+    tracker.written(2, _obj(2, "delta"))
+    assert tracker.take(3, 2, values, None)["mode"] == "full"
+    tracker.written(3, _obj(3, "full"))  # checkpoint 3 fails ...
+    # ... and what changed before it is unknown: the next snapshot cannot be a delta.
+    assert tracker.take(4, 2, values, {"a"})["mode"] == "full"

@@ -24,6 +24,10 @@ from rayflow.errors import RayflowError
 
 MAGIC = b"RFSNAP1\n"
 
+#: Keyed states smaller than this are always snapshotted in full: writing a few
+#: thousand keys costs less than tracking every record's key between checkpoints.
+INCREMENTAL_MIN_KEYS = 5_000
+
 
 class CorruptSnapshot(RayflowError):
     """A snapshot object is not what its manifest says (checksum or format)."""
@@ -80,8 +84,9 @@ class IncrementalTracker:
     def __init__(self, full_every: int):
         self.full_every = full_every
         self.committed_chain: list[ObjectInfo] = []
-        # checkpoint id -> (its chain once written, the keys its delta covered)
-        self._pending: dict[int, tuple[list[ObjectInfo] | None, set[Any]]] = {}
+        # checkpoint id -> (its chain once written, the keys changed since the
+        # previous snapshot; None if they were not tracked)
+        self._pending: dict[int, tuple[list[ObjectInfo] | None, set[Any] | None]] = {}
         self.force_full = True
 
     def reset(self, chain: list[ObjectInfo] | None) -> None:
@@ -95,29 +100,35 @@ class IncrementalTracker:
         checkpoint_id: int,
         last_completed: int,
         values: dict[Any, Any],
-        changed: set[Any],
+        changed: set[Any] | None,
     ) -> dict[str, Any]:
         """The keyed part of the snapshot for ``checkpoint_id``.
 
-        ``changed`` holds the keys touched since the previous snapshot. The
+        ``changed`` holds the keys touched since the previous snapshot, or is
+        None when changes were not tracked (then the snapshot is full). The
         result refers to the live values: encode it before processing more records.
         """
         failed_keys: set[Any] = set()
+        unknown = changed is None
         for n in sorted(self._pending):
             chain, keys = self._pending.pop(n)
             if n <= last_completed and chain is not None:
                 self.committed_chain = chain
+            elif keys is None:
+                unknown = True  # a failed snapshot whose changes nobody tracked
             else:
                 failed_keys |= keys
-        keys = changed | failed_keys
+        keys = None if unknown else (changed or set()) | failed_keys
         full = (
-            self.force_full
+            keys is None
+            or self.force_full
             or not self.committed_chain
             or len(self.committed_chain) >= self.full_every
         )
         self._pending[checkpoint_id] = (None, keys)
         if full:
             return {"mode": "full", "values": values, "deleted": []}
+        assert keys is not None
         present = {k: values[k] for k in keys if k in values}
         deleted = [k for k in keys if k not in values]
         return {"mode": "delta", "values": present, "deleted": deleted}

@@ -188,13 +188,18 @@ class KeyedOp(Op):
         self.state = KeyedState()
         self._changed: set[Any] | None = None
 
+    @property
+    def tracking(self) -> bool:
+        return self._changed is not None
+
     def track_changes(self) -> None:
         self._changed = set()
 
-    def take_changes(self) -> set[Any]:
-        """Keys touched since the last call (changed or deleted)."""
-        changed = self._changed if self._changed is not None else set()
-        self._changed = set()
+    def take_changes(self) -> set[Any] | None:
+        """Keys touched since the last call (changed or deleted); None if not tracked."""
+        changed = self._changed
+        if changed is not None:
+            self._changed = set()
         return changed
 
     def feed(self, items: list[Any]) -> None:

@@ -135,8 +135,6 @@ class StageTask:
             (op for op in self.ops.values() if isinstance(op, KeyedOp)), None
         )
         self._tracker = snap.IncrementalTracker(full_every) if full_every else None
-        if self._keyed is not None and self._tracker is not None:
-            self._keyed.track_changes()
         self._sinks = [op for op in self.ops.values() if isinstance(op, SinkOp)]
         self._committables: dict[str, list[tuple[int, Any]]] = {s.name: [] for s in self._sinks}
 
@@ -504,6 +502,10 @@ class StageTask:
                 keyed = self._tracker.take(
                     cid, barrier.last_completed, values, self._keyed.take_changes()
                 )
+                if not self._keyed.tracking and len(values) >= snap.INCREMENTAL_MIN_KEYS:
+                    # Large enough for deltas to pay: track changes from now on
+                    # (this snapshot, untracked, was a full one: the chain's base).
+                    self._keyed.track_changes()
             else:  # a savepoint is full and self-contained, and leaves the chain alone
                 keyed = {"mode": "full", "values": values, "deleted": []}
             doc["keyed"] = {"step": self._keyed.name, **keyed}
@@ -618,6 +620,8 @@ class StageTask:
             if self._tracker is not None:
                 chain_list = list(assignment.continue_chain) if assignment.continue_chain else None
                 self._tracker.reset(chain_list)
+                if len(values) >= snap.INCREMENTAL_MIN_KEYS:
+                    self._keyed.track_changes()
         # Re-issue the commits the checkpoint covers (commit is idempotent).
         restored: list[tuple[int, str, Any]] = []
         for step, info in assignment.sink_objects:
