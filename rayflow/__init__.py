@@ -5,7 +5,7 @@ Build a :class:`Dataflow`, then ``rf.run(flow)`` (blocking) or
 """
 
 from rayflow import errors, sinks, sources, testing
-from rayflow.config import Checkpointing, RuntimeConfig
+from rayflow.config import Checkpointing, RestartStrategy, RuntimeConfig
 from rayflow.dataflow import Dataflow, KeyedStream, Stream
 from rayflow.errors import BuildError, ConfigError, JobFailedError, RayflowError
 from rayflow.job import CheckpointError, JobHandle, JobResult, JobStatus, run, start
@@ -24,6 +24,7 @@ __all__ = [
     "JobStatus",
     "KeyedStream",
     "RayflowError",
+    "RestartStrategy",
     "RuntimeConfig",
     "Stream",
     "__version__",

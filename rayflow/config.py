@@ -7,7 +7,10 @@ from dataclasses import dataclass, fields
 
 from rayflow.errors import ConfigError
 
-__all__ = ["Checkpointing", "RuntimeConfig"]
+__all__ = ["Checkpointing", "RestartStrategy", "RuntimeConfig"]
+
+EXACTLY_ONCE = "exactly_once"
+AT_LEAST_ONCE = "at_least_once"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class Checkpointing:
       between hold only the keys changed since the previous one.
     - ``max_consecutive_failures``: this many failed checkpoints in a row
       fail the job.
+    - ``mode``: ``"exactly_once"`` (the default) aligns barriers, so state
+      and committed output are exactly-once after a failure;
+      ``"at_least_once"`` does not align (an operator with several inputs
+      never holds one back, which saves latency under skew), so a recovery
+      may apply some records twice, but never loses one.
     """
 
     storage: str = "rayflow-checkpoints"
@@ -74,10 +82,16 @@ class Checkpointing:
     retain: int = 3
     full_every: int = 10
     max_consecutive_failures: int = 5
+    mode: str = EXACTLY_ONCE
 
     def __post_init__(self) -> None:
         from rayflow._internal.storage.base import normalize_uri
 
+        if self.mode not in (EXACTLY_ONCE, AT_LEAST_ONCE):
+            raise ConfigError(
+                f"Checkpointing.mode must be {EXACTLY_ONCE!r} or {AT_LEAST_ONCE!r}; "
+                f"got {self.mode!r}"
+            )
         if not isinstance(self.storage, (str, os.PathLike)) or not os.fspath(self.storage):
             raise ConfigError(
                 f"Checkpointing.storage must be a folder path or s3://bucket/prefix; "
@@ -96,3 +110,32 @@ class Checkpointing:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"Checkpointing.{name} must be an int >= 1; got {value!r}")
+
+
+@dataclass(frozen=True)
+class RestartStrategy:
+    """When a failed job restarts from its last checkpoint, and when it gives up.
+
+    A failure (an operator process lost, a node gone, an exception in a
+    step) restarts the job from its last complete checkpoint after a delay
+    that starts at ``backoff_s`` and doubles up to ``max_backoff_s`` (it
+    starts over once a checkpoint completes again). More than
+    ``max_failures`` failures within ``window_s`` seconds fail the job with
+    every failure listed. Restarts need checkpointing; without it a failure
+    fails the job.
+    """
+
+    max_failures: int = 10
+    window_s: float = 300.0
+    backoff_s: float = 0.1
+    max_backoff_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_failures, int) or self.max_failures < 0:
+            raise ConfigError(
+                f"RestartStrategy.max_failures must be an int >= 0; got {self.max_failures!r}"
+            )
+        for name in ("window_s", "backoff_s", "max_backoff_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"RestartStrategy.{name} must be >= 0 seconds; got {value!r}")

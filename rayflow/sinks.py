@@ -21,17 +21,23 @@ from typing import IO, Any
 
 from rayflow.errors import ConfigError
 
-__all__ = ["JsonLines", "Print", "Sink", "SinkContext", "SinkWriter"]
+__all__ = ["JsonLines", "Print", "S3JsonLines", "Sink", "SinkContext", "SinkWriter"]
 
 
 @dataclass(frozen=True)
 class SinkContext:
-    """Where a writer runs: the job, the sink step and the partition."""
+    """Where a writer runs: the job, the sink step and the partition.
+
+    ``restored_checkpoint`` is the checkpoint the job (re)started from, or
+    None for a fresh start: data a writer stages from now on belongs to a
+    later checkpoint.
+    """
 
     job: str
     step: str
     partition: int
     parallelism: int
+    restored_checkpoint: int | None = None
 
 
 class SinkWriter(ABC):
@@ -163,6 +169,166 @@ def _read_marker(marker: str) -> tuple[int, int]:
         return int(data["checkpoint"]), int(data["size"])
     except FileNotFoundError:
         return 0, 0
+
+
+class S3JsonLines(Sink):
+    """JSON Lines objects under ``s3://bucket/prefix``, exactly-once.
+
+    Each partition streams what it gets between two checkpoints into an S3
+    multipart upload; the upload is completed (and the object appears) only
+    when the checkpoint commits. Objects are named
+    ``part-<partition>-<checkpoint before>-<id>.jsonl``; a restored job aborts
+    the uploads begun after the checkpoint it restored, and a fresh job
+    deletes the part objects and uploads an earlier run left. Credentials and
+    ``AWS_ENDPOINT_URL`` as for checkpoint storage.
+    """
+
+    def __init__(self, uri: str, *, part_bytes: int = 8 << 20):
+        if not isinstance(uri, str) or not uri.startswith("s3://") or len(uri) <= 5:
+            raise ConfigError(f"S3JsonLines needs an s3://bucket/prefix URI; got {uri!r}")
+        if part_bytes < 5 << 20:
+            raise ConfigError(
+                f"S3JsonLines part_bytes must be at least 5 MiB (S3's minimum part size); "
+                f"got {part_bytes}"
+            )
+        self.bucket, _, prefix = uri[5:].partition("/")
+        self.prefix = prefix.strip("/")
+        self.part_bytes = part_bytes
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def setup(self, job: str, *, restored_checkpoint: int | None) -> None:
+        from rayflow._internal.storage.s3 import s3_client
+
+        client = s3_client()
+        start = self._key("part-")
+        paginator = client.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
+            for upload in page.get("Uploads", []):
+                after = _s3_part_after(upload["Key"])
+                if restored_checkpoint is None or after is None or after >= restored_checkpoint:
+                    # Begun after the restored checkpoint: it will never be committed.
+                    client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+        if restored_checkpoint is None:
+            keys: list[str] = []
+            for page in client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=start
+            ):
+                keys.extend(o["Key"] for o in page.get("Contents", []))
+            for i in range(0, len(keys), 1000):
+                client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
+                )
+
+    def open(self, ctx: SinkContext) -> SinkWriter:
+        return _S3JsonLinesWriter(self, ctx)
+
+    def __repr__(self) -> str:
+        return f"S3JsonLines({self.uri!r})"
+
+
+def _s3_part_after(key: str) -> int | None:
+    """The checkpoint id in ``.../part-PPPPP-<after>-<id>.jsonl``; None if not ours."""
+    name = key.rsplit("/", 1)[-1]
+    fields = name[: -len(".jsonl")].split("-") if name.endswith(".jsonl") else []
+    if len(fields) == 4 and fields[0] == "part" and fields[2].isdigit():
+        return int(fields[2])
+    return None
+
+
+class _S3JsonLinesWriter(SinkWriter):
+    def __init__(self, sink: S3JsonLines, ctx: SinkContext):
+        from rayflow._internal.storage.s3 import s3_client
+
+        self._sink = sink
+        self._ctx = ctx
+        self._client = s3_client()
+        self._buffer: list[str] = []
+        self._buffered = 0
+        self._upload: dict[str, Any] | None = None  # key, upload id, parts so far
+        self._after = ctx.restored_checkpoint or 0  # the checkpoint staged data follows
+
+    def write(self, items: list[Any]) -> None:
+        dumps = json.dumps
+        try:
+            lines = [dumps(item) + "\n" for item in items]
+        except TypeError as exc:
+            raise TypeError(
+                f"S3JsonLines sink {self._ctx.step!r} can only write JSON-serializable "
+                f"records: {exc}; convert the records with a map step before the sink"
+            ) from None
+        self._buffer.extend(lines)
+        self._buffered += sum(map(len, lines))
+        if self._buffered >= self._sink.part_bytes:
+            self._upload_part()
+
+    def _upload_part(self) -> None:
+        if not self._buffer:
+            return
+        if self._upload is None:
+            name = f"part-{self._ctx.partition:05d}-{self._after:010d}-{uuid.uuid4().hex[:8]}.jsonl"
+            key = self._sink._key(name)
+            created = self._client.create_multipart_upload(Bucket=self._sink.bucket, Key=key)
+            self._upload = {"key": key, "upload_id": created["UploadId"], "parts": []}
+        body = "".join(self._buffer).encode()
+        number = len(self._upload["parts"]) + 1
+        response = self._client.upload_part(
+            Bucket=self._sink.bucket,
+            Key=self._upload["key"],
+            UploadId=self._upload["upload_id"],
+            PartNumber=number,
+            Body=body,
+        )
+        self._upload["parts"].append({"PartNumber": number, "ETag": response["ETag"]})
+        self._buffer = []
+        self._buffered = 0
+
+    def prepare_commit(self, checkpoint_id: int) -> Any:
+        self._upload_part()  # the last part may be smaller than 5 MiB
+        upload, self._upload = self._upload, None
+        self._after = checkpoint_id
+        if upload is None:
+            return None
+        return {**upload, "bucket": self._sink.bucket, "checkpoint": checkpoint_id}
+
+    def commit(self, committable: Any) -> None:
+        if committable is None:
+            return
+        try:
+            self._client.complete_multipart_upload(
+                Bucket=committable["bucket"],
+                Key=committable["key"],
+                UploadId=committable["upload_id"],
+                MultipartUpload={"Parts": committable["parts"]},
+            )
+        except Exception as exc:
+            # Completed before (a re-issued commit): then the object exists.
+            try:
+                self._client.head_object(Bucket=committable["bucket"], Key=committable["key"])
+            except Exception:
+                raise exc from None
+
+    def abort(self, committable: Any) -> None:
+        if committable is not None:
+            with contextlib.suppress(Exception):
+                self._client.abort_multipart_upload(
+                    Bucket=committable["bucket"],
+                    Key=committable["key"],
+                    UploadId=committable["upload_id"],
+                )
+
+    def close(self) -> None:
+        if self._upload is not None:  # staged but never to be committed
+            self.abort({**self._upload, "bucket": self._sink.bucket})
+            self._upload = None
 
 
 class _JsonLinesWriter(SinkWriter):

@@ -96,7 +96,10 @@ class CheckpointCoordinator:
         self.storage = open_storage(config.storage)
         self.store = CompletedCheckpointStore(self.storage, job, config.retain)
         if last_completed is not None and last_completed.kind == CHECKPOINT:
-            self.store.add(last_completed)
+            # Resumed in the same storage: keep retaining what the last run retained.
+            self.store.recover(last_completed.checkpoint_id)
+            if self.store.latest() != last_completed:
+                self.store.add(last_completed)
         self.policy = TriggerPolicy(config.interval_s, config.min_pause_s)
         self.failures = CheckpointFailureManager(config.max_consecutive_failures)
         self.next_id = next_id
@@ -104,12 +107,16 @@ class CheckpointCoordinator:
         self.last_checkpoint_id = last_completed.checkpoint_id if last_completed else 0
         self.pending: PendingCheckpoint | None = None
         self.periodic = True
+        self.suspended = False
         self._requests: deque[_Request] = deque()
         self._wake = asyncio.Event()
         self._done = asyncio.Event()
         self._closed = False
         self._crash_before_manifest = crash_before_manifest
         self._gc_task: asyncio.Task[Any] | None = None
+        # Hooks for the job coordinator (recovery bookkeeping).
+        self.on_started: Callable[[int], None] = lambda checkpoint_id: None
+        self.on_completed: Callable[[Manifest], None] = lambda manifest: None
         self.completed = 0
         self.last: dict[str, Any] | None = None
         self.last_failure: dict[str, Any] | None = None
@@ -147,6 +154,29 @@ class CheckpointCoordinator:
         )
         self._done.set()
 
+    def suspend(self) -> None:
+        """A restart begins: give up the checkpoint in flight and trigger none until resumed."""
+        self.suspended = True
+        pending = self.pending
+        if pending is not None:
+            pending.fail(
+                FailureReason.RESTARTING, FailureReason.RESTARTING.format(id=pending.checkpoint_id)
+            )
+            self._done.set()
+        while self._requests:
+            request = self._requests.popleft()
+            if not request.future.done():
+                request.future.set_exception(CheckpointFailed("the job is restarting"))
+
+    def resume(self, restored: Manifest | None) -> None:
+        """The job restarted from ``restored``: checkpoints go on from there."""
+        if restored is not None and restored.kind == CHECKPOINT:
+            self.last_checkpoint_id = restored.checkpoint_id
+        self.periodic = True
+        self.suspended = False
+        self.policy.started(time.monotonic())
+        self._wake.set()
+
     def close(self) -> None:
         self._closed = True
         self._wake.set()
@@ -167,6 +197,10 @@ class CheckpointCoordinator:
         """Trigger periodic and requested checkpoints until closed."""
         while not self._closed:
             now = time.monotonic()
+            if self.suspended:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             if self._requests:
                 request = self._requests.popleft()
                 try:
@@ -198,8 +232,8 @@ class CheckpointCoordinator:
     def _register_failure(self, reason: str) -> bool:
         log.warning("job %s: %s", self.job, reason)
         self.last_failure = {"reason": reason, "time": time.time()}
-        if self._closed:
-            return False
+        if self._closed or self.suspended:
+            return False  # given up for a restart or the end: not the storage's fault
         return self.failures.failed(reason)
 
     async def _perform(self, kind: str, location: str | None, final: bool) -> Manifest:
@@ -221,6 +255,7 @@ class CheckpointCoordinator:
         self.pending = pending
         self._done.clear()
         self.policy.started(time.monotonic())
+        self.on_started(checkpoint_id)
         try:
             return await self._complete(pending, final)
         finally:
@@ -271,6 +306,7 @@ class CheckpointCoordinator:
             self.last_checkpoint_id = cid
         self.store.add(manifest)
         self.failures.succeeded()
+        self.on_completed(manifest)
         self.completed += 1
         self.last = {
             "id": cid,

@@ -32,6 +32,7 @@ class FailureReason(enum.Enum):
     )
     TRIGGER_FAILED = "checkpoint {id} could not be started: {reason}"
     JOB_ENDING = "checkpoint {id} was abandoned because the job is ending"
+    RESTARTING = "checkpoint {id} was abandoned because the job is restarting"
 
     def format(self, **values: object) -> str:
         return self.value.format(**values)

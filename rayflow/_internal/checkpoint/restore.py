@@ -66,6 +66,13 @@ def list_checkpoint_ids(storage_uri: str, job: str) -> list[int]:
     return sorted(ids)
 
 
+def highest_checkpoint_id(storage_uri: str, job: str) -> int:
+    """The highest checkpoint id with anything in storage, complete or not (0 if none)."""
+    storage = open_storage(storage_uri)
+    ids = [checkpoint_id_of(k, job) for k in storage.list(checkpoints_prefix(job))]
+    return max((i for i in ids if i is not None), default=0)
+
+
 def read_manifest(storage_uri: str, key: str) -> Manifest:
     data = open_storage(storage_uri).get(key)
     return Manifest.from_json(data)

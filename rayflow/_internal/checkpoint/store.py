@@ -32,6 +32,27 @@ class CompletedCheckpointStore:
     def retained(self) -> list[Manifest]:
         return list(self._retained)
 
+    def recover(self, up_to: int) -> None:
+        """Take up the job's retained checkpoints from storage (a restarted coordinator).
+
+        Without this, the first retention pass after a restart would delete
+        the older checkpoints that retention is meant to keep.
+        """
+        ids = sorted(
+            {
+                cid
+                for key in self.storage.list(checkpoints_prefix(self.job))
+                if key.endswith("/manifest.json")
+                and (cid := checkpoint_id_of(key, self.job)) is not None
+                and cid <= up_to
+            }
+        )
+        for cid in ids[-self.retain :]:
+            try:
+                self.add(Manifest.from_json(self.storage.get(manifest_key(self.job, cid))))
+            except (StorageError, ValueError, KeyError) as exc:
+                log.warning("checkpoint %d of %s is unreadable: %s", cid, self.job, exc)
+
     def add(self, manifest: Manifest) -> None:
         if manifest.kind != CHECKPOINT:
             return  # savepoints live elsewhere and are never deleted by retention

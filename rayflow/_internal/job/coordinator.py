@@ -1,10 +1,22 @@
-"""The job's coordinator actor: deploys the operators, checkpoints, ends the job.
+"""The job's coordinator actor: deploys the operators, checkpoints, recovers, ends the job.
 
 Named ``rayflow/<job>/coordinator``. The operator actors are created by the
-coordinator and therefore owned by it: if it dies they die with it, and a
-job never leaves orphaned actors behind. The coordinator stays thin: the
-Ray calls are in :class:`Deployment`, the checkpoint protocol in
-:class:`CheckpointCoordinator`, and failure triage is a small pure function.
+coordinator and therefore owned by it: if it dies they die with it (the
+driver then starts a new coordinator from the latest manifest), and a job
+never leaves orphaned actors behind. The coordinator stays thin: the Ray
+calls are in :class:`Deployment`, the checkpoint protocol in
+:class:`CheckpointCoordinator`, the restart policy in :class:`RestartTracker`.
+
+Recovery, step by step (the job restarts as a whole, from its last complete
+checkpoint, since records may have crossed every channel since):
+
+1. Suspend checkpoints (the one in flight is abandoned).
+2. Reset the living operators: each drops its task for a fresh one of a new
+   epoch, so that batches still on the wire are ignored.
+3. Replace the dead ones (same names) from the plan.
+4. Let sinks drop what was staged after the checkpoint; restore every
+   operator's share of it (state, source offsets, commits to re-issue).
+5. Reconnect the channels and run; checkpoints resume.
 
 With checkpointing, a job ends with a final checkpoint: when every source
 is exhausted (or stopped), the coordinator takes one more checkpoint (a
@@ -24,22 +36,26 @@ from typing import Any
 import ray
 
 from rayflow._internal.checkpoint.coordinator import CheckpointCoordinator, CheckpointFailed
-from rayflow._internal.checkpoint.manifest import CHECKPOINT, SAVEPOINT, describe_flow
+from rayflow._internal.checkpoint.manifest import CHECKPOINT, SAVEPOINT, Manifest, describe_flow
 from rayflow._internal.checkpoint.restore import RestorePoint, assign
 from rayflow._internal.job.deployment import ActorKey, Deployment
 from rayflow._internal.job.report import JobReport, JobStatus
+from rayflow._internal.job.restarts import RestartTracker
 from rayflow._internal.plan import Plan, decode_plan
 from rayflow._internal.runtime.task import TaskOutcome
 from rayflow._internal.spec import StepKind
-from rayflow.config import Checkpointing, RuntimeConfig
+from rayflow._internal.storage.base import normalize_uri
+from rayflow.config import AT_LEAST_ONCE, Checkpointing, RestartStrategy, RuntimeConfig
 from rayflow.errors import Failure
 
 log = logging.getLogger("rayflow")
 
 #: After a first failure, how long to wait for others before judging the root cause.
-FAILURE_GRACE_S = 0.5
+FAILURE_GRACE_S = 0.2
 #: Pause between attempts at the final checkpoint.
 FINAL_RETRY_S = 0.5
+#: An actor that does not answer a ping this fast during a recovery is replaced.
+PING_TIMEOUT_S = 1.0
 
 # Root causes first: a user error explains an actor's exit; a lost actor explains
 # the broken channels of its neighbours.
@@ -59,15 +75,20 @@ class JobCoordinator:
         checkpointing: Checkpointing | None = None,
         restore_point: RestorePoint | None = None,
         crash_before_manifest: int | None = None,
+        restart: RestartStrategy | None = None,
+        next_checkpoint_id: int | None = None,
         startup_timeout_s: float = 600.0,
     ):
         self.job = job
         self._plan_blob = plan_blob
         self._config = config
         self._checkpointing = checkpointing
-        self._restore_point = restore_point
+        # The checkpoint a restart goes back to: the start point, then each completed one.
+        self._recovery_point = restore_point
         self._crash_before_manifest = crash_before_manifest
+        self._next_checkpoint_id = next_checkpoint_id
         self._startup_timeout_s = startup_timeout_s
+        self._restarts = RestartTracker(restart if checkpointing is not None else None)
         self.plan: Plan | None = None
         self.deployment: Deployment | None = None
         self.checkpoints: CheckpointCoordinator | None = None
@@ -76,11 +97,13 @@ class JobCoordinator:
         self._finished: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._final_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._stop_when_running = False
         self._final_savepoint: str | None = None
         self._sources_done: set[ActorKey] = set()
-        self._final_started = False
         self._fatal: list[Failure] = []
+        self._runs: dict[ActorKey, asyncio.Future[Any]] = {}
 
     # -- life cycle ----------------------------------------------------------
 
@@ -90,37 +113,30 @@ class JobCoordinator:
         self._wake = asyncio.Event()
         try:
             plan = self.plan = decode_plan(self._plan_blob)
-            point = self._restore_point
-            restored_id = point.manifest.checkpoint_id if point else None
             cp = self._checkpointing
-            assignments = None
-            if point is not None:
-                assignments = assign(plan, point, continue_in=cp.storage if cp else None)
-            for step in plan.flow.steps:
-                if step.kind is StepKind.SINK:
-                    await asyncio.to_thread(
-                        step.connector.setup, self.job, restored_checkpoint=restored_id
-                    )
             self.deployment = Deployment(
-                self.job, plan, self._config, cp.full_every if cp else None
+                self.job,
+                plan,
+                self._config,
+                cp.full_every if cp else None,
+                align=not (cp and cp.mode == AT_LEAST_ONCE),
             )
-            self.deployment.create()
-            await self.deployment.wait_ready(self._startup_timeout_s)
-            if assignments is not None:
-                await self.deployment.restore(assignments)
+            point = self._recovery_point
             if cp is not None:
+                restored = point.manifest.checkpoint_id if point else 0
                 self.checkpoints = CheckpointCoordinator(
                     self.job,
                     describe_flow(plan),
                     cp,
                     self.deployment,
-                    next_id=(restored_id or 0) + 1,
+                    next_id=max(self._next_checkpoint_id or 0, restored + 1),
                     last_completed=point.manifest if point else None,
                     crash_before_manifest=self._crash_before_manifest,
                 )
-            me = ray.get_runtime_context().current_actor
-            await self.deployment.connect(me)
-            runs = self.deployment.run_all()
+                self.checkpoints.on_completed = self._checkpoint_completed
+            self.deployment.create()
+            await self.deployment.wait_ready(self._startup_timeout_s)
+            await self._restore_and_run(point)
             self._report.running_at = time.time()
         except Exception as exc:
             self._end(JobStatus.FAILED, [_startup_failure(exc)])
@@ -129,12 +145,29 @@ class JobCoordinator:
             return self._report
         self._set_status(JobStatus.RUNNING)
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._supervise(runs)))
+        self._tasks.append(loop.create_task(self._supervise()))
         if self.checkpoints is not None:
             self._tasks.append(loop.create_task(self.checkpoints.run(self._checkpoints_fatal)))
         if self._stop_when_running:
-            await self.stop()
+            await self.stop(self._final_savepoint)
         return self._report
+
+    async def _restore_and_run(self, point: RestorePoint | None) -> None:
+        """Sinks clean up, operators restore ``point`` (if any), connect and run."""
+        assert self.plan is not None and self.deployment is not None
+        restored_id = point.manifest.checkpoint_id if point else None
+        for step in self.plan.flow.steps:
+            if step.kind is StepKind.SINK:
+                await asyncio.to_thread(
+                    step.connector.setup, self.job, restored_checkpoint=restored_id
+                )
+        if point is not None:
+            cp = self._checkpointing
+            await self.deployment.restore(
+                assign(self.plan, point, continue_in=cp.storage if cp else None)
+            )
+        await self.deployment.connect(ray.get_runtime_context().current_actor)
+        self._runs = self.deployment.run_all()
 
     async def wait(self) -> JobReport:
         assert self._finished is not None, "start() first"
@@ -157,18 +190,24 @@ class JobCoordinator:
     async def checkpoint_stats(self) -> dict[str, Any] | None:
         return self.checkpoints.stats() if self.checkpoints else None
 
+    async def recoveries(self) -> list[dict[str, Any]]:
+        return list(self._report.recoveries)
+
     async def stop(self, savepoint: str | None = None) -> None:
         """Graceful stop: sources stop; with checkpoints a final one (or a savepoint) commits."""
         self._final_savepoint = savepoint
         if self._status is JobStatus.STARTING:
             self._stop_when_running = True
-        elif self._status is JobStatus.RUNNING:
+            return
+        self._stopping = True
+        if self._status is JobStatus.RUNNING:
             self._set_status(JobStatus.STOPPING)
             await self._deployed.stop_sources()
+        # While RECOVERING, the recovery stops the new sources when it is done.
 
     async def shutdown(self) -> None:
         """Kill whatever is left (the driver calls this once it has the result)."""
-        for task in self._tasks:
+        for task in [*self._tasks, *([self._final_task] if self._final_task else [])]:
             task.cancel()
         if self.checkpoints is not None:
             self.checkpoints.close()
@@ -192,22 +231,30 @@ class JobCoordinator:
             "duration_ms": manifest.duration_ms,
         }
 
+    def _checkpoint_completed(self, manifest: Manifest) -> None:
+        if manifest.kind == CHECKPOINT and self._checkpointing is not None:
+            self._recovery_point = RestorePoint(
+                normalize_uri(self._checkpointing.storage), manifest
+            )
+            self._restarts.stable()
+
     async def acknowledge(self, checkpoint_id: int, key: ActorKey, snapshot: Any) -> str:
         if self.checkpoints is None:
             return "unknown"
-        return self.checkpoints.acknowledge(checkpoint_id, tuple(key), snapshot).value  # type: ignore[arg-type]
+        return self.checkpoints.acknowledge(checkpoint_id, _key(key), snapshot).value
 
     async def decline(self, checkpoint_id: int, key: ActorKey, reason: str) -> None:
         if self.checkpoints is not None:
-            self.checkpoints.decline(checkpoint_id, tuple(key), reason)  # type: ignore[arg-type]
+            self.checkpoints.decline(checkpoint_id, _key(key), reason)
 
-    async def source_done(self, key: ActorKey) -> None:
+    async def source_done(self, key: ActorKey, epoch: int) -> None:
         """A source read everything (or was stopped); end the job once all have."""
-        self._sources_done.add(tuple(key))  # type: ignore[arg-type]
-        if self._final_started or set(self._deployed.source_keys()) - self._sources_done:
+        if self._status is JobStatus.RECOVERING or epoch != self._deployed.epoch:
+            return  # a message from before a restart
+        self._sources_done.add(_key(key))
+        if self._final_task is not None or set(self._deployed.source_keys()) - self._sources_done:
             return
-        self._final_started = True
-        self._tasks.append(asyncio.get_running_loop().create_task(self._final_checkpoint()))
+        self._final_task = asyncio.get_running_loop().create_task(self._final_checkpoint())
 
     async def _final_checkpoint(self) -> None:
         assert self.checkpoints is not None
@@ -239,31 +286,137 @@ class JobCoordinator:
 
     # -- supervision ---------------------------------------------------------
 
-    async def _supervise(self, runs: dict[ActorKey, asyncio.Future[Any]]) -> None:
+    async def _supervise(self) -> None:
+        while True:
+            failures = await self._watch()
+            if not failures:
+                break
+            root = order_failures(failures)[0]
+            delay = None if self._fatal else self._restarts.failed(time.time(), root)
+            if delay is None:
+                await self._fail(failures)
+                return
+            log.warning("job %s: restarting in %.1f s after: %s", self.job, delay, root.describe())
+            try:
+                await self._recover(failures, delay)
+            except Exception as exc:
+                log.error("job %s: recovery failed: %s", self.job, exc)
+                self._runs = {}
+                failures = [_startup_failure(exc, "the recovery failed")]
+                if self._restarts.failed(time.time(), failures[0]) is None:
+                    await self._fail(failures)
+                    return
+                await asyncio.sleep(1.0)
+                continue
+        if self.checkpoints is not None:
+            self.checkpoints.close()
+        self._report.metrics = await self._deployed.metrics()
+        self._deployed.kill()
+        self._end(JobStatus.STOPPED if self._stopping else JobStatus.FINISHED, [])
+
+    async def _watch(self) -> list[Failure]:
+        """Wait until every operator ended (returns []) or something failed."""
         assert self._wake is not None
-        pending = {fut: key for key, fut in runs.items()}
+        pending = {fut: key for key, fut in self._runs.items()}
         failures: list[Failure] = []
         while pending and not failures and not self._fatal:
             wake = asyncio.ensure_future(self._wake.wait())
             done, _ = await asyncio.wait([*pending, wake], return_when=asyncio.FIRST_COMPLETED)
             wake.cancel()
+            self._wake.clear()
             failures.extend(self._collect({f for f in done if f in pending}, pending))
-        failures.extend(self._fatal)
+        if self._fatal:
+            return [*self._fatal, *failures]
+        if failures and pending:
+            # Give the other actors a moment to report, then pick the root cause.
+            done, _ = await asyncio.wait(pending, timeout=FAILURE_GRACE_S)
+            failures.extend(self._collect(done, pending))
+        return failures
+
+    async def _fail(self, failures: list[Failure]) -> None:
         if self.checkpoints is not None:
             self.checkpoints.close()
-        if failures:
-            # Give the other actors a moment to report, then pick the root cause.
-            if pending:
-                done, _ = await asyncio.wait(pending, timeout=FAILURE_GRACE_S)
-                failures.extend(self._collect(done, pending))
-            self._report.metrics = await self._deployed.metrics(timeout_s=2.0)
-            self._deployed.kill()
-            self._end(JobStatus.FAILED, order_failures(failures))
-            return
-        self._report.metrics = await self._deployed.metrics()
+        self._report.metrics = await self._deployed.metrics(timeout_s=2.0)
         self._deployed.kill()
-        stopped = self._status is JobStatus.STOPPING
-        self._end(JobStatus.STOPPED if stopped else JobStatus.FINISHED, [])
+        history = [f for _, f in self._restarts.history]
+        ordered = order_failures(failures)
+        if len(history) > 1:
+            # Giving up after restarts: list every failure that led here.
+            earlier = [
+                Failure(
+                    kind=f.kind,
+                    message=f"(an earlier failure) {f.message}",
+                    step=f.step,
+                    partition=f.partition,
+                    record=f.record,
+                )
+                for f in history[:-1]
+            ]
+            summary = Failure(kind="system", message=self._restarts.give_up_message())
+            ordered = [ordered[0], summary, *earlier, *ordered[1:]]
+        self._end(JobStatus.FAILED, ordered)
+
+    async def _recover(self, failures: list[Failure], delay: float) -> None:
+        detected = time.time()
+        dep = self._deployed
+        point = self._recovery_point
+        restore_to = point.manifest.checkpoint_id if point else None
+        self._set_status(JobStatus.RECOVERING)
+        # Step 1. No checkpoint while the operators restart; forget the end game.
+        if self.checkpoints is not None:
+            self.checkpoints.suspend()
+        if self._final_task is not None:
+            self._final_task.cancel()
+            self._final_task = None
+        self._sources_done.clear()
+        await asyncio.sleep(delay)
+        # Step 2. Reset the living operators into a new epoch.
+        dead: set[ActorKey] = {
+            (f.step, f.partition)
+            for f in failures
+            if f.kind == "actor_died" and f.step is not None and f.partition is not None
+        }
+        dead = {k for k in dead if k in dep.handles} | await dep.unresponsive(PING_TIMEOUT_S)
+        dep.epoch += 1
+        replayed = 0
+        results = await dep.reset([k for k in dep.handles if k not in dead], restore_to)
+        for key, result in results.items():
+            if isinstance(result, BaseException):
+                dead.add(key)
+            else:
+                replayed += result
+        # Step 3. Replace the dead from the plan.
+        dep.kill(dead)
+        await dep.replace(sorted(dead))
+        await dep.wait_ready(self._startup_timeout_s, dead)
+        # Steps 4 and 5. Restore the last checkpoint, reconnect, run.
+        await self._restore_and_run(point)
+        if self.checkpoints is not None:
+            self.checkpoints.resume(point.manifest if point else None)
+        self._set_status(JobStatus.STOPPING if self._stopping else JobStatus.RUNNING)
+        if self._stopping:
+            await dep.stop_sources()
+        record: dict[str, Any] = {
+            "detected_at": detected,
+            "cause": order_failures(failures)[0].describe(),
+            "replaced": sorted(dep.name(k) for k in dead),
+            "restored_checkpoint": restore_to,
+            "records_replayed": replayed,
+            "recovered_in_s": None,
+        }
+        self._report.recoveries.append(record)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._time_recovery(record)))
+
+    async def _time_recovery(self, record: dict[str, Any]) -> None:
+        """Fill in how long it took from the failure to the first record processed again."""
+        epoch = self._deployed.epoch
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self._deployed.epoch == epoch:
+            firsts = await self._deployed.first_data_at()
+            if firsts:
+                record["recovered_in_s"] = min(firsts) - record["detected_at"]
+                return
+            await asyncio.sleep(0.02)
 
     def _collect(
         self, done: set[asyncio.Future[Any]], pending: dict[asyncio.Future[Any], ActorKey]
@@ -272,7 +425,7 @@ class JobCoordinator:
         for fut in done:
             key = pending.pop(fut)
             failure = _outcome_failure(self._deployed.name(key), key, fut)
-            if failure is not None:
+            if failure is not None and failure.kind != "reset":
                 failures.append(failure)
         return failures
 
@@ -290,6 +443,10 @@ class JobCoordinator:
             log.error("job %s failed: %s", self.job, failures[0].describe())
         assert self._finished is not None
         self._finished.set()
+
+
+def _key(key: Any) -> ActorKey:
+    return (str(key[0]), int(key[1]))
 
 
 def _outcome_failure(actor: str, key: ActorKey, fut: asyncio.Future[Any]) -> Failure | None:
@@ -313,13 +470,13 @@ def _outcome_failure(actor: str, key: ActorKey, fut: asyncio.Future[Any]) -> Fai
     return outcome.failure
 
 
-def _startup_failure(exc: BaseException) -> Failure:
+def _startup_failure(exc: BaseException, what: str = "the job could not start") -> Failure:
     cause = exc
     if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
         cause = exc.cause
     return Failure(
         kind="system",
-        message=f"the job could not start: {type(cause).__name__}: {_first_line(cause)}",
+        message=f"{what}: {type(cause).__name__}: {_first_line(cause)}",
         traceback="".join(traceback.format_exception(cause)),
     )
 

@@ -33,11 +33,20 @@ def _wrap(ref: Any) -> asyncio.Future[Any]:
 
 
 class Deployment:
-    def __init__(self, job: str, plan: Plan, config: RuntimeConfig, full_every: int | None = None):
+    def __init__(
+        self,
+        job: str,
+        plan: Plan,
+        config: RuntimeConfig,
+        full_every: int | None = None,
+        align: bool = True,
+    ):
         self.job = job
         self.plan = plan
         self.config = config
         self.full_every = full_every
+        self.align = align
+        self.epoch = 0
         self.handles: dict[ActorKey, Any] = {}
         self._plan_ref: Any = None
 
@@ -65,11 +74,65 @@ class Deployment:
                 max_restarts=0,
                 max_concurrency=10_000,
                 **stage.resources.ray_options(),
-            ).remote(self._plan_ref, key[0], key[1], self.job, self.config, self.full_every)
+            ).remote(
+                self._plan_ref,
+                key[0],
+                key[1],
+                self.job,
+                self.config,
+                self.full_every,
+                self.align,
+                self.epoch,
+            )
 
-    async def wait_ready(self, timeout_s: float) -> None:
-        """Wait until every actor is up; explain what is missing if they are not."""
-        refs = {key: h.ready.remote() for key, h in self.handles.items()}
+    async def replace(self, keys: Iterable[ActorKey], timeout_s: float = 10.0) -> None:
+        """Create new actors for dead ones; the name frees up once Ray saw the death."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        for key in keys:
+            while True:
+                try:
+                    self.create([key])
+                    break
+                except ValueError as exc:  # ActorAlreadyExistsError: the old one is still dying
+                    if loop.time() > deadline:
+                        raise RuntimeError(f"cannot recreate {self.name(key)}: {exc}") from exc
+                    await asyncio.sleep(0.05)
+
+    async def unresponsive(self, timeout_s: float) -> set[ActorKey]:
+        """Actors that do not answer a ping in time (dead, or lost with their node)."""
+        keys = list(self.handles)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(_wrap(self.handles[k].ready.remote()), timeout_s) for k in keys),
+            return_exceptions=True,
+        )
+        return {k for k, r in zip(keys, results, strict=True) if isinstance(r, BaseException)}
+
+    async def reset(
+        self, keys: Iterable[ActorKey], restore_to: int | None, timeout_s: float = 30.0
+    ) -> dict[ActorKey, int | BaseException]:
+        """Reset living actors to a fresh task of the current epoch."""
+        wanted = list(keys)
+        results = await asyncio.gather(
+            *(
+                asyncio.wait_for(
+                    _wrap(self.handles[k].reset.remote(self.epoch, restore_to)), timeout_s
+                )
+                for k in wanted
+            ),
+            return_exceptions=True,
+        )
+        return dict(zip(wanted, results, strict=True))
+
+    async def first_data_at(self) -> list[float]:
+        calls = [_wrap(h.first_data_at.remote()) for h in self.handles.values()]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return [r for r in results if isinstance(r, float)]
+
+    async def wait_ready(self, timeout_s: float, keys: Iterable[ActorKey] | None = None) -> None:
+        """Wait until every actor (or ``keys``) is up; explain what is missing if not."""
+        wanted = list(self.handles) if keys is None else list(keys)
+        refs = {key: self.handles[key].ready.remote() for key in wanted}
         waited = 0.0
         step = 30.0
         while True:

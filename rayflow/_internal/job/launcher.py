@@ -18,7 +18,7 @@ from rayflow._internal.job.collector import Collector
 from rayflow._internal.job.coordinator import JobCoordinator
 from rayflow._internal.plan import Plan, encode_plan
 from rayflow._internal.spec import StepKind
-from rayflow.config import Checkpointing, RuntimeConfig
+from rayflow.config import Checkpointing, RestartStrategy, RuntimeConfig
 from rayflow.errors import BuildError, JobAlreadyRunningError
 from rayflow.testing import Collect
 
@@ -116,7 +116,10 @@ def create_coordinator(
     config: RuntimeConfig,
     checkpointing: Checkpointing | None,
     restore_point: RestorePoint | None,
-    crash_before_manifest: int | None,
+    *,
+    restart: RestartStrategy | None = None,
+    next_checkpoint_id: int | None = None,
+    crash_before_manifest: int | None = None,
 ) -> Any:
     blob = encode_plan(plan)
     return _RemoteCoordinator.options(
@@ -125,7 +128,16 @@ def create_coordinator(
         num_cpus=0,
         max_concurrency=1000,
         max_restarts=0,
-    ).remote(job, blob, config, checkpointing, restore_point, crash_before_manifest)
+    ).remote(
+        job,
+        blob,
+        config,
+        checkpointing,
+        restore_point,
+        crash_before_manifest,
+        restart,
+        next_checkpoint_id,
+    )
 
 
 def kill_quietly(handle: Any) -> None:

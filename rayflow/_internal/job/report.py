@@ -14,6 +14,7 @@ class JobStatus(str, enum.Enum):
 
     STARTING = "STARTING"
     RUNNING = "RUNNING"
+    RECOVERING = "RECOVERING"  # restarting from the last checkpoint after a failure
     STOPPING = "STOPPING"
     FINISHED = "FINISHED"  # every source ended and everything was committed
     STOPPED = "STOPPED"  # stopped on request, after draining
@@ -39,3 +40,4 @@ class JobReport:
     checkpoints: dict[str, Any] | None = None  # checkpoint statistics, if checkpointing
     final_checkpoint: int | None = None  # the checkpoint the job ended with
     savepoint: str | None = None  # where the final savepoint went, if the stop asked for one
+    recoveries: list[dict[str, Any]] = field(default_factory=list)

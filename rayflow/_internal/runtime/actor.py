@@ -34,8 +34,8 @@ class _CoordinatorLink:
     def decline(self, checkpoint_id: int, reason: str) -> None:
         self._handle.decline.remote(checkpoint_id, self._key, reason)
 
-    def source_done(self) -> None:
-        self._handle.source_done.remote(self._key)
+    def source_done(self, epoch: int) -> None:
+        self._handle.source_done.remote(self._key, epoch)
 
 
 class OperatorActor:
@@ -47,15 +47,44 @@ class OperatorActor:
         job: str,
         config: RuntimeConfig,
         full_every: int | None,
+        align: bool = True,
+        epoch: int = 0,
     ) -> None:
         # Streams allocate many short-lived tuples; the default gen-0 threshold
         # (700) makes the collector run thousands of times per second.
         gc.set_threshold(50_000, 20, 100)
         plan = decode_plan(plan_blob)
-        self.task = StageTask(plan, stage, partition, job=job, config=config, full_every=full_every)
+
+        def make(epoch: int) -> StageTask:
+            return StageTask(
+                plan,
+                stage,
+                partition,
+                job=job,
+                config=config,
+                full_every=full_every,
+                align=align,
+                epoch=epoch,
+            )
+
+        self._make = make
+        self.task = make(epoch)
 
     async def ready(self) -> str:
         return self.task.actor_name
+
+    async def reset(self, epoch: int, restore_to: int | None) -> int:
+        """Drop everything for a restart in ``epoch``: a fresh task, same process.
+
+        Returns the records this partition's sources emitted after checkpoint
+        ``restore_to`` (they will be emitted again).
+        """
+        replayed = await self.task.shutdown(restore_to)
+        self.task = self._make(epoch)
+        return replayed
+
+    async def first_data_at(self) -> float | None:
+        return self.task.first_data_at
 
     async def restore(self, assignment: Assignment) -> None:
         await self.task.restore(assignment)

@@ -9,6 +9,7 @@ and the record that failed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 import traceback
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any
 
 from rayflow._internal.spec import MISSING, StepKind, StepSpec
 from rayflow.errors import Failure
-from rayflow.sinks import SinkContext, SinkWriter
+from rayflow.sinks import Sink, SinkContext, SinkWriter
 
 Feed = Callable[[list[Any]], None]
 
@@ -291,11 +292,37 @@ class StatefulMapOp(KeyedOp):
 
 
 class SinkOp(Op):
-    __slots__ = ("writer",)
+    """A sink step; its writer opens once the task knows what it restored (if anything)."""
 
-    def __init__(self, name: str, writer: SinkWriter):
+    __slots__ = ("_sink", "_writer", "context")
+
+    def __init__(self, name: str, sink: Sink, context: SinkContext):
         super().__init__(name)
-        self.writer = writer
+        self._sink = sink
+        self.context = context
+        self._writer: SinkWriter | None = None
+
+    def open(self, restored_checkpoint: int | None) -> None:
+        if self._writer is None:
+            self.context = dataclasses.replace(
+                self.context, restored_checkpoint=restored_checkpoint
+            )
+            try:
+                self._writer = self._sink.open(self.context)
+            except Exception as exc:
+                raise UserCodeError(self.name, None, exc, what="opening the sink") from exc
+
+    def close(self) -> None:
+        """Close the writer if it was opened (a reset: nothing more is committed)."""
+        if self._writer is not None:
+            self._writer.close()
+
+    @property
+    def writer(self) -> SinkWriter:
+        if self._writer is None:
+            self.open(None)
+        assert self._writer is not None
+        return self._writer
 
     def apply(self, items: list[Any]) -> list[Any]:
         try:
@@ -327,7 +354,7 @@ def build_op(spec: StepSpec, job: str, partition: int) -> Op:
         ctx = SinkContext(
             job=job, step=spec.name, partition=partition, parallelism=spec.parallelism
         )
-        return SinkOp(spec.name, spec.connector.open(ctx))
+        return SinkOp(spec.name, spec.connector, ctx)
     assert spec.fn is not None
     if kind is StepKind.MAP:
         return MapOp(spec.name, spec.fn)

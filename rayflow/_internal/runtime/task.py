@@ -22,6 +22,7 @@ in tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import traceback
@@ -84,7 +85,7 @@ class Coordination(Protocol):
 
     def decline(self, checkpoint_id: int, reason: str) -> None: ...
 
-    def source_done(self) -> None: ...
+    def source_done(self, epoch: int) -> None: ...
 
 
 @dataclass
@@ -107,10 +108,17 @@ class StageTask:
         job: str,
         config: RuntimeConfig,
         full_every: int | None = None,
+        align: bool = True,
+        epoch: int = 0,
         coordination: Coordination | None = None,
         final_checkpoint_id: int = 1,
     ):
-        """``full_every`` is set when the job checkpoints (it enables barriers)."""
+        """``full_every`` is set when the job checkpoints (it enables barriers).
+
+        ``align=False`` is the at-least-once mode: a channel that delivered a
+        barrier is not held back. ``epoch`` numbers the job's restarts; a batch
+        sent in another epoch is dropped.
+        """
         self.plan = plan
         self.stage = plan.stage(stage)
         self.partition = partition
@@ -121,8 +129,12 @@ class StageTask:
         self._rates = RateWindow()
         self._final_checkpoint_id = final_checkpoint_id
         self._process = psutil.Process(os.getpid())
-        self.epoch = 0
+        self.epoch = epoch
         self.checkpointing = full_every is not None
+        self._align = align
+        self._main: asyncio.Task[Any] | None = None
+        self.first_data_at: float | None = None  # wall clock of the first batch processed
+        self._emitted_at_barrier: dict[int, int] = {}  # sources: records out at each barrier
         self._coordination = coordination
 
         self.ops: dict[str, Op] = {}
@@ -166,6 +178,7 @@ class StageTask:
         # Uploads run in threads so that processing goes on meanwhile.
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayflow-io")
         self._uploads: set[asyncio.Task[None]] = set()
+        self._commits: set[asyncio.Future[None]] = set()
         self.last_snapshot: dict[str, Any] = {}
 
     # -- wiring ------------------------------------------------------------
@@ -177,6 +190,8 @@ class StageTask:
     ) -> None:
         """Create the output channels; ``senders`` maps (edge, receiver partition) to a sender."""
         self._coordination = coordination
+        for op in self._sinks:
+            op.open(None)  # no-op when restore() opened it
         cfg = self.config
         outputs = Outputs(
             batch_size=cfg.batch_size,
@@ -265,6 +280,7 @@ class StageTask:
 
     async def run(self) -> TaskOutcome:
         assert self.outputs is not None, "connect() first"
+        self._main = asyncio.current_task()
         try:
             if self.is_source:
                 await self._run_source()
@@ -276,6 +292,15 @@ class StageTask:
         except UnroutableKey as exc:
             return self._outcome(
                 UserCodeError(self._key_step(), exc.record, exc.cause).failure(self.partition)
+            )
+        except asyncio.CancelledError:
+            return self._outcome(
+                Failure(
+                    kind="reset",
+                    message="reset for a restart",
+                    step=self.stage.name,
+                    partition=self.partition,
+                )
             )
         except ChannelBroken as exc:
             return self._outcome(
@@ -344,6 +369,8 @@ class StageTask:
                 )
                 continue
             if env.kind == DATA:
+                if self.first_data_at is None:
+                    self.first_data_at = time.time()
                 entry[env.channel[0]](serde.loads(env.payload))
                 await outputs.flush()
             elif env.kind == BARRIER:
@@ -382,7 +409,7 @@ class StageTask:
                     reported_done = True
                     await outputs.flush(force=True)
                     assert self._coordination is not None
-                    self._coordination.source_done()
+                    self._coordination.source_done(self.epoch)
                 await self._idle(None)
                 continue
             progressed = False
@@ -404,6 +431,8 @@ class StageTask:
                 self._offsets[sp] = reader.offset()
                 if items:
                     progressed = True
+                    if self.first_data_at is None:
+                        self.first_data_at = time.time()
                     head.emit(items)
                     await outputs.flush()
             if not progressed and active:
@@ -444,7 +473,8 @@ class StageTask:
             self._aligned = set()
             self._align_started = time.monotonic()
         self._aligned.add(channel)
-        self.mailbox.block(channel)
+        if self._align:  # exactly-once: hold this channel back until all have the barrier
+            self.mailbox.block(channel)
         await self._maybe_aligned()
 
     async def _maybe_aligned(self) -> None:
@@ -492,6 +522,7 @@ class StageTask:
         sources: dict[str, dict[str, dict[str, Any]]] = {}
         if self.is_source:
             head = self.stage.steps[0]
+            self._emitted_at_barrier[cid] = self.ops[head].records_out
             doc["sources"][head] = dict(self._offsets)
             sources[head] = {str(sp): encode_offset(o) for sp, o in self._offsets.items()}
         mode = "plain"
@@ -576,17 +607,57 @@ class StageTask:
         if self._coordination is not None:
             self._coordination.decline(checkpoint_id, reason)
 
+    async def _commit(self, op: SinkOp, committable: Any) -> None:
+        """Run one commit in a thread; a reset waits for it rather than abandoning it."""
+        future = asyncio.ensure_future(asyncio.to_thread(op.writer.commit, committable))
+        self._commits.add(future)
+        future.add_done_callback(self._commits.discard)
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise _sink_error(op, exc) from exc
+
     async def _commit_up_to(self, checkpoint_id: int) -> None:
         """Publish every staged committable of checkpoints up to ``checkpoint_id``, in order."""
         for op in self._sinks:
             pending = self._committables[op.name]
             while pending and pending[0][0] <= checkpoint_id:
-                _, committable = pending[0]
-                try:
-                    await asyncio.to_thread(op.writer.commit, committable)
-                except Exception as exc:
-                    raise _sink_error(op, exc) from exc
+                await self._commit(op, pending[0][1])
                 pending.pop(0)
+
+    async def shutdown(self, restore_to: int | None) -> int:
+        """Stop this task for a restart from checkpoint ``restore_to``.
+
+        Returns how many records its sources emitted after that checkpoint,
+        which they will emit again.
+
+        The loop is cancelled, commits in flight are awaited (never two
+        commits of a sink at once), senders waiting on the mailbox are
+        released, and readers and writers are closed without committing.
+        """
+        main = self._main
+        if main is not None and not main.done() and main is not asyncio.current_task():
+            main.cancel()
+            await asyncio.wait([main], timeout=10)
+        if self._commits:
+            await asyncio.wait(list(self._commits), timeout=60)
+        self.mailbox.clear()
+        self._ended = True
+        for reader in self._readers.values():
+            with contextlib.suppress(Exception):
+                reader.close()
+        for op in self._sinks:
+            with contextlib.suppress(Exception):
+                op.close()
+        self._io.shutdown(wait=False)
+        if not self.is_source:
+            return 0
+        emitted = self.ops[self.stage.steps[0]].records_out
+        # A checkpoint whose barrier this task never saw is the one it started
+        # from (or none): everything it emitted came after it.
+        return emitted - self._emitted_at_barrier.get(restore_to or 0, 0)
 
     # -- restore -----------------------------------------------------------
 
@@ -622,18 +693,16 @@ class StageTask:
                 self._tracker.reset(chain_list)
                 if len(values) >= snap.INCREMENTAL_MIN_KEYS:
                     self._keyed.track_changes()
+        sinks = {op.name: op for op in self._sinks}
+        for sink in sinks.values():
+            sink.open(assignment.checkpoint_id)
         # Re-issue the commits the checkpoint covers (commit is idempotent).
         restored: list[tuple[int, str, Any]] = []
         for step, info in assignment.sink_objects:
             for cid, committable in docs[info.key]["sinks"].get(step, []):
                 restored.append((cid, step, committable))
         for _, step, committable in sorted(restored, key=lambda r: r[0]):
-            op = self.ops[step]
-            assert isinstance(op, SinkOp)
-            try:
-                await asyncio.to_thread(op.writer.commit, committable)
-            except Exception as exc:
-                raise _sink_error(op, exc) from exc
+            await self._commit(sinks[step], committable)
 
     # -- observation -------------------------------------------------------
 
