@@ -11,6 +11,7 @@ from typing import Any
 
 import ray
 from ray import cloudpickle as ray_cloudpickle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayflow._internal import naming
 from rayflow._internal.checkpoint.restore import RestorePoint
@@ -104,9 +105,21 @@ def collect_sinks(plan: Plan) -> list[str]:
     ]
 
 
+def _beside_the_driver() -> Any:
+    """Keep the job's control actors on the driver's node.
+
+    They fate-share with the driver anyway; on another node they would add
+    that node's loss to the ways the whole job can be interrupted.
+    """
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def create_collector(job: str) -> Any:
     return _RemoteCollector.options(
-        name=naming.collector_actor(job), namespace=naming.NAMESPACE, num_cpus=0
+        name=naming.collector_actor(job),
+        namespace=naming.NAMESPACE,
+        num_cpus=0,
+        scheduling_strategy=_beside_the_driver(),
     ).remote()
 
 
@@ -125,6 +138,7 @@ def create_coordinator(
     return _RemoteCoordinator.options(
         name=naming.coordinator_actor(job),
         namespace=naming.NAMESPACE,
+        scheduling_strategy=_beside_the_driver(),
         num_cpus=0,
         max_concurrency=1000,
         max_restarts=0,

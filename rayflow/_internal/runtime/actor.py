@@ -86,6 +86,14 @@ class OperatorActor:
     async def first_data_at(self) -> float | None:
         return self.task.first_data_at
 
+    async def where(self) -> dict[str, Any]:
+        """The node and process this partition runs in (for people and tests)."""
+        import os
+
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
     async def restore(self, assignment: Assignment) -> None:
         await self.task.restore(assignment)
 
