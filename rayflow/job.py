@@ -50,6 +50,7 @@ class JobResult:
     final_checkpoint: int | None = None  # the checkpoint that covers the whole output
     savepoint: str | None = None  # where stop(savepoint=...) wrote the final savepoint
     recoveries: list[dict[str, Any]] = field(default_factory=list)  # one per restart
+    restored_checkpoint: int | None = None  # the checkpoint the job (last) started from
     outputs: dict[str, list[Any]] = field(default_factory=dict, repr=False)
 
     @property
@@ -375,6 +376,7 @@ class JobHandle:
             final_checkpoint=report.final_checkpoint,
             savepoint=report.savepoint,
             recoveries=[*self._coordinator_recoveries, *report.recoveries],
+            restored_checkpoint=report.restored_checkpoint,
             outputs=outputs,
         )
         return self._result

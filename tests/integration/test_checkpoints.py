@@ -308,3 +308,28 @@ def test_an_existing_checkpoint_storage_needs_resume(storage_uri: str) -> None:
     rf.run(flow, checkpoint=config)
     with pytest.raises(rf.ConfigError, match=r"already holds \d+ checkpoint.*resume=True"):
         rf.run(flow, checkpoint=config)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Any) -> None:
+    storage = str(tmp_path / "checkpoints")
+    config = rf.Checkpointing(storage=storage, interval_s=0.2, retain=5)
+    handle = rf.start(_union_and_shuffle("fallback"), checkpoint=config)
+    try:
+        _wait_for(lambda: (handle.checkpoint_stats() or {}).get("completed", 0) >= 3)
+    finally:
+        handle.stop()
+    ids = list_checkpoint_ids(storage, "fallback")
+    latest = open_restore_point(f"{storage}/fallback/checkpoints/{ids[-1]:010d}")
+    victim = next(o for o in latest.manifest.operators if o.keyed_step == "total").chain[-1]
+    local = open_storage(storage)
+    local.put(victim.key, local.get(victim.key)[:-10])  # truncated: size and checksum fail
+
+    resumed = rf.start(_union_and_shuffle("fallback"), checkpoint=config, resume=True)
+    try:
+        time.sleep(1.0)
+    finally:
+        result = resumed.stop()
+    assert result.restored_checkpoint == ids[-2]
+    final = latest_checkpoint(storage, "fallback")
+    assert final is not None and final.manifest.checkpoint_id > ids[-1]
+    assert read_keyed_state(final, "total") == expected_sums(final.manifest.sources)

@@ -38,13 +38,14 @@ import ray
 from rayflow._internal.checkpoint.coordinator import CheckpointCoordinator, CheckpointFailed
 from rayflow._internal.checkpoint.manifest import CHECKPOINT, SAVEPOINT, Manifest, describe_flow
 from rayflow._internal.checkpoint.restore import RestorePoint, assign
+from rayflow._internal.checkpoint.snapshot import CorruptSnapshot
 from rayflow._internal.job.deployment import ActorKey, Deployment
 from rayflow._internal.job.report import JobReport, JobStatus
 from rayflow._internal.job.restarts import RestartTracker
 from rayflow._internal.plan import Plan, decode_plan
 from rayflow._internal.runtime.task import TaskOutcome
 from rayflow._internal.spec import StepKind
-from rayflow._internal.storage.base import normalize_uri
+from rayflow._internal.storage.base import ObjectNotFound, normalize_uri
 from rayflow.config import AT_LEAST_ONCE, Checkpointing, RestartStrategy, RuntimeConfig
 from rayflow.errors import Failure
 
@@ -153,7 +154,51 @@ class JobCoordinator:
         return self._report
 
     async def _restore_and_run(self, point: RestorePoint | None) -> None:
-        """Sinks clean up, operators restore ``point`` (if any), connect and run."""
+        """Sinks clean up, operators restore ``point`` (if any), connect and run.
+
+        If an object of ``point`` is missing or fails its checksum, the
+        previous retained checkpoint is used instead (with a warning: output
+        that sinks committed after it may then appear twice).
+        """
+        assert self.plan is not None and self.deployment is not None
+        candidates = [point]
+        if point is not None and self.checkpoints is not None:
+            older = [
+                RestorePoint(point.storage, m)
+                for m in reversed(self.checkpoints.store.retained())
+                if m.checkpoint_id < point.manifest.checkpoint_id
+            ]
+            candidates.extend(older)
+        for i, candidate in enumerate(candidates):
+            try:
+                await self._restore(candidate)
+                break
+            except Exception as exc:
+                if i + 1 == len(candidates) or not _unusable_checkpoint(exc):
+                    raise
+                assert candidate is not None
+                nxt = candidates[i + 1]
+                assert nxt is not None
+                log.warning(
+                    "job %s: checkpoint %d cannot be restored (%s); falling back to "
+                    "checkpoint %d (output committed after it may repeat)",
+                    self.job,
+                    candidate.manifest.checkpoint_id,
+                    _first_line(exc),
+                    nxt.manifest.checkpoint_id,
+                )
+                # Start the operators over from a clean slate before the next try.
+                self.deployment.epoch += 1
+                await self.deployment.reset(list(self.deployment.handles), None)
+        self._report.restored_checkpoint = (
+            candidate.manifest.checkpoint_id if candidate is not None else None
+        )
+        if candidate is not point:
+            self._recovery_point = candidate
+        await self.deployment.connect(ray.get_runtime_context().current_actor)
+        self._runs = self.deployment.run_all()
+
+    async def _restore(self, point: RestorePoint | None) -> None:
         assert self.plan is not None and self.deployment is not None
         restored_id = point.manifest.checkpoint_id if point else None
         for step in self.plan.flow.steps:
@@ -166,8 +211,6 @@ class JobCoordinator:
             await self.deployment.restore(
                 assign(self.plan, point, continue_in=cp.storage if cp else None)
             )
-        await self.deployment.connect(ray.get_runtime_context().current_actor)
-        self._runs = self.deployment.run_all()
 
     async def wait(self) -> JobReport:
         assert self._finished is not None, "start() first"
@@ -443,6 +486,18 @@ class JobCoordinator:
             log.error("job %s failed: %s", self.job, failures[0].describe())
         assert self._finished is not None
         self._finished.set()
+
+
+def _unusable_checkpoint(exc: BaseException) -> bool:
+    """A restore that failed because the checkpoint's objects are missing or corrupt."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # Ray wraps causes; follow a few links
+        if seen is None:
+            break
+        if isinstance(seen, (CorruptSnapshot, ObjectNotFound)):
+            return True
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return False
 
 
 def _key(key: Any) -> ActorKey:

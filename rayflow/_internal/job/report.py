@@ -41,3 +41,4 @@ class JobReport:
     final_checkpoint: int | None = None  # the checkpoint the job ended with
     savepoint: str | None = None  # where the final savepoint went, if the stop asked for one
     recoveries: list[dict[str, Any]] = field(default_factory=list)
+    restored_checkpoint: int | None = None  # what the job (last) started from
