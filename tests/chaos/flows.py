@@ -96,6 +96,7 @@ class Killer(threading.Thread):
         self.every_s = every_s
         self.rng = random.Random(seed)
         self.killed: list[str] = []
+        self.killed_at: list[float] = []
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -113,6 +114,7 @@ class Killer(threading.Thread):
                     actor = ray.get_actor(name, namespace="rayflow")
                 except ValueError:
                     continue
+                self.killed_at.append(time.time())
                 ray.kill(actor)
                 self.killed.append(name)
         except BaseException as exc:  # surfaced by the test

@@ -153,3 +153,26 @@ def test_at_least_once_loses_nothing_under_kills(tmp_path: Path) -> None:
     duplicates = sum(n - 1 for n in Counter(out).values())
     assert len(out) == len(expected) + duplicates  # duplicates are allowed
     assert result.restarts >= 5
+
+
+def _fails_at_5000(record: tuple[str, int]) -> tuple[str, int]:
+    if record[1] == 5000:
+        raise ValueError("record 5000 is poisoned")
+    return record
+
+
+def test_the_restart_strategy_gives_up_and_lists_every_failure(tmp_path: Path) -> None:
+    flow = rf.Dataflow("chaos-poison")
+    src = flow.source("n", rf.sources.Generator(lambda p, i: (f"k{i % 10}", i), limit=20_000))
+    src.map("check", _fails_at_5000).key_by("k", lambda r: r[0]).reduce(
+        "sum", lambda a, r: a + r[1], initial=0).sink("out", rf.testing.Discard())
+    config = rf.Checkpointing(storage=str(tmp_path / "checkpoints"), interval_s=0.2)
+    strategy = rf.RestartStrategy(max_failures=2, window_s=60, backoff_s=0.05)
+    started = time.monotonic()
+    with pytest.raises(rf.JobFailedError) as info:
+        rf.run(flow, checkpoint=config, restart=strategy)
+    text = str(info.value)
+    assert "step 'check' (partition 0): ValueError: record 5000 is poisoned" in text
+    assert "3 failures within 60 s exceed RestartStrategy.max_failures=2" in text
+    assert text.count("(an earlier failure) ValueError: record 5000 is poisoned") == 2
+    assert time.monotonic() - started < 60

@@ -291,3 +291,23 @@ def test_untracked_snapshots_are_full_and_a_failed_one_forces_the_next_full() ->
     tracker.written(3, _obj(3, "full"))  # checkpoint 3 fails ...
     # ... and what changed before it is unknown: the next snapshot cannot be a delta.
     assert tracker.take(4, 2, values, {"a"})["mode"] == "full"
+
+
+def test_restart_tracker_backs_off_and_gives_up_per_window() -> None:
+    from rayflow._internal.job.restarts import RestartTracker
+    from rayflow.errors import Failure
+
+    tracker = RestartTracker(rf.RestartStrategy(max_failures=2, window_s=10, backoff_s=1,
+                                                max_backoff_s=3))
+    boom = Failure(kind="user", message="boom")
+    assert tracker.failed(0.0, boom) == 1
+    assert tracker.failed(1.0, boom) == 2
+    assert tracker.failed(2.0, boom) is None  # a third failure within 10 s
+    later = RestartTracker(rf.RestartStrategy(max_failures=2, window_s=10, backoff_s=1,
+                                              max_backoff_s=3))
+    assert later.failed(0.0, boom) == 1
+    assert later.failed(5.0, boom) == 2
+    assert later.failed(20.0, boom) == 3  # the old ones left the window; capped backoff
+    later.stable()
+    assert later.failed(21.0, boom) == 1  # a completed checkpoint resets the backoff
+    assert RestartTracker(None).failed(0.0, boom) is None  # no checkpointing: no restart

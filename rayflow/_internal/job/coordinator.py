@@ -330,10 +330,8 @@ class JobCoordinator:
     # -- supervision ---------------------------------------------------------
 
     async def _supervise(self) -> None:
-        while True:
-            failures = await self._watch()
-            if not failures:
-                break
+        failures = await self._watch()
+        while failures:
             root = order_failures(failures)[0]
             delay = None if self._fatal else self._restarts.failed(time.time(), root)
             if delay is None:
@@ -343,14 +341,11 @@ class JobCoordinator:
             try:
                 await self._recover(failures, delay)
             except Exception as exc:
+                # A failed recovery is a failure too: the strategy decides on another try.
                 log.error("job %s: recovery failed: %s", self.job, exc)
-                self._runs = {}
                 failures = [_startup_failure(exc, "the recovery failed")]
-                if self._restarts.failed(time.time(), failures[0]) is None:
-                    await self._fail(failures)
-                    return
-                await asyncio.sleep(1.0)
                 continue
+            failures = await self._watch()
         if self.checkpoints is not None:
             self.checkpoints.close()
         self._report.metrics = await self._deployed.metrics()

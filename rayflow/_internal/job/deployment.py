@@ -132,6 +132,8 @@ class Deployment:
     async def wait_ready(self, timeout_s: float, keys: Iterable[ActorKey] | None = None) -> None:
         """Wait until every actor (or ``keys``) is up; explain what is missing if not."""
         wanted = list(self.handles) if keys is None else list(keys)
+        if not wanted:
+            return
         refs = {key: self.handles[key].ready.remote() for key in wanted}
         waited = 0.0
         step = 30.0
