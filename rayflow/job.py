@@ -24,7 +24,7 @@ from rayflow._internal.job.report import JobReport, JobStatus
 from rayflow._internal.job.restarts import RestartTracker
 from rayflow._internal.plan import Plan, build_plan
 from rayflow._internal.storage.base import normalize_uri
-from rayflow._internal.telemetry import MetricsPublisher
+from rayflow._internal.telemetry import Telemetry
 from rayflow.config import Checkpointing, RestartStrategy, RuntimeConfig
 from rayflow.dataflow import Dataflow
 from rayflow.errors import ConfigError, Failure, JobFailedError, RayflowError
@@ -112,7 +112,7 @@ class JobHandle:
         launch: _Launch,
         coordinator: Any,
         collector: Any,
-        publisher: MetricsPublisher | None,
+        publisher: Telemetry | None,
     ):
         self.job = launch.job
         self.plan = launch.plan
@@ -383,7 +383,14 @@ class JobHandle:
 
     def _cleanup(self, report: JobReport) -> None:
         if self._publisher is not None:
-            self._publisher.close(report.metrics)
+            self._publisher.close(
+                {
+                    "metrics": report.metrics,
+                    "checkpoints": report.checkpoints,
+                    "restarts": len(report.recoveries) + len(self._coordinator_recoveries),
+                    "events": report.events,
+                }
+            )
         try:
             ray.get(self._coordinator.shutdown.remote(), timeout=30)
         except Exception:
@@ -435,6 +442,7 @@ def start(
     restart: RestartStrategy | None = None,
     runtime: RuntimeConfig | None = None,
     meter_provider: Any = None,
+    tracer_provider: Any = None,
     faults: Faults | None = None,
 ) -> JobHandle:
     """Start ``flow`` on Ray and return at once with a :class:`JobHandle`.
@@ -444,9 +452,10 @@ def start(
     after failures, as ``restart`` says; the default strategy allows 10
     failures in 5 minutes); ``resume=True`` continues the job from the
     latest complete checkpoint in that storage; ``restore_from`` starts from
-    a savepoint (or one checkpoint's folder). ``meter_provider`` is an
-    OpenTelemetry ``MeterProvider`` to publish the job's metrics with
-    (default: the global one).
+    a savepoint (or one checkpoint's folder). ``meter_provider`` and
+    ``tracer_provider`` are the OpenTelemetry providers for the job's
+    metrics and its checkpoint and recovery spans (default: the global ones,
+    else ``OTEL_METRICS_EXPORTER`` / ``OTEL_TRACES_EXPORTER``).
     """
     if not isinstance(flow, Dataflow):
         raise ConfigError(f"run/start need a rayflow Dataflow; got {type(flow).__name__}")
@@ -499,10 +508,11 @@ def start(
         launcher.kill_quietly(collector)
         raise JobFailedError(job, report.failures)
     handle = JobHandle(launch, coordinator, collector, None)
-    handle._publisher = MetricsPublisher(
+    handle._publisher = Telemetry(
         job,
-        lambda: ray.get(handle._coordinator.metrics.remote()),  # fails while it restarts
+        lambda since: ray.get(handle._coordinator.telemetry.remote(since)),  # fails in restarts
         meter_provider=meter_provider,
+        tracer_provider=tracer_provider,
         interval_s=runtime.metrics_interval_s,
     )
     return handle

@@ -165,7 +165,8 @@ def test_the_restart_strategy_gives_up_and_lists_every_failure(tmp_path: Path) -
     flow = rf.Dataflow("chaos-poison")
     src = flow.source("n", rf.sources.Generator(lambda p, i: (f"k{i % 10}", i), limit=20_000))
     src.map("check", _fails_at_5000).key_by("k", lambda r: r[0]).reduce(
-        "sum", lambda a, r: a + r[1], initial=0).sink("out", rf.testing.Discard())
+        "sum", lambda a, r: a + r[1], initial=0
+    ).sink("out", rf.testing.Discard())
     config = rf.Checkpointing(storage=str(tmp_path / "checkpoints"), interval_s=0.2)
     strategy = rf.RestartStrategy(max_failures=2, window_s=60, backoff_s=0.05)
     started = time.monotonic()

@@ -50,7 +50,6 @@ def test_five_kills_leave_collect_json_lines_and_s3_output_exactly_once(
         assert recovery["replaced"], recovery
     # Each kill was noticed within a second.
     for killed_at in killer.killed_at:
-        noticed = min(r["detected_at"] for r in result.recoveries
-                      if r["detected_at"] >= killed_at)
+        noticed = min(r["detected_at"] for r in result.recoveries if r["detected_at"] >= killed_at)
         assert noticed - killed_at < 1.0
     assert sum(r["records_replayed"] for r in result.recoveries) > 0

@@ -297,14 +297,16 @@ def test_restart_tracker_backs_off_and_gives_up_per_window() -> None:
     from rayflow._internal.job.restarts import RestartTracker
     from rayflow.errors import Failure
 
-    tracker = RestartTracker(rf.RestartStrategy(max_failures=2, window_s=10, backoff_s=1,
-                                                max_backoff_s=3))
+    tracker = RestartTracker(
+        rf.RestartStrategy(max_failures=2, window_s=10, backoff_s=1, max_backoff_s=3)
+    )
     boom = Failure(kind="user", message="boom")
     assert tracker.failed(0.0, boom) == 1
     assert tracker.failed(1.0, boom) == 2
     assert tracker.failed(2.0, boom) is None  # a third failure within 10 s
-    later = RestartTracker(rf.RestartStrategy(max_failures=2, window_s=10, backoff_s=1,
-                                              max_backoff_s=3))
+    later = RestartTracker(
+        rf.RestartStrategy(max_failures=2, window_s=10, backoff_s=1, max_backoff_s=3)
+    )
     assert later.failed(0.0, boom) == 1
     assert later.failed(5.0, boom) == 2
     assert later.failed(20.0, boom) == 3  # the old ones left the window; capped backoff

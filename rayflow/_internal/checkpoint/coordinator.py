@@ -117,6 +117,7 @@ class CheckpointCoordinator:
         # Hooks for the job coordinator (recovery bookkeeping).
         self.on_started: Callable[[int], None] = lambda checkpoint_id: None
         self.on_completed: Callable[[Manifest], None] = lambda manifest: None
+        self.on_finished: Callable[[dict[str, Any]], None] = lambda record: None
         self.completed = 0
         self.last: dict[str, Any] | None = None
         self.last_failure: dict[str, Any] | None = None
@@ -256,17 +257,34 @@ class CheckpointCoordinator:
         self._done.clear()
         self.policy.started(time.monotonic())
         self.on_started(checkpoint_id)
+        manifest: Manifest | None = None
         try:
-            return await self._complete(pending, final)
+            manifest = await self._complete(pending, final)
+            return manifest
         finally:
             self.pending = None
             self.policy.ended(time.monotonic())
+            self.on_finished(
+                {
+                    "type": "checkpoint",
+                    "id": checkpoint_id,
+                    "kind": kind,
+                    "started": pending.started_at,
+                    "ended": time.time(),
+                    "phases": dict(pending.phases),
+                    "outcome": "completed" if manifest is not None else "failed",
+                    "reason": pending.failure,
+                    "written_bytes": manifest.written_bytes if manifest else None,
+                    "state_bytes": manifest.state_bytes if manifest else None,
+                }
+            )
 
     async def _complete(self, pending: PendingCheckpoint, final: bool) -> Manifest:
         cid = pending.checkpoint_id
         # Step 1. Trigger the sources.
         try:
             await self.gateway.trigger_sources(pending.barrier)
+            pending.phases["triggered"] = time.time()
         except Exception as exc:
             pending.fail(
                 FailureReason.TRIGGER_FAILED,
@@ -287,6 +305,7 @@ class CheckpointCoordinator:
                 )
         if pending.failure is not None:
             raise CheckpointFailed(pending.failure)
+        pending.phases["acknowledged"] = time.time()
         # Step 3. Commit: write the manifest, create-if-absent.
         manifest = Manifest(
             job=self.job,
@@ -301,6 +320,7 @@ class CheckpointCoordinator:
             log.error("fault injection: coordinator of %s exits before manifest %d", self.job, cid)
             os._exit(1)
         await self._write_manifest(manifest, pending)
+        pending.phases["manifest_written"] = time.time()
         # Step 4. Sinks publish what this checkpoint covers.
         if manifest.kind == CHECKPOINT:
             self.last_checkpoint_id = cid
@@ -320,6 +340,7 @@ class CheckpointCoordinator:
             await self.gateway.notify_complete(cid, wait=final)
         except Exception as exc:  # the checkpoint stands; a restore re-issues commits
             log.warning("job %s: notifying checkpoint %d failed: %s", self.job, cid, exc)
+        pending.phases["sinks_notified"] = time.time()
         # Step 5. Retention, in the background.
         if manifest.kind == CHECKPOINT and (self._gc_task is None or self._gc_task.done()):
             self._gc_task = asyncio.get_running_loop().create_task(

@@ -47,6 +47,7 @@ class PendingCheckpoint:
         self.started_at = time.time()
         self.failure: str | None = None
         self.failure_reason: FailureReason | None = None
+        self.phases: dict[str, float] = {}  # phase name -> wall-clock time it ended
 
     @property
     def checkpoint_id(self) -> int:

@@ -105,6 +105,8 @@ class JobCoordinator:
         self._sources_done: set[ActorKey] = set()
         self._fatal: list[Failure] = []
         self._runs: dict[ActorKey, asyncio.Future[Any]] = {}
+        self._events: list[dict[str, Any]] = []  # finished checkpoints and recoveries, for traces
+        self._event_seq = 0
 
     # -- life cycle ----------------------------------------------------------
 
@@ -135,6 +137,7 @@ class JobCoordinator:
                     crash_before_manifest=self._crash_before_manifest,
                 )
                 self.checkpoints.on_completed = self._checkpoint_completed
+                self.checkpoints.on_finished = self._event
             self.deployment.create()
             await self.deployment.wait_ready(self._startup_timeout_s)
             await self._restore_and_run(point)
@@ -235,6 +238,21 @@ class JobCoordinator:
 
     async def recoveries(self) -> list[dict[str, Any]]:
         return list(self._report.recoveries)
+
+    async def telemetry(self, since: int) -> dict[str, Any]:
+        """Everything the driver exports, in one call: metrics, figures, new events."""
+        return {
+            "metrics": await self.metrics(),
+            "checkpoints": self.checkpoints.stats() if self.checkpoints else None,
+            "restarts": len(self._report.recoveries),
+            "events": [e for e in self._events if e["seq"] > since],
+        }
+
+    def _event(self, record: dict[str, Any]) -> None:
+        self._event_seq += 1
+        self._events.append({**record, "seq": self._event_seq})
+        del self._events[:-1000]
+        self._report.events = list(self._events)
 
     async def stop(self, savepoint: str | None = None) -> None:
         """Graceful stop: sources stop; with checkpoints a final one (or a savepoint) commits."""
@@ -408,6 +426,7 @@ class JobCoordinator:
             self._final_task = None
         self._sources_done.clear()
         await asyncio.sleep(delay)
+        phases = {"backoff": time.time()}
         # Step 2. Reset the living operators into a new epoch.
         dead: set[ActorKey] = {
             (f.step, f.partition)
@@ -423,12 +442,15 @@ class JobCoordinator:
                 dead.add(key)
             else:
                 replayed += result
+        phases["reset_living"] = time.time()
         # Step 3. Replace the dead from the plan.
         dep.kill(dead)
         await dep.replace(sorted(dead))
         await dep.wait_ready(self._startup_timeout_s, dead)
+        phases["replaced_dead"] = time.time()
         # Steps 4 and 5. Restore the last checkpoint, reconnect, run.
         await self._restore_and_run(point)
+        phases["restored_and_running"] = time.time()
         if self.checkpoints is not None:
             self.checkpoints.resume(point.manifest if point else None)
         self._set_status(JobStatus.STOPPING if self._stopping else JobStatus.RUNNING)
@@ -443,18 +465,35 @@ class JobCoordinator:
             "recovered_in_s": None,
         }
         self._report.recoveries.append(record)
-        self._tasks.append(asyncio.get_running_loop().create_task(self._time_recovery(record)))
+        self._tasks.append(
+            asyncio.get_running_loop().create_task(self._time_recovery(record, phases))
+        )
 
-    async def _time_recovery(self, record: dict[str, Any]) -> None:
+    async def _time_recovery(self, record: dict[str, Any], phases: dict[str, float]) -> None:
         """Fill in how long it took from the failure to the first record processed again."""
         epoch = self._deployed.epoch
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and self._deployed.epoch == epoch:
-            firsts = await self._deployed.first_data_at()
-            if firsts:
-                record["recovered_in_s"] = min(firsts) - record["detected_at"]
-                return
-            await asyncio.sleep(0.02)
+        try:
+            while time.monotonic() < deadline and self._deployed.epoch == epoch:
+                firsts = await self._deployed.first_data_at()
+                if firsts:
+                    record["recovered_in_s"] = min(firsts) - record["detected_at"]
+                    phases["first_record"] = min(firsts)
+                    return
+                await asyncio.sleep(0.02)
+        finally:
+            self._event(
+                {
+                    "type": "recovery",
+                    "started": record["detected_at"],
+                    "ended": max(phases.values()),
+                    "phases": phases,
+                    "cause": record["cause"],
+                    "restored_checkpoint": record["restored_checkpoint"],
+                    "records_replayed": record["records_replayed"],
+                    "replaced": record["replaced"],
+                }
+            )
 
     def _collect(
         self, done: set[asyncio.Future[Any]], pending: dict[asyncio.Future[Any], ActorKey]

@@ -42,3 +42,4 @@ class JobReport:
     savepoint: str | None = None  # where the final savepoint went, if the stop asked for one
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     restored_checkpoint: int | None = None  # what the job (last) started from
+    events: list[dict[str, Any]] = field(default_factory=list)  # for traces
