@@ -72,7 +72,7 @@ def generate(folder: str, count: int, files: int = 4, seed: int = 1) -> str:
     pages = ["home", "search", "product", "cart", "checkout", "help"]
     users = [f"user{i:04d}" for i in range(max(1, count // 20))]
     clock = dict.fromkeys(users, 0.0)
-    outs = [open(os.path.join(folder, f"clicks-{i}.jsonl"), "w") for i in range(files)]  # noqa: SIM115
+    outs = [open(os.path.join(folder, f"clicks-{i}.jsonl"), "w") for i in range(files)]
     try:
         for _ in range(count):
             user = rng.choice(users)

@@ -96,8 +96,8 @@ def test_checkpoint_and_recovery_spans_and_job_metrics(tmp_path: Path) -> None:
         "rayflow.backpressured_time",
     ):
         assert name in points, name
-    assert list(points["rayflow.restarts"])[0].value == 1
-    assert list(points["rayflow.checkpoint.size"])[0].value > 0
+    assert next(iter(points["rayflow.restarts"])).value == 1
+    assert next(iter(points["rayflow.checkpoint.size"])).value > 0
 
 
 def test_console_exporters_from_otel_environment_variables(tmp_path: Path) -> None:
