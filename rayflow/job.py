@@ -22,6 +22,7 @@ from rayflow._internal.checkpoint.restore import (
 from rayflow._internal.job import launcher
 from rayflow._internal.job.report import JobReport, JobStatus
 from rayflow._internal.job.restarts import RestartTracker
+from rayflow._internal.notebook import LiveDisplay, in_notebook, render
 from rayflow._internal.plan import Plan, build_plan
 from rayflow._internal.storage.base import normalize_uri
 from rayflow._internal.telemetry import Telemetry
@@ -135,6 +136,20 @@ class JobHandle:
 
     def __repr__(self) -> str:
         return f"JobHandle({self.job!r}, status={self.status().value})"
+
+    def _repr_html_(self) -> str:
+        """A table of the job's status, checkpoints and steps (for notebooks)."""
+        if self._result is not None:
+            r = self._result
+            data = {
+                "status": r.status.value,
+                "metrics": r.metrics,
+                "checkpoints": r.checkpoints,
+                "restarts": r.restarts,
+            }
+        else:
+            data = self._call("telemetry", 2**62)
+        return render(self.job, data)
 
     def __reduce__(self) -> NoReturn:
         raise TypeError(
@@ -389,6 +404,7 @@ class JobHandle:
                     "checkpoints": report.checkpoints,
                     "restarts": len(report.recoveries) + len(self._coordinator_recoveries),
                     "events": report.events,
+                    "status": report.status.value,
                 }
             )
         try:
@@ -515,6 +531,8 @@ def start(
         tracer_provider=tracer_provider,
         interval_s=runtime.metrics_interval_s,
     )
+    if in_notebook():
+        handle._publisher.on_poll = LiveDisplay(job).update
     return handle
 
 

@@ -242,6 +242,7 @@ class JobCoordinator:
     async def telemetry(self, since: int) -> dict[str, Any]:
         """Everything the driver exports, in one call: metrics, figures, new events."""
         return {
+            "status": self._status.value,
             "metrics": await self.metrics(),
             "checkpoints": self.checkpoints.stats() if self.checkpoints else None,
             "restarts": len(self._report.recoveries),
