@@ -1,0 +1,136 @@
+"""PyFlink's side of the peer comparison (run in .venv-flink; Java 17 on PATH).
+
+``python peer_flink.py WORKLOAD P CHECKPOINT`` prints one JSON line like the
+other peers. The Python DataStream API in a local mini cluster; Python
+functions run in Flink's Python workers (chained); checkpoints every second
+into a local folder when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pyflink.common import Types, WatermarkStrategy  # noqa: E402
+from pyflink.datastream import RuntimeExecutionMode, StreamExecutionEnvironment  # noqa: E402
+from pyflink.datastream.connectors.file_system import FileSource, StreamFormat  # noqa: E402
+from pyflink.datastream.connectors.number_seq import NumberSequenceSource  # noqa: E402
+from pyflink.datastream.functions import (  # noqa: E402
+    FlatMapFunction,
+    KeyedProcessFunction,
+    RuntimeContext,
+)
+from pyflink.datastream.state import ValueStateDescriptor  # noqa: E402
+
+import workloads as w  # noqa: E402
+
+
+class Stats(FlatMapFunction):
+    """The sink: counts updates, keeps the latest value per key, writes both at close."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.latest: dict[Any, Any] = {}
+        self.count = 0
+
+    def flat_map(self, value: Any) -> Any:
+        self.count += 1
+        self.latest[value[0]] = value[1]
+        return iter(())
+
+    def close(self) -> None:
+        path = os.path.join(self.folder, f"{os.getpid()}-{time.time_ns()}.json")
+        with open(path, "w") as f:
+            json.dump({"count": self.count, "total": sum(self.latest.values())}, f)
+
+
+class Sessionize(KeyedProcessFunction):
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.state = runtime_context.get_state(
+            ValueStateDescriptor("session", Types.PICKLED_BYTE_ARRAY())
+        )
+
+    def process_element(self, value: Any, ctx: Any) -> Any:
+        new, out = w.session_step(self.state.value(), value)
+        if new is None:
+            self.state.clear()
+        else:
+            self.state.update(new)
+        for session in out:
+            yield session["user"] + str(session["start"]), session["clicks"]
+
+
+def files(env: Any, folder: str) -> Any:
+    source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), folder).build()
+    return env.from_source(source, WatermarkStrategy.no_watermarks(), "files")
+
+
+def main() -> None:
+    workload, parallelism, checkpoint = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    out = tempfile.mkdtemp(prefix="peer-out-")
+    env = StreamExecutionEnvironment.get_execution_environment()
+    env.set_runtime_mode(RuntimeExecutionMode.STREAMING)
+    env.set_python_executable(sys.executable)  # the workers need this venv's pyflink
+    env.set_parallelism(parallelism)
+    if checkpoint:
+        env.enable_checkpointing(1000)
+        env.get_checkpoint_config().set_checkpoint_storage_dir(
+            "file://" + tempfile.mkdtemp(prefix="peer-flink-cp-")
+        )
+    pair = Types.TUPLE([Types.INT(), Types.INT()])
+    if workload == "keyed_sum":
+        records = w.SUM_RECORDS
+        sequence = env.from_source(
+            NumberSequenceSource(0, records - 1), WatermarkStrategy.no_watermarks(), "numbers"
+        )
+        nums = sequence.map(lambda i: (i % w.KEYS, i % 7 + 1), output_type=pair).map(
+            w.stamp, output_type=pair
+        )
+        sums = nums.key_by(lambda r: r[0], key_type=Types.INT()).reduce(
+            lambda a, b: (a[0], a[1] + b[1])
+        )
+        sums.flat_map(Stats(out)).print()
+    elif workload == "wordcount":
+        folder = w.make_text(w.text_megabytes())
+        records = w.count_words(folder)
+        word = Types.TUPLE([Types.STRING(), Types.INT()])
+        lines = files(env, folder).map(w.stamp, output_type=Types.STRING())
+        ones = lines.flat_map(lambda line: ((x, 1) for x in line.split()), output_type=word)
+        counts = ones.key_by(lambda p: p[0], key_type=Types.STRING()).reduce(
+            lambda a, b: (a[0], a[1] + b[1])
+        )
+        counts.flat_map(Stats(out)).print()
+    else:
+        folder = w.make_events()
+        records = w.SESSION_EVENTS
+        events = files(env, folder).map(w.stamp, output_type=Types.STRING()).map(json.loads)
+        sessions = events.key_by(lambda e: e["user"], key_type=Types.STRING()).process(Sessionize())
+        sessions.flat_map(Stats(out)).print()
+    started = time.time()
+    env.execute(f"peer-{workload}")
+    ended = time.time()
+    produced = [json.load(open(os.path.join(out, f))) for f in os.listdir(out)]
+    print(
+        json.dumps(
+            {
+                "records": records,
+                "run_started": started,
+                "run_ended": ended,
+                "outputs": sum(p["count"] for p in produced),
+                "check": sum(p["total"] for p in produced),
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

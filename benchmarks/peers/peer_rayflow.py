@@ -1,0 +1,123 @@
+"""rayflow's side of the peer comparison: ``python peer_rayflow.py WORKLOAD P CHECKPOINT``.
+
+Prints one JSON line: records, the run's end time, and what the job produced
+(to check it). Ray is started here, privately, before the clock starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import workloads as w  # noqa: E402
+from _common import start_ray  # noqa: E402
+
+import rayflow as rf  # noqa: E402
+
+
+class LastPerKey(rf.sinks.Sink):
+    """Keeps the latest value per key; the count of updates and the final values go to a file."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def open(self, ctx: rf.sinks.SinkContext) -> rf.sinks.SinkWriter:
+        return _LastWriter(os.path.join(self.folder, f"{ctx.partition}.json"))
+
+
+class _LastWriter(rf.sinks.SinkWriter):
+    def __init__(self, path: str):
+        self.path = path
+        self.latest: dict[Any, Any] = {}
+        self.count = 0
+
+    def write(self, items: list[Any]) -> None:
+        self.count += len(items)
+        self.latest.update(items)
+
+    def prepare_commit(self, checkpoint_id: int) -> Any:
+        return {"count": self.count, "total": sum(self.latest.values())}
+
+    def commit(self, committable: Any) -> None:
+        with open(self.path, "w") as f:
+            json.dump(committable, f)
+
+
+def build(workload: str, parallelism: int, out: str) -> tuple[rf.Dataflow, int]:
+    flow = rf.Dataflow(f"peer-{workload}", parallelism=parallelism)
+    if workload == "keyed_sum":
+        per = w.SUM_RECORDS // parallelism
+        src = flow.source(
+            "numbers",
+            rf.sources.Generator(
+                lambda p, i, n=parallelism: w.sum_record(p, i, n), partitions=parallelism, limit=per
+            ),
+        )
+        src = src.map("stamp", w.stamp)
+        sums = src.key_by("by_key", lambda r: r[0]).reduce(
+            "sum", lambda acc, r: acc + r[1], initial=0
+        )
+        sums.sink("out", LastPerKey(out))
+        return flow, per * parallelism
+    if workload == "wordcount":
+        folder = w.make_text(w.text_megabytes())
+        lines = flow.source("lines", rf.sources.TextFiles(os.path.join(folder, "*.txt")))
+        words = lines.map("stamp", w.stamp).flat_map("split", str.split)
+        counts = words.key_by("by_word", lambda x: x).reduce(
+            "count", lambda acc, _: acc + 1, initial=0
+        )
+        counts.sink("out", LastPerKey(out))
+        return flow, w.count_words(folder)
+    folder = w.make_events()
+    lines = flow.source("events", rf.sources.TextFiles(os.path.join(folder, "*.jsonl")))
+    events = lines.map("stamp", w.stamp).map("parse", json.loads)
+    sessions = events.key_by("by_user", lambda e: e["user"]).stateful_map(
+        "sessionize", w.session_step
+    )
+    sessions.map("pair", lambda kv: (kv[1]["user"] + str(kv[1]["start"]), kv[1]["clicks"])).sink(
+        "out", LastPerKey(out)
+    )
+    return flow, w.SESSION_EVENTS
+
+
+def main() -> None:
+    workload, parallelism, checkpoint = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    out = tempfile.mkdtemp(prefix="peer-out-")
+    stamps = os.environ["PEER_STAMPS"]
+    del stamps
+    flow, records = build(workload, parallelism, out)
+    start_ray()
+    config = (
+        rf.Checkpointing(storage=tempfile.mkdtemp(prefix="peer-cp-"), interval_s=1.0)
+        if checkpoint
+        else None
+    )
+    started = time.time()
+    result = rf.run(flow, checkpoint=config)
+    ended = time.time()
+    produced = [json.load(open(os.path.join(out, f))) for f in os.listdir(out)]
+    print(
+        json.dumps(
+            {
+                "records": records,
+                "run_started": started,
+                "run_ended": ended,
+                "steady_from": result.running_at,
+                "outputs": sum(p["count"] for p in produced),
+                "check": sum(p["total"] for p in produced),
+                "checkpoints": (result.checkpoints or {}).get("completed", 0),
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
