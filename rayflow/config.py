@@ -28,9 +28,9 @@ class RuntimeConfig:
       OpenTelemetry and live displays.
     """
 
-    batch_size: int = 4096
+    batch_size: int = 8192
     batch_bytes: int = 1 << 20
-    linger_s: float = 0.02
+    linger_s: float = 0.005
     mailbox_batches: int = 8
     mailbox_bytes: int = 16 << 20
     metrics_interval_s: float = 1.0

@@ -76,6 +76,9 @@ from rayflow.sources import SourceReader
 
 #: How long an idle source waits before polling an unbounded reader again.
 SOURCE_POLL_S = 0.005
+#: How long a caught-up source (its last reads were short) waits before reading
+#: again: polling at once would spin a core that the operators need.
+CAUGHT_UP_POLL_S = 0.0025
 
 
 class Coordination(Protocol):
@@ -413,6 +416,7 @@ class StageTask:
                 await self._idle(None)
                 continue
             progressed = False
+            caught_up = True  # every read returned less than it was asked for
             for sp in list(active):
                 reader = self._readers[sp]
                 try:
@@ -429,15 +433,21 @@ class StageTask:
                     active.remove(sp)
                     continue
                 self._offsets[sp] = reader.offset()
+                if len(items) >= batch_size:
+                    caught_up = False
                 if items:
                     progressed = True
                     if self.first_data_at is None:
                         self.first_data_at = time.time()
                     head.emit(items)
                     await outputs.flush()
-            if not progressed and active:
+            if active and (caught_up or not progressed):
                 await outputs.flush()
-                await self._idle(SOURCE_POLL_S)
+                wait = CAUGHT_UP_POLL_S if progressed else SOURCE_POLL_S
+                deadline = outputs.next_deadline()
+                if deadline is not None:  # never hold a batch past its linger time
+                    wait = min(wait, max(0.0, deadline - time.monotonic()))
+                await self._idle(wait)
             else:
                 await asyncio.sleep(0)
             self._sample_rates()
