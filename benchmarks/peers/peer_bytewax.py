@@ -16,18 +16,18 @@ import sys
 import tempfile
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bytewax.operators as op  # noqa: E402
-from bytewax._bytewax import RecoveryConfig, cluster_main, init_db_dir  # noqa: E402
-from bytewax.connectors.files import DirSource  # noqa: E402
-from bytewax.dataflow import Dataflow  # noqa: E402
-from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition  # noqa: E402
-from bytewax.outputs import DynamicSink, StatelessSinkPartition  # noqa: E402
-
-import workloads as w  # noqa: E402
+import bytewax.operators as op
+import workloads as w
+from bytewax._bytewax import RecoveryConfig, cluster_main, init_db_dir
+from bytewax.connectors.files import DirSource
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 
 class _NumbersPart(StatefulSourcePartition):
@@ -95,7 +95,7 @@ def build(workload: str, parallelism: int, out: str) -> tuple[Dataflow, int]:
     if workload == "wordcount":
         folder = w.make_text(w.text_megabytes())
         lines = op.map(
-            "stamp", op.input("lines", flow, DirSource(folder, glob_pat="*.txt")), w.stamp
+            "stamp", op.input("lines", flow, DirSource(Path(folder), glob_pat="*.txt")), w.stamp
         )
         words = op.flat_map("split", lines, str.split)
         keyed = op.key_on("by_word", words, lambda x: x)
@@ -104,7 +104,7 @@ def build(workload: str, parallelism: int, out: str) -> tuple[Dataflow, int]:
         return flow, w.count_words(folder)
     folder = w.make_events()
     lines = op.map(
-        "stamp", op.input("events", flow, DirSource(folder, glob_pat="*.jsonl")), w.stamp
+        "stamp", op.input("events", flow, DirSource(Path(folder), glob_pat="*.jsonl")), w.stamp
     )
     events = op.map("parse", lines, json.loads)
     keyed = op.key_on("by_user", events, lambda e: e["user"])
@@ -169,19 +169,7 @@ def main() -> None:
     ended = time.time()
     if any(codes):
         raise SystemExit(f"bytewax workers exited with {codes}")
-    produced = [json.load(open(os.path.join(out, f))) for f in os.listdir(out)]
-    print(
-        json.dumps(
-            {
-                "records": records,
-                "run_started": started,
-                "run_ended": ended,
-                "outputs": sum(p["count"] for p in produced),
-                "check": sum(p["total"] for p in produced),
-            }
-        ),
-        flush=True,
-    )
+    w.report(records, started, ended, out)
 
 
 if __name__ == "__main__":

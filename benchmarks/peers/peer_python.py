@@ -16,7 +16,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import workloads as w  # noqa: E402
+import workloads as w
 
 
 def keyed_sum() -> tuple[int, int, int]:

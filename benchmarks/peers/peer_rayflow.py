@@ -16,10 +16,10 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import workloads as w  # noqa: E402
-from _common import start_ray  # noqa: E402
+import workloads as w
+from _common import start_ray
 
-import rayflow as rf  # noqa: E402
+import rayflow as rf
 
 
 class LastPerKey(rf.sinks.Sink):
@@ -102,20 +102,13 @@ def main() -> None:
     started = time.time()
     result = rf.run(flow, checkpoint=config)
     ended = time.time()
-    produced = [json.load(open(os.path.join(out, f))) for f in os.listdir(out)]
-    print(
-        json.dumps(
-            {
-                "records": records,
-                "run_started": started,
-                "run_ended": ended,
-                "steady_from": result.running_at,
-                "outputs": sum(p["count"] for p in produced),
-                "check": sum(p["total"] for p in produced),
-                "checkpoints": (result.checkpoints or {}).get("completed", 0),
-            }
-        ),
-        flush=True,
+    w.report(
+        records,
+        started,
+        ended,
+        out,
+        steady_from=result.running_at,
+        checkpoints=(result.checkpoints or {}).get("completed", 0),
     )
 
 

@@ -85,7 +85,7 @@ def make_events(count: int = SESSION_EVENTS) -> str:
     rng = random.Random(7)
     clock = [0.0] * SESSION_USERS
     pages = ["home", "search", "product", "cart", "checkout", "help"]
-    outs = [open(os.path.join(folder, f"events-{f}.jsonl"), "w") for f in range(FILES)]  # noqa: SIM115
+    outs = [open(os.path.join(folder, f"events-{f}.jsonl"), "w") for f in range(FILES)]
     try:
         for _ in range(count):
             user = rng.randrange(SESSION_USERS)
@@ -144,3 +144,20 @@ def first_stamp(folder: str) -> float:
     if not times:
         raise RuntimeError(f"no record reached the stamp step ({folder})")
     return min(times)
+
+
+def report(records: int, started: float, ended: float, out: str, **extra: Any) -> None:
+    """Print the run's JSON line: records, its times, and what the sinks wrote to ``out``."""
+    produced = []
+    for name in os.listdir(out):
+        with open(os.path.join(out, name)) as f:
+            produced.append(json.load(f))
+    line = {
+        "records": records,
+        "run_started": started,
+        "run_ended": ended,
+        "outputs": sum(p["count"] for p in produced),
+        "check": sum(p["total"] for p in produced),
+        **extra,
+    }
+    print(json.dumps(line), flush=True)
