@@ -9,7 +9,8 @@ Throughput is records divided by the time from the first record at the
 ``stamp`` step to the end of the run call (see workloads.py), the median of
 ``--repeat`` runs. Results accumulate in ``benchmarks/results/peers.json``
 (a system's new runs replace its old ones); the Markdown table is written
-to ``benchmarks/results/peers.md`` and printed.
+to ``benchmarks/results/peers.md``, into the README between its
+``peers-table`` markers, and printed.
 """
 
 from __future__ import annotations
@@ -171,6 +172,35 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines + notes)
 
 
+def record(
+    data: dict[str, Any],
+    system: str,
+    workload: str,
+    p: int,
+    cp: bool,
+    runs: list[dict[str, Any]],
+    scale: float,
+) -> None:
+    """Keep the median run of one cell, print it and save the results so far."""
+    rates = [r["rate"] for r in runs]
+    entry = {
+        **runs[rates.index(statistics.median_high(rates))],
+        "runs": rates,
+        "scale": scale,
+        "peak_mb": max(r["peak_mb"] for r in runs),
+    }
+    data["results"][key(system, workload, p, cp)] = entry
+    print(
+        f"{NAMES[system]:11s} {workload:9s} p{p} {'cp' if cp else '  '} "
+        f"{entry['rate']:12,.0f} rec/s (runs {', '.join(f'{x:,.0f}' for x in rates)})"
+        f"  peak {entry['peak_mb']:,.0f} MB  outputs {entry['outputs']:,} "
+        f"check {entry['check']}",
+        flush=True,
+    )
+    with open(os.path.join(RESULTS, "peers.json"), "w") as f:
+        json.dump(data, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
@@ -179,42 +209,35 @@ def main() -> None:
     parser.add_argument("--checkpoints", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--flink-repeat", type=int, default=1)
-    parser.add_argument("--flink-scale", type=float, default=0.1)
+    parser.add_argument("--flink-scale", type=float, default=0.02)
     parser.add_argument("--text-mb", type=int, default=50)
     args = parser.parse_args()
     sys.path.insert(0, HERE)
     data = load()
     os.makedirs(RESULTS, exist_ok=True)
-    for system in args.systems:
-        for workload in args.workloads:
-            combos = (
-                [(1, False)]
-                if system == "python"
-                else [(p, cp == "on") for p in args.parallelism for cp in args.checkpoints]
-            )
-            for p, cp in combos:
-                scale = args.flink_scale if system == "flink" else 1.0
-                repeat = args.flink_repeat if system == "flink" else args.repeat
-                runs = [
-                    run_once(system, workload, p, cp, scale, args.text_mb) for _ in range(repeat)
+    # Interleaved: each repetition runs every system in turn, so that a drift of
+    # the machine's speed during the run hits all of them alike.
+    for workload in args.workloads:
+        for p in args.parallelism:
+            for cp in (c == "on" for c in args.checkpoints):
+                systems = [
+                    s
+                    for s in args.systems
+                    if s != "python" or (p == args.parallelism[0] and not cp)
                 ]
-                rates = [r["rate"] for r in runs]
-                entry = {
-                    **runs[rates.index(statistics.median_high(rates))],
-                    "runs": rates,
-                    "scale": scale,
-                    "peak_mb": max(r["peak_mb"] for r in runs),
-                }
-                data["results"][key(system, workload, p, cp)] = entry
-                print(
-                    f"{NAMES[system]:11s} {workload:9s} p{p} {'cp' if cp else '  '} "
-                    f"{entry['rate']:12,.0f} rec/s (runs {', '.join(f'{x:,.0f}' for x in rates)})"
-                    f"  peak {entry['peak_mb']:,.0f} MB  outputs {entry['outputs']:,} "
-                    f"check {entry['check']}",
-                    flush=True,
-                )
-                with open(os.path.join(RESULTS, "peers.json"), "w") as f:
-                    json.dump(data, f, indent=1)
+                if not systems:
+                    continue
+                runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+                for rep in range(args.repeat):
+                    for system in systems:
+                        if system == "flink" and rep >= args.flink_repeat:
+                            continue
+                        scale = args.flink_scale if system == "flink" else 1.0
+                        runs[system].append(run_once(system, workload, p, cp, scale, args.text_mb))
+                for system in systems:
+                    record(data, system, workload, 1 if system == "python" else p,
+                           cp and system != "python", runs[system],
+                           args.flink_scale if system == "flink" else 1.0)  # fmt: skip
     data["machine"] = machine()
     data["when"] = time.strftime("%Y-%m-%d", time.gmtime())
     data["flink_scale"] = args.flink_scale
@@ -223,7 +246,25 @@ def main() -> None:
     text = table(data)
     with open(os.path.join(RESULTS, "peers.md"), "w") as f:
         f.write(text + "\n")
+    update_readme(text)
     print(text)
+
+
+def update_readme(text: str) -> None:
+    """Put the table between the README's peers-table markers, so it shows the latest run."""
+    path = os.path.join(os.path.dirname(os.path.dirname(HERE)), "README.md")
+    start, end = (
+        "<!-- peers-table: written from benchmarks/results/peers.md -->",
+        "<!-- /peers-table -->",
+    )
+    with open(path) as f:
+        readme = f.read()
+    if start not in readme or end not in readme:
+        return
+    head, rest = readme.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import random
 import time
 from typing import Any
 
-# PEER_SCALE shrinks the inputs (PyFlink runs at a scale of 0.1: its per-record
+# PEER_SCALE shrinks the inputs (PyFlink runs at a scale of 0.02: its per-record
 # cost makes full-size runs last an hour; its rate does not depend on the size).
 SCALE = float(os.environ.get("PEER_SCALE", "1"))
 KEYS = 1_000
