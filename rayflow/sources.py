@@ -29,7 +29,10 @@ class SourceReader(ABC):
 
         Return an empty list when nothing is available right now (an
         unbounded source waiting for data) and ``None`` once the partition is
-        exhausted for good (a bounded source at its end).
+        exhausted for good (a bounded source at its end). Return fewer than
+        ``max_items`` only when that is all there is for now: the runtime
+        takes a short read to mean the reader has caught up, and waits a
+        moment (2.5 ms at most) before reading again instead of spinning.
         """
 
     @abstractmethod
@@ -104,11 +107,22 @@ class _TextFileReader(SourceReader):
         self._file.seek(offset)
         self._offset = offset
         self._encoding = encoding
+        self._pending: list[bytes] = []
 
     def read(self, max_items: int) -> list[Any] | None:
-        raw = self._file.readlines(max(1, max_items) * 64)  # size hint in bytes
-        if not raw:
+        # Exactly max_items lines unless the file ends: a short read tells the
+        # runtime that the reader has caught up. Lines read past max_items wait
+        # in _pending; the offset counts only the lines returned.
+        want = max(1, max_items)
+        lines = self._pending
+        while len(lines) < want:
+            more = self._file.readlines((want - len(lines)) * 64)  # size hint in bytes
+            if not more:
+                break
+            lines.extend(more)
+        if not lines:
             return None
+        raw, self._pending = lines[:want], lines[want:]
         self._offset += sum(map(len, raw))
         enc = self._encoding
         out = []

@@ -35,6 +35,26 @@ def test_text_files_resume_at_a_byte_offset_without_repeating_or_skipping(
     assert _read_all(source.open(1, None), 100) == ["only", "windows", "last-without-newline"]
 
 
+def test_text_files_return_full_batches_of_long_lines_until_the_end(tmp_path: Path) -> None:
+    # Lines far longer than the reader's size hint: a read must still return all
+    # it was asked for (a short read means "caught up"), and offsets stay exact.
+    lines = [f"{i} " + "word " * 40 for i in range(250)]
+    (tmp_path / "long.txt").write_text("\n".join(lines) + "\n")
+    source = rf.sources.TextFiles(str(tmp_path / "*.txt"))
+    reader = source.open(0, None)
+    sizes, seen = [], []
+    for _ in range(2):
+        batch = reader.read(100)
+        assert batch is not None
+        sizes.append(len(batch))
+        seen.extend(batch)
+    assert sizes == [100, 100]
+    rest = _read_all(source.open(0, reader.offset()), 100)
+    assert seen + rest == [line.rstrip("\n") for line in lines]
+    assert reader.read(100) == lines[200:]
+    assert reader.read(100) is None
+
+
 def test_generator_is_replayable_and_limited() -> None:
     gen = rf.sources.Generator(lambda p, i: (p, i), partitions=2, limit=50)
     reader = gen.open(1, None)
