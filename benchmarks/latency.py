@@ -99,21 +99,17 @@ def flow(
     return f
 
 
-INTERVAL = [1.0]  # --checkpoint-interval (0: off)
-
-
-def checkpointing() -> rf.Checkpointing | None:
-    if not INTERVAL[0]:
+def checkpointing(interval: float) -> rf.Checkpointing | None:
+    """Checkpoints every ``interval`` seconds into a fresh folder; 0 turns them off."""
+    if not interval:
         return None
-    return rf.Checkpointing(
-        storage=tempfile.mkdtemp(prefix="rf-latency-cp-"), interval_s=INTERVAL[0]
-    )
+    return rf.Checkpointing(storage=tempfile.mkdtemp(prefix="rf-latency-cp-"), interval_s=interval)
 
 
-def max_rate(parallelism: int, records: int) -> float:
+def max_rate(parallelism: int, records: int, interval: float) -> float:
     folder = tempfile.mkdtemp(prefix="rf-latency-")
     result = rf.run(
-        flow(parallelism, None, records // parallelism, folder), checkpoint=checkpointing()
+        flow(parallelism, None, records // parallelism, folder), checkpoint=checkpointing(interval)
     )
     assert result.running_at is not None
     return records / (result.ended_at - result.running_at)
@@ -129,16 +125,20 @@ def percentile(histogram: list[tuple[int, int]], total: int, q: float) -> float:
     return (histogram[-1][0] + 1) / BUCKETS_PER_S
 
 
-def measure(parallelism: int, rate: float, seconds: float, warmup: float) -> dict[str, Any]:
+def measure(
+    parallelism: int, rate: float, seconds: float, warmup: float, interval: float
+) -> dict[str, Any]:
     folder = tempfile.mkdtemp(prefix="rf-latency-")
     limit = int(rate * seconds / parallelism)
-    result = rf.run(flow(parallelism, rate, limit, folder, warmup), checkpoint=checkpointing())
+    result = rf.run(
+        flow(parallelism, rate, limit, folder, warmup), checkpoint=checkpointing(interval)
+    )
     seen, merged = 0, Counter[int]()
     for name in os.listdir(folder):
         with open(os.path.join(folder, name)) as f:
             part = json.load(f)
         seen += part["seen"]
-        merged.update(dict((int(b), int(c)) for b, c in part["buckets"]))
+        merged.update({int(b): int(c) for b, c in part["buckets"]})
     if seen != limit * parallelism:
         raise SystemExit(f"the sink saw {seen:,} records, not {limit * parallelism:,}")
     histogram = sorted(merged.items())
@@ -164,12 +164,11 @@ def main() -> None:
     parser.add_argument("--max-records", type=int, default=3_000_000)
     parser.add_argument("--checkpoint-interval", type=float, default=1.0, help="0: off")
     args = parser.parse_args()
-    INTERVAL[0] = args.checkpoint_interval
     start_ray()
     for p in args.parallelism:
-        top = max_rate(p, args.max_records)
+        top = max_rate(p, args.max_records, args.checkpoint_interval)
         rate = top * args.load
-        r = measure(p, rate, args.seconds, args.warmup)
+        r = measure(p, rate, args.seconds, args.warmup, args.checkpoint_interval)
         ms = {k: r[k] * 1000 for k in ("p50", "p99", "p999", "max", "mean")}
         print(
             f"parallelism {p}: maximum {top:,.0f} rec/s; at {args.load:.0%} ({rate:,.0f} rec/s, "

@@ -197,6 +197,10 @@ def record(
         f"check {entry['check']}",
         flush=True,
     )
+    save(data)
+
+
+def save(data: dict[str, Any]) -> None:
     with open(os.path.join(RESULTS, "peers.json"), "w") as f:
         json.dump(data, f, indent=1)
 
@@ -227,22 +231,23 @@ def main() -> None:
                 ]
                 if not systems:
                     continue
+                scales = {s: args.flink_scale if s == "flink" else 1.0 for s in systems}
                 runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
                 for rep in range(args.repeat):
                     for system in systems:
                         if system == "flink" and rep >= args.flink_repeat:
                             continue
-                        scale = args.flink_scale if system == "flink" else 1.0
-                        runs[system].append(run_once(system, workload, p, cp, scale, args.text_mb))
+                        runs[system].append(
+                            run_once(system, workload, p, cp, scales[system], args.text_mb)
+                        )
                 for system in systems:
-                    record(data, system, workload, 1 if system == "python" else p,
-                           cp and system != "python", runs[system],
-                           args.flink_scale if system == "flink" else 1.0)  # fmt: skip
+                    # The loop runs once per workload; its table key is p1 without checkpoints.
+                    cell_p = 1 if system == "python" else p
+                    record(data, system, workload, cell_p, cp, runs[system], scales[system])
     data["machine"] = machine()
     data["when"] = time.strftime("%Y-%m-%d", time.gmtime())
     data["flink_scale"] = args.flink_scale
-    with open(os.path.join(RESULTS, "peers.json"), "w") as f:
-        json.dump(data, f, indent=1)
+    save(data)
     text = table(data)
     with open(os.path.join(RESULTS, "peers.md"), "w") as f:
         f.write(text + "\n")
