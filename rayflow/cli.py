@@ -391,7 +391,12 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
     coordinator = _coordinator(args.job, args.address)
     savepoint = normalize_uri(args.savepoint) if args.savepoint else None
-    ray.get(coordinator.stop.remote(savepoint))
+    try:
+        ray.get(coordinator.stop.remote(savepoint))
+    except ray.exceptions.RayTaskError as exc:  # the savepoint location was refused
+        raise CliError(
+            f"the job was not stopped: {str(exc.cause or exc).strip()}", EXIT_USAGE
+        ) from None
     deadline = time.monotonic() + args.timeout
     status = "STOPPING"
     while time.monotonic() < deadline:

@@ -68,6 +68,10 @@ class Checkpointing:
       between hold only the keys changed since the previous one.
     - ``max_consecutive_failures``: this many failed checkpoints in a row
       fail the job.
+    - ``lease_s``: the job's lease in the storage (one run at a time may
+      commit checkpoints) expires when its holder has not renewed it for
+      this long; a second driver is refused while the lease is held, and may
+      take over after it expired (then it first waits this long again).
     - ``mode``: ``"exactly_once"`` (the default) aligns barriers, so state
       and committed output are exactly-once after a failure;
       ``"at_least_once"`` does not align (an operator with several inputs
@@ -83,6 +87,7 @@ class Checkpointing:
     full_every: int = 10
     max_consecutive_failures: int = 5
     mode: str = EXACTLY_ONCE
+    lease_s: float = 20.0
 
     def __post_init__(self) -> None:
         from rayflow._internal.storage.base import normalize_uri
@@ -98,7 +103,7 @@ class Checkpointing:
                 f"got {self.storage!r}"
             )
         object.__setattr__(self, "storage", normalize_uri(self.storage))
-        for name in ("interval_s", "timeout_s"):
+        for name in ("interval_s", "timeout_s", "lease_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"Checkpointing.{name} must be > 0 seconds; got {value!r}")

@@ -100,6 +100,25 @@ class Dataflow:
                 "its own name (it identifies the step's state in checkpoints)"
             )
 
+    def _check_sink_location(self, name: str, sink: Sink) -> None:
+        """No two sinks may write to one place (or one inside the other's)."""
+        where = sink.location()
+        if where is None:
+            return
+        for spec in self._steps.values():
+            if spec.kind is not StepKind.SINK:
+                continue
+            other = spec.connector.location()
+            if other is None:
+                continue
+            a, b = where.rstrip("/") + "/", other.rstrip("/") + "/"
+            if a.startswith(b) or b.startswith(a):
+                raise BuildError(
+                    f"step {name!r}: its sink writes to {where}, and step {spec.name!r} "
+                    f"already writes to {other}; two sinks would overwrite each other's "
+                    "files. Give each sink a folder (or prefix) of its own."
+                )
+
     def _parallelism(self, step: str, value: int | None) -> int:
         if value is None:
             return self.parallelism
@@ -195,6 +214,7 @@ class Stream:
                 f"rf.sinks.JsonLines(folder) or rf.testing.Collect(); got {_describe(sink)}{hint}"
             )
         par, res = self._options(name, options)
+        self.flow._check_sink_location(name, sink)
         self.flow._add(StepSpec(name, StepKind.SINK, (self.step,), par, res, connector=sink))
 
     def reduce(self, name: str, fn: Callable[[Any, Any], Any], **options: Any) -> Stream:

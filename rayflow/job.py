@@ -12,18 +12,14 @@ from typing import Any, NoReturn
 import ray
 
 from rayflow._internal import naming
-from rayflow._internal.checkpoint.restore import (
-    RestorePoint,
-    highest_checkpoint_id,
-    latest_checkpoint,
-    list_checkpoint_ids,
-    open_restore_point,
-)
+from rayflow._internal.checkpoint import lease as leases
+from rayflow._internal.checkpoint.start import StartDecision, decide_start
 from rayflow._internal.job import launcher
 from rayflow._internal.job.report import JobReport, JobStatus
 from rayflow._internal.job.restarts import RestartTracker
 from rayflow._internal.notebook import LiveDisplay, in_notebook, render
 from rayflow._internal.plan import Plan, build_plan
+from rayflow._internal.storage import open_storage
 from rayflow._internal.storage.base import normalize_uri
 from rayflow._internal.telemetry import Telemetry
 from rayflow.config import Checkpointing, RestartStrategy, RuntimeConfig
@@ -53,6 +49,7 @@ class JobResult:
     recoveries: list[dict[str, Any]] = field(default_factory=list)  # one per restart
     restored_checkpoint: int | None = None  # the checkpoint the job (last) started from
     outputs: dict[str, list[Any]] = field(default_factory=dict, repr=False)
+    partitioned_outputs: dict[str, dict[int, list[Any]]] = field(default_factory=dict, repr=False)
 
     @property
     def restarts(self) -> int:
@@ -68,6 +65,11 @@ class JobResult:
                 f"no Collect sink named {step!r} in job {self.job!r}; "
                 f"Collect sinks: {sorted(self.outputs) or 'none'}"
             ) from None
+
+    def output_partitions(self, step: str) -> dict[int, list[Any]]:
+        """The committed records of a ``Collect`` sink per partition, each in commit order."""
+        self.output(step)  # the same error for an unknown step
+        return self.partitioned_outputs.get(step, {})
 
     def records_in(self, step: str) -> int:
         """Records that step ``step`` took in, over all partitions (since the last start)."""
@@ -97,7 +99,7 @@ class _Launch:
     runtime: RuntimeConfig
     checkpoint: Checkpointing | None
     restart: RestartStrategy | None
-    start_point: RestorePoint | None
+    decision: StartDecision
 
 
 class JobHandle:
@@ -105,7 +107,9 @@ class JobHandle:
 
     A background thread watches the job's coordinator; if the coordinator
     dies, it starts a new one from the latest complete checkpoint (when the
-    job checkpoints and the restart strategy allows).
+    job checkpoints and the restart strategy allows). When the job ends, the
+    same thread collects its result and ends its actors, whether or not
+    anybody waits for it, so that a finished job leaves nothing behind.
     """
 
     def __init__(
@@ -132,6 +136,9 @@ class JobHandle:
         self._watcher = threading.Thread(
             target=self._watch, name=f"rayflow-watch-{self.job}", daemon=True
         )
+
+    def _begin(self) -> None:
+        """Start watching (once the handle is complete: the watcher may end it at once)."""
         self._watcher.start()
 
     def __repr__(self) -> str:
@@ -246,9 +253,9 @@ class JobHandle:
         """Stop the sources, drain, commit, and wait for the end.
 
         With checkpointing the job ends with a final checkpoint; with
-        ``savepoint`` it is a savepoint instead, written to the given path (or,
-        with ``True``, to ``<storage>/<job>/savepoints/<time>``), and
-        ``JobResult.savepoint`` says where.
+        ``savepoint`` a savepoint is written first, to the given path (which
+        must be empty) or, with ``True``, to ``<storage>/<job>/savepoints/<time>``,
+        and ``JobResult.savepoint`` says where. Both cover the same records.
         """
         location = None
         if savepoint:
@@ -257,27 +264,30 @@ class JobHandle:
                     "stop(savepoint=...) needs checkpointing; start the job with checkpoint=..."
                 )
             if savepoint is True:
-                stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+                now = time.time()
+                stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+                stamp += f"{now % 1:.3f}"[1:]
                 location = f"{self.checkpointing.storage}/{self.job}/savepoints/{stamp}"
             else:
                 location = normalize_uri(savepoint)
         if not self._done.is_set():
             try:
                 self._call("stop", location)
+            except ray.exceptions.RayTaskError as exc:
+                # The stop was refused (a savepoint path that is not empty): say why.
+                raise CheckpointError(str(exc.cause or exc).strip().splitlines()[-1]) from None
             except (ray.exceptions.RayActorError, RayflowError):
                 pass  # the job ended meanwhile: wait() tells how
         return self.wait(timeout=timeout)
 
     def wait(self, timeout: float | None = None) -> JobResult:
         """Block until the job ends; return its result or raise :class:`JobFailedError`."""
-        if self._result is not None:
-            return self._result
-        if self._error is not None:
-            raise self._error
         if not self._done.wait(timeout):
             raise TimeoutError(f"job {self.job!r} is still running after {timeout} s")
-        assert self._report is not None
-        return self._conclude(self._report)
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
     # -- supervision of the coordinator ---------------------------------------
 
@@ -288,14 +298,24 @@ class JobHandle:
             except ray.exceptions.RayActorError as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 failure = Failure(kind="system", message=f"the job's coordinator died: {first}")
-                if self._recover_coordinator(failure):
+                final = self._recover_coordinator(failure)
+                if final is None:
                     continue
-                report = self._failed_report(failure)
+                report = final
             except Exception as exc:  # Ray itself is gone (shutdown, lost cluster)
                 failure = Failure(kind="system", message=f"lost the job's coordinator: {exc}")
                 report = self._failed_report(failure)
             self._report = report
-            self._done.set()
+            try:
+                self._conclude(report)
+            except Exception as exc:  # never leave a waiter hanging
+                log.error("job %s: concluding failed: %s", self.job, exc)
+                if self._error is None and self._result is None:
+                    self._error = JobFailedError(
+                        self.job, [Failure(kind="system", message=f"concluding failed: {exc}")]
+                    )
+            finally:
+                self._done.set()
             return
 
     def _failed_report(self, failure: Failure) -> JobReport:
@@ -306,78 +326,101 @@ class JobHandle:
             job=self.job, status=JobStatus.FAILED, started_at=time.time(), failures=failures
         )
 
-    def _recover_coordinator(self, failure: Failure) -> bool:
-        """Start a new coordinator from the latest complete checkpoint."""
+    def _recover_coordinator(self, failure: Failure) -> JobReport | None:
+        """Start a new coordinator from the latest complete checkpoint.
+
+        Returns None once one runs, or the report to end the job with. A
+        coordinator that dies again while it starts is one more failure for
+        the restart strategy, which decides on another try.
+        """
         launch = self._launch
         if launch.checkpoint is None:
-            return False
-        delay = self._restarts.failed(time.time(), failure)
-        if delay is None:
-            return False
-        self._recovering = True
-        detected = time.time()
-        log.warning(
-            "job %s: %s; restarting it from the latest checkpoint",
-            self.job,
-            failure.message.splitlines()[0],
-        )
-        # Ray keeps a dead actor's name while its owner still holds a handle to it.
-        launcher.kill_quietly(self._coordinator)
-        self._coordinator = None
-        time.sleep(delay)
-        try:
-            storage = launch.checkpoint.storage
-            point = latest_checkpoint(storage, self.job) or launch.start_point
+            return self._failed_report(failure)
+        while True:
+            delay = self._restarts.failed(time.time(), failure)
+            if delay is None:
+                return self._failed_report(failure)
+            self._recovering = True
+            detected = time.time()
+            log.warning(
+                "job %s: %s; restarting it from the latest checkpoint",
+                self.job,
+                failure.message.splitlines()[0],
+            )
+            # Ray keeps a dead actor's name while its owner still holds a handle to it.
+            launcher.kill_quietly(self._coordinator)
+            self._coordinator = None
+            time.sleep(delay)
             coordinator = None
-            deadline = time.monotonic() + 30
-            while coordinator is None:
-                try:
-                    coordinator = launcher.create_coordinator(
-                        self.job,
-                        launch.plan,
-                        launch.runtime,
-                        launch.checkpoint,
-                        point,
-                        restart=launch.restart,
-                        next_checkpoint_id=highest_checkpoint_id(storage, self.job) + 1,
-                    )
-                except ValueError:  # the dead coordinator's name is not free yet
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-            report: JobReport = ray.get(coordinator.start.remote())
+            try:
+                # The old coordinator is dead (killed just above): take over its lease now.
+                decision = decide_start(
+                    self.job,
+                    launch.checkpoint,
+                    recovering=True,
+                    recover_from=launch.decision.point,
+                    holder=launcher.lease_holder(),
+                )
+                coordinator = self._create_coordinator(decision)
+                report: JobReport = ray.get(coordinator.start.remote())
+            except Exception as exc:
+                launcher.kill_quietly(coordinator)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                log.error("job %s: could not restart the coordinator: %s", self.job, first)
+                failure = Failure(
+                    kind="system", message=f"restarting the job's coordinator failed: {first}"
+                )
+                continue
+            finally:
+                self._recovering = False
+            self._coordinator = coordinator
             if report.status is JobStatus.FAILED:
-                self._coordinator = coordinator
-                return False
-        except Exception as exc:
-            log.error("job %s: could not restart the coordinator: %s", self.job, exc)
-            return False
-        finally:
-            self._recovering = False
-        self._coordinator = coordinator
-        self._coordinator_recoveries.append(
-            {
-                "detected_at": detected,
-                "cause": failure.message,
-                "replaced": [naming.coordinator_actor(self.job), "every operator"],
-                "restored_checkpoint": point.manifest.checkpoint_id if point else None,
-                "records_replayed": None,
-                "recovered_in_s": (report.running_at or time.time()) - detected,
-            }
-        )
-        return True
+                return report
+            point = decision.point
+            self._coordinator_recoveries.append(
+                {
+                    "detected_at": detected,
+                    "cause": failure.message,
+                    "replaced": [naming.coordinator_actor(self.job), "every operator"],
+                    "restored_checkpoint": point.manifest.checkpoint_id if point else None,
+                    "records_replayed": None,
+                    "recovered_in_s": (report.running_at or time.time()) - detected,
+                }
+            )
+            return None
 
-    def _conclude(self, report: JobReport) -> JobResult:
+    def _create_coordinator(self, decision: StartDecision) -> Any:
+        launch = self._launch
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return launcher.create_coordinator(
+                    self.job,
+                    launch.plan,
+                    launch.runtime,
+                    launch.checkpoint,
+                    decision,
+                    restart=launch.restart,
+                )
+            except ValueError:  # the dead coordinator's name is not free yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _conclude(self, report: JobReport) -> None:
+        """Collect the result and end the job's actors (in the watcher thread)."""
         outputs: dict[str, list[Any]] = {}
+        partitioned: dict[str, dict[int, list[Any]]] = {}
         try:
             if self._collector is not None and report.status is not JobStatus.FAILED:
                 for step in launcher.collect_sinks(self.plan):
                     outputs[step] = ray.get(self._collector.output.remote(step))
+                    partitioned[step] = ray.get(self._collector.by_partition.remote(step))
         finally:
             self._cleanup(report)
         if report.status is JobStatus.FAILED:
             self._error = JobFailedError(self.job, report.failures)
-            raise self._error
+            return
         ended_at = report.ended_at or time.time()
         self._result = JobResult(
             job=self.job,
@@ -393,8 +436,8 @@ class JobHandle:
             recoveries=[*self._coordinator_recoveries, *report.recoveries],
             restored_checkpoint=report.restored_checkpoint,
             outputs=outputs,
+            partitioned_outputs=partitioned,
         )
-        return self._result
 
     def _cleanup(self, report: JobReport) -> None:
         if self._publisher is not None:
@@ -413,39 +456,6 @@ class JobHandle:
             pass
         launcher.kill_quietly(self._coordinator)
         launcher.kill_quietly(self._collector)
-
-
-def _restore_point(
-    job: str,
-    checkpoint: Checkpointing | None,
-    resume: bool,
-    restore_from: str | os.PathLike[str] | None,
-) -> RestorePoint | None:
-    if restore_from is not None and resume:
-        raise ConfigError("pass either resume=True or restore_from=..., not both")
-    if restore_from is not None:
-        return open_restore_point(os.fspath(restore_from))
-    if checkpoint is None:
-        if resume:
-            raise ConfigError("resume=True needs checkpoint=rf.Checkpointing(storage=...)")
-        return None
-    existing = list_checkpoint_ids(checkpoint.storage, job)
-    if not resume:
-        if existing:
-            raise ConfigError(
-                f"{checkpoint.storage} already holds {len(existing)} checkpoint(s) of job "
-                f"{job!r} (the latest is {existing[-1]}). Pass resume=True to continue from "
-                "the latest, give this run another job_name=..., or use another storage; "
-                "rayflow never overwrites or ignores a job's checkpoints."
-            )
-        return None
-    point = latest_checkpoint(checkpoint.storage, job)
-    if point is None:
-        raise ConfigError(
-            f"resume=True, but {checkpoint.storage} holds no complete checkpoint of job "
-            f"{job!r}; start it without resume=True"
-        )
-    return point
 
 
 def start(
@@ -491,33 +501,39 @@ def start(
             "restart=... needs checkpoint=rf.Checkpointing(...): a job restarts from its "
             "last checkpoint"
         )
+    if faults is not None and not isinstance(faults, Faults):
+        raise ConfigError(f"faults must be a rf.testing.Faults; got {faults!r}")
     plan = build_plan(flow.spec())
     launcher.check_picklable(plan)
-    point = _restore_point(job, checkpoint, resume, restore_from)
     launcher.ensure_ray()
     launcher.check_not_running(job)
-
-    launch = _Launch(job, plan, runtime, checkpoint, restart or RestartStrategy(), point)
-    next_id = None
-    if checkpoint is not None and resume:
-        # Never reuse the id of a checkpoint that was under way when the last run died.
-        next_id = highest_checkpoint_id(checkpoint.storage, job) + 1
-    collector = launcher.create_collector(job) if launcher.collect_sinks(plan) else None
-    coordinator = launcher.create_coordinator(
+    # Where the run starts, its run id, its lease and its first checkpoint id: one decision.
+    decision = decide_start(
         job,
-        plan,
-        runtime,
         checkpoint,
-        point,
-        restart=launch.restart,
-        next_checkpoint_id=next_id,
-        crash_before_manifest=faults.crash_coordinator_before_manifest if faults else None,
+        resume=resume,
+        restore_from=restore_from,
+        holder=launcher.lease_holder(),
+        alive=launcher.lease_holder_alive,
     )
+    launch = _Launch(job, plan, runtime, checkpoint, restart or RestartStrategy(), decision)
+    collector = coordinator = None
     try:
+        collector = launcher.create_collector(job) if launcher.collect_sinks(plan) else None
+        coordinator = launcher.create_coordinator(
+            job,
+            plan,
+            runtime,
+            checkpoint,
+            decision,
+            restart=launch.restart,
+            faults=faults.all() if faults else (),
+        )
         report: JobReport = ray.get(coordinator.start.remote())
     except BaseException:
         launcher.kill_quietly(coordinator)
         launcher.kill_quietly(collector)
+        _release(checkpoint, decision)
         raise
     if report.status is JobStatus.FAILED:
         launcher.kill_quietly(coordinator)
@@ -533,7 +549,14 @@ def start(
     )
     if in_notebook():
         handle._publisher.on_poll = LiveDisplay(job).update
+    handle._begin()
     return handle
+
+
+def _release(checkpoint: Checkpointing | None, decision: StartDecision) -> None:
+    """Give up a lease that no coordinator took over (the start failed)."""
+    if checkpoint is not None and decision.lease is not None:
+        leases.release(open_storage(checkpoint.storage), decision.lease)
 
 
 def run(flow: Dataflow, **options: Any) -> JobResult:

@@ -30,7 +30,10 @@ class SinkContext:
 
     ``restored_checkpoint`` is the checkpoint the job (re)started from, or
     None for a fresh start: data a writer stages from now on belongs to a
-    later checkpoint.
+    later checkpoint. ``run_id`` names this run of the job: a committable
+    should carry it, so that idempotency is per run and per checkpoint (after
+    a rollback, a later run reuses no id of an earlier one, but a restore
+    from an old savepoint may produce ids that an earlier run used).
     """
 
     job: str
@@ -38,6 +41,7 @@ class SinkContext:
     partition: int
     parallelism: int
     restored_checkpoint: int | None = None
+    run_id: str = ""
 
 
 class SinkWriter(ABC):
@@ -73,18 +77,73 @@ class SinkWriter(ABC):
 class Sink(ABC):
     """A destination; subclass it and return a writer from ``open``."""
 
-    def setup(self, job: str, *, restored_checkpoint: int | None) -> None:  # noqa: B027
+    def location(self) -> str | None:
+        """Where the sink writes (a folder, a URI), or None.
+
+        Two sinks of one flow may not write to the same place, nor one
+        inside the other's: the flow is refused when it is built.
+        """
+        return None
+
+    def setup(  # noqa: B027 - optional hook
+        self,
+        job: str,
+        *,
+        step: str = "",
+        run_id: str = "",
+        restored_checkpoint: int | None,
+    ) -> None:
         """Called once by the job's coordinator before the writers open.
 
         ``restored_checkpoint`` is None when the job starts from nothing, so a
-        sink may clear what an earlier run left; otherwise the job continues
-        from that checkpoint, and data staged for later checkpoints will never
-        be committed and may be deleted.
+        sink may clear what an earlier run of the same job and step left;
+        otherwise the job continues from that checkpoint, and data staged for
+        later checkpoints will never be committed and may be deleted. A sink
+        must only touch its own files: those of this job and this step.
         """
 
     @abstractmethod
     def open(self, ctx: SinkContext) -> SinkWriter:
         """Open the writer of partition ``ctx.partition``."""
+
+
+OWNER_FILE = ".rayflow-sink.json"
+
+
+def _owner_conflict(where: str, owner: dict[str, Any], job: str, step: str) -> ConfigError:
+    return ConfigError(
+        f"sink {step!r} of job {job!r}: {where} is the output of step "
+        f"{owner.get('step')!r} of job {owner.get('job')!r} (see its {OWNER_FILE}); "
+        "a sink writes only into a place of its own. Use another folder or prefix, or "
+        "delete that output first."
+    )
+
+
+def _claim_folder(folder: str, job: str, step: str) -> None:
+    """Make ``folder`` this job's and step's, or refuse if it belongs to another."""
+    path = os.path.join(folder, OWNER_FILE)
+    try:
+        with open(path) as f:
+            owner = json.load(f)
+    except FileNotFoundError:
+        owner = None
+    except (OSError, ValueError):
+        owner = {}
+    if owner is not None:
+        if (owner.get("job"), owner.get("step")) != (job, step):
+            raise _owner_conflict(folder, owner, job, step)
+        return
+    foreign = sorted(glob.glob(os.path.join(folder, "part-*.jsonl")))
+    if foreign:
+        raise ConfigError(
+            f"sink {step!r} of job {job!r}: {folder} already holds part files that no "
+            f"rayflow sink claimed (e.g. {os.path.basename(foreign[0])}); a sink writes only "
+            "into a folder of its own. Use another folder, or delete those files."
+        )
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"job": job, "step": step}, f)
+    os.replace(tmp, path)
 
 
 class Print(Sink):
@@ -114,11 +173,14 @@ class JsonLines(Sink):
     Records are staged in ``folder/.staging/`` and appended to the partition's
     file only when a checkpoint commits (or, without checkpointing, when the
     input ends), so the part files hold exactly the committed output. A
-    ``.part-NNNNN.jsonl.commit`` file beside each part file records the last
-    committed checkpoint and the file's size after it; that makes commit
-    idempotent and lets a restart cut off a half-finished append. A fresh
-    (not resumed) job clears the part files an earlier run left; a restored
-    one deletes what was staged for checkpoints after the one it restored.
+    ``.part-NNNNN.jsonl.commit`` file beside each part file records, per run
+    of the job, the last committed checkpoint, and the file's size after it;
+    that makes commit idempotent (a re-issued commit is skipped, a new run's
+    is not, whatever its id) and lets a restart cut off a half-finished
+    append. The folder belongs to one sink of one job (``.rayflow-sink.json``
+    says which); a fresh (not resumed) run of that job clears the files an
+    earlier run left, a restored one deletes what was staged for checkpoints
+    after the one it restored.
     """
 
     def __init__(self, folder: str | os.PathLike[str]):
@@ -126,8 +188,19 @@ class JsonLines(Sink):
             raise ConfigError(f"JsonLines needs an output folder path; got {folder!r}")
         self.folder = os.path.abspath(os.fspath(folder))
 
-    def setup(self, job: str, *, restored_checkpoint: int | None) -> None:
+    def location(self) -> str:
+        return self.folder
+
+    def setup(
+        self,
+        job: str,
+        *,
+        step: str = "",
+        run_id: str = "",
+        restored_checkpoint: int | None,
+    ) -> None:
         os.makedirs(self.folder, exist_ok=True)
+        _claim_folder(self.folder, job, step)
         if restored_checkpoint is None:
             patterns = ("part-*.jsonl", ".part-*.jsonl.commit", ".staging/*")
             for pattern in patterns:
@@ -162,13 +235,21 @@ def _part_paths(folder: str, partition: int) -> tuple[str, str]:
     )
 
 
-def _read_marker(marker: str) -> tuple[int, int]:
+#: Runs remembered in a commit marker (a run is a start or a restart of the job).
+MARKER_RUNS = 100
+
+
+def _read_marker(marker: str) -> tuple[dict[str, int], int]:
+    """(run id -> last checkpoint committed by that run, size of the part file)."""
     try:
         with open(marker) as f:
             data = json.load(f)
-        return int(data["checkpoint"]), int(data["size"])
     except FileNotFoundError:
-        return 0, 0
+        return {}, 0
+    runs = data.get("runs")
+    if runs is None:  # written before runs were tracked
+        runs = {"": int(data.get("checkpoint", 0))}
+    return {str(r): int(c) for r, c in runs.items()}, int(data["size"])
 
 
 class S3JsonLines(Sink):
@@ -199,13 +280,50 @@ class S3JsonLines(Sink):
     def uri(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
+    def location(self) -> str:
+        return self.uri
+
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def setup(self, job: str, *, restored_checkpoint: int | None) -> None:
+    def _claim(self, client: Any, job: str, step: str) -> None:
+        key = self._key(OWNER_FILE)
+        from botocore.exceptions import ClientError
+
+        try:
+            owner = json.loads(client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                raise
+            owner = None
+        except ValueError:
+            owner = {}
+        if owner is not None:
+            if (owner.get("job"), owner.get("step")) != (job, step):
+                raise _owner_conflict(self.uri, owner, job, step)
+            return
+        listed = client.list_objects_v2(Bucket=self.bucket, Prefix=self._key("part-"), MaxKeys=1)
+        if listed.get("Contents"):
+            raise ConfigError(
+                f"sink {step!r} of job {job!r}: {self.uri} already holds part objects that "
+                f"no rayflow sink claimed (e.g. {listed['Contents'][0]['Key']}); a sink "
+                "writes only into a prefix of its own. Use another prefix, or delete them."
+            )
+        body = json.dumps({"job": job, "step": step}).encode()
+        client.put_object(Bucket=self.bucket, Key=key, Body=body)
+
+    def setup(
+        self,
+        job: str,
+        *,
+        step: str = "",
+        run_id: str = "",
+        restored_checkpoint: int | None,
+    ) -> None:
         from rayflow._internal.storage.s3 import s3_client
 
         client = s3_client()
+        self._claim(client, job, step)
         start = self._key("part-")
         paginator = client.get_paginator("list_multipart_uploads")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
@@ -236,10 +354,10 @@ class S3JsonLines(Sink):
 
 
 def _s3_part_after(key: str) -> int | None:
-    """The checkpoint id in ``.../part-PPPPP-<after>-<id>.jsonl``; None if not ours."""
+    """The checkpoint id in ``.../part-PPPPP-<after>-<run>-<id>.jsonl``; None if not ours."""
     name = key.rsplit("/", 1)[-1]
     fields = name[: -len(".jsonl")].split("-") if name.endswith(".jsonl") else []
-    if len(fields) == 4 and fields[0] == "part" and fields[2].isdigit():
+    if len(fields) in (4, 5) and fields[0] == "part" and fields[2].isdigit():
         return int(fields[2])
     return None
 
@@ -274,7 +392,10 @@ class _S3JsonLinesWriter(SinkWriter):
         if not self._buffer:
             return
         if self._upload is None:
-            name = f"part-{self._ctx.partition:05d}-{self._after:010d}-{uuid.uuid4().hex[:8]}.jsonl"
+            name = (
+                f"part-{self._ctx.partition:05d}-{self._after:010d}-{self._ctx.run_id or 'r'}"
+                f"-{uuid.uuid4().hex[:8]}.jsonl"
+            )
             key = self._sink._key(name)
             created = self._client.create_multipart_upload(Bucket=self._sink.bucket, Key=key)
             self._upload = {"key": key, "upload_id": created["UploadId"], "parts": []}
@@ -369,22 +490,34 @@ class _JsonLinesWriter(SinkWriter):
         os.fsync(self._current.fileno())
         self._current.close()
         self._current = None
+        run = self._ctx.run_id or "r"
         staged = os.path.join(
-            self._staging, f"part-{self._ctx.partition:05d}-{checkpoint_id:010d}.jsonl"
+            self._staging, f"part-{self._ctx.partition:05d}-{run}-{checkpoint_id:010d}.jsonl"
         )
         os.replace(self._current_path, staged)
-        return {"staged": staged, "checkpoint": checkpoint_id, "partition": self._ctx.partition}
+        return {
+            "staged": staged,
+            "checkpoint": checkpoint_id,
+            "partition": self._ctx.partition,
+            "run": self._ctx.run_id,
+        }
 
     def commit(self, committable: Any) -> None:
         if committable is None:
             return
         staged, checkpoint = committable["staged"], committable["checkpoint"]
+        run = str(committable.get("run", ""))
         part, marker = _part_paths(self._folder, committable["partition"])
-        done, size = _read_marker(marker)
-        if checkpoint <= done:  # committed before (a re-issued commit)
+        runs, size = _read_marker(marker)
+        if checkpoint <= runs.get(run, 0):  # committed before (a re-issued commit)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(staged)
             return
+        if not os.path.exists(staged):
+            raise FileNotFoundError(
+                f"staged output {staged} of checkpoint {checkpoint} (run {run}) is gone and "
+                "was never committed; it cannot be published"
+            )
         with open(part, "ab") as out:
             out.truncate(size)  # cut any partial append of an interrupted commit
             with open(staged, "rb") as src:
@@ -393,9 +526,12 @@ class _JsonLinesWriter(SinkWriter):
             out.flush()
             os.fsync(out.fileno())
             new_size = out.tell()
+        runs.pop(run, None)
+        runs[run] = checkpoint  # the newest run last; the oldest are forgotten
+        kept = dict(list(runs.items())[-MARKER_RUNS:])
         tmp = marker + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"checkpoint": checkpoint, "size": new_size}, f)
+            json.dump({"runs": kept, "checkpoint": checkpoint, "size": new_size}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, marker)

@@ -78,6 +78,14 @@ def storage_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-full",
+        action="store_true",
+        help="run the chaos matrix with five seeds per scenario instead of one",
+    )
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _S3.stop()
     shutil.rmtree(_RAY_TMP, ignore_errors=True)

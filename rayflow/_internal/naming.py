@@ -6,12 +6,13 @@ import re
 
 NAMESPACE = "rayflow"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
 def is_valid_name(name: object) -> bool:
     """Step and job names: letters, digits, ``_ . -``; they appear in actor names and paths."""
-    return isinstance(name, str) and len(name) <= 100 and bool(_NAME.match(name))
+    # fullmatch, not match: "$" would accept a trailing newline.
+    return isinstance(name, str) and len(name) <= 100 and bool(_NAME.fullmatch(name))
 
 
 def operator_actor(job: str, stage: str, partition: int) -> str:

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import random
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import ray
 
 import rayflow as rf
 
@@ -71,6 +66,8 @@ def read_s3_json_lines(server: Any, bucket: str, prefix: str) -> list[tuple[str,
     out = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
+            if not obj["Key"].rsplit("/", 1)[-1].startswith("part-"):
+                continue  # the sink's claim on the prefix
             body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
             out.extend(tuple(json.loads(line)) for line in body.splitlines())
     pending = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
@@ -86,36 +83,83 @@ def operator_actor_names(handle: rf.JobHandle) -> list[str]:
     ]
 
 
-class Killer(threading.Thread):
-    """Kills a random operator actor by its name, ``kills`` times, once the job runs again."""
+# -- per key, in order --------------------------------------------------------------
 
-    def __init__(self, handle: rf.JobHandle, *, kills: int, every_s: float, seed: int):
-        super().__init__(daemon=True)
-        self.handle = handle
-        self.kills = kills
-        self.every_s = every_s
-        self.rng = random.Random(seed)
-        self.killed: list[str] = []
-        self.killed_at: list[float] = []
-        self.error: BaseException | None = None
+Stream = list[tuple[str, int]]
 
-    def run(self) -> None:
-        try:
-            names = operator_actor_names(self.handle)
-            while len(self.killed) < self.kills:
-                time.sleep(self.every_s)
-                status = self.handle.status()
-                if status.terminal:
-                    return
-                if status is not rf.JobStatus.RUNNING:
-                    continue  # let the last recovery finish first
-                name = self.rng.choice(names)
-                try:
-                    actor = ray.get_actor(name, namespace="rayflow")
-                except ValueError:
-                    continue
-                self.killed_at.append(time.time())
-                ray.kill(actor)
-                self.killed.append(name)
-        except BaseException as exc:  # surfaced by the test
-            self.error = exc
+
+def check_exactly_once(streams: dict[str, Stream], expected: Counter[str], what: str) -> None:
+    """Every key's updates (key, 1) .. (key, n) appear once, each stream in order.
+
+    ``streams`` are the output streams in the order they were written (one
+    per partition file, collected partition, or object series). A key lives
+    in one stream unless the job was rescaled; either way each stream must
+    hold its updates of the key in increasing order, and all streams
+    together exactly 1..n. Sorting the output would hide a replayed run of
+    updates (3, 4, 3, 4); this does not.
+    """
+    seen: dict[str, list[int]] = {}
+    for name, stream in streams.items():
+        last: dict[str, int] = {}
+        for position, record in enumerate(stream):
+            key, count = record[0], record[1]
+            if count <= last.get(key, 0):
+                raise AssertionError(
+                    f"{what}: key {key!r} in {name} goes back from {last[key]} to {count} "
+                    f"at position {position}: {_key_updates(stream, key)[:30]}"
+                )
+            last[key] = count
+            seen.setdefault(key, []).append(count)
+    missing = sorted(set(expected) - set(seen))
+    extra = sorted(set(seen) - set(expected))
+    assert not missing and not extra, f"{what}: keys missing {missing[:5]}, unexpected {extra[:5]}"
+    for key, n in expected.items():
+        counts = sorted(seen[key])
+        if counts != list(range(1, n + 1)):
+            dup = [c for c, k in Counter(counts).items() if k > 1][:10]
+            lost = sorted(set(range(1, n + 1)) - set(counts))[:10]
+            raise AssertionError(
+                f"{what}: key {key!r} has {len(counts)} updates for {n} records "
+                f"(duplicated {dup}, lost {lost})"
+            )
+
+
+def _key_updates(stream: Stream, key: str) -> list[int]:
+    return [c for k, c in stream if k == key]
+
+
+def json_lines_streams(folder: Path) -> dict[str, Stream]:
+    return {
+        f.name: [tuple(json.loads(line)) for line in f.read_text().splitlines()]  # type: ignore[misc]
+        for f in sorted(folder.glob("part-*.jsonl"))
+    }
+
+
+def s3_streams(server: Any, bucket: str, prefix: str) -> dict[str, Stream]:
+    """One stream per partition: its committed objects in checkpoint order."""
+    client = server.client()
+    objects: dict[int, list[tuple[int, str]]] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            name = obj["Key"].rsplit("/", 1)[-1]
+            if not name.startswith("part-"):
+                continue
+            fields = name[: -len(".jsonl")].split("-")
+            objects.setdefault(int(fields[1]), []).append((int(fields[2]), obj["Key"]))
+    pending = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+    assert not pending, f"uploads left open: {pending}"
+    streams: dict[str, Stream] = {}
+    for partition, keys in sorted(objects.items()):
+        stream: Stream = []
+        for _, key in sorted(keys):
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+            stream.extend(tuple(json.loads(line)) for line in body.splitlines())  # type: ignore[misc]
+        streams[f"partition {partition}"] = stream
+    return streams
+
+
+def collect_streams(result: rf.JobResult, step: str) -> dict[str, Stream]:
+    return {
+        f"partition {p}": [tuple(r) for r in records]  # type: ignore[misc]
+        for p, records in sorted(result.output_partitions(step).items())
+    }

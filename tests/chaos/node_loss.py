@@ -17,7 +17,7 @@ from ray.cluster_utils import Cluster
 sys.path.insert(0, sys.argv[1])
 
 import rayflow as rf
-from tests.chaos.flows import counting_flow, expected_updates
+from tests.chaos.flows import check_exactly_once, collect_streams, counting_flow, expected_counts
 
 # Health checks that notice a lost node in about a second (RAY-NOTES.md).
 FAST = {
@@ -60,7 +60,13 @@ def main() -> None:
         time.sleep(1.0)
         cluster.add_node(num_cpus=1, resources={"victim": 1})
         result = handle.wait(timeout=240)
-        exact = sorted(result.output("out")) == expected_updates(PER_PARTITION)
+        try:  # per key, in order
+            check_exactly_once(
+                collect_streams(result, "out"), expected_counts(PER_PARTITION), "out"
+            )
+            exact: bool | str = True
+        except AssertionError as exc:
+            exact = str(exc)
         print(
             json.dumps(
                 {

@@ -8,11 +8,12 @@ from typing import Any
 
 import rayflow as rf
 from tests.chaos.flows import (
-    Killer,
+    check_exactly_once,
+    collect_streams,
     counting_flow,
-    expected_updates,
-    read_json_lines,
-    read_s3_json_lines,
+    expected_counts,
+    json_lines_streams,
+    s3_streams,
 )
 
 PER_PARTITION = 150_000  # 300,000 records in all
@@ -30,18 +31,16 @@ def test_five_kills_leave_collect_json_lines_and_s3_output_exactly_once(
     flow = counting_flow("chaos-kills", per_partition=PER_PARTITION, rate=20_000, sinks=sinks)
     config = rf.Checkpointing(storage=str(tmp_path / "checkpoints"), interval_s=0.5)
     handle = rf.start(flow, checkpoint=config)
-    killer = Killer(handle, kills=5, every_s=1.5, seed=7)
-    killer.start()
+    monkey = rf.testing.chaos(handle, seed=7, kills=5, targets=("operators",), every_s=1.5)
     result = handle.wait(timeout=240)
-    killer.join(timeout=10)
-    assert killer.error is None
-    assert len(killer.killed) == 5, killer.killed
+    monkey.check()
+    assert len(monkey.kills) == 5, monkey.kills
 
-    expected = expected_updates(PER_PARTITION)
-    assert len(expected) == 2 * PER_PARTITION
-    assert sorted(result.output("collected")) == expected
-    assert read_json_lines(tmp_path / "out") == expected
-    assert read_s3_json_lines(s3_server, "rayflow-test", prefix) == expected
+    expected = expected_counts(PER_PARTITION)
+    assert sum(expected.values()) == 2 * PER_PARTITION
+    check_exactly_once(collect_streams(result, "collected"), expected, "Collect")
+    check_exactly_once(json_lines_streams(tmp_path / "out"), expected, "JsonLines")
+    check_exactly_once(s3_streams(s3_server, "rayflow-test", prefix), expected, "S3JsonLines")
 
     assert result.status is rf.JobStatus.FINISHED
     assert result.restarts >= 5
@@ -49,7 +48,9 @@ def test_five_kills_leave_collect_json_lines_and_s3_output_exactly_once(
         assert recovery["recovered_in_s"] is not None
         assert recovery["replaced"], recovery
     # Each kill was noticed within a second.
-    for killed_at in killer.killed_at:
-        noticed = min(r["detected_at"] for r in result.recoveries if r["detected_at"] >= killed_at)
-        assert noticed - killed_at < 1.0
+    for kill in monkey.kills:
+        noticed = min(
+            r["detected_at"] for r in result.recoveries if r["detected_at"] >= kill["time"]
+        )
+        assert noticed - kill["time"] < 1.0
     assert sum(r["records_replayed"] for r in result.recoveries) > 0

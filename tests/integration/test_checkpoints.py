@@ -110,7 +110,8 @@ def test_manifest_lists_every_step_and_partition_with_sizes_and_checksums(
     assert point is not None
     manifest = point.manifest
     assert manifest.checkpoint_id == result.final_checkpoint
-    assert manifest.format == 1 and manifest.kind == "checkpoint"
+    assert manifest.format == 2 and manifest.kind == "checkpoint"
+    assert manifest.run_id and all(manifest.run_id in k for k in manifest.object_keys())
     steps = {s["name"]: s for s in manifest.flow["steps"]}
     assert set(steps) == {"clicks", "views", "widen", "both", "by_user", "total", "out"}
     assert steps["views"]["parallelism"] == 1 and steps["total"]["parallelism"] == 2

@@ -68,19 +68,26 @@ def test_stopping_the_s3_server_declines_checkpoints_without_stopping_the_job(
     assert point is not None and point.manifest.checkpoint_id == result.final_checkpoint
 
 
-def test_too_many_consecutive_failures_fail_the_job_with_the_reason(tmp_path: Path) -> None:
+def test_a_storage_that_cannot_be_written_is_refused_at_start(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the storage folder should be")
-    config = rf.Checkpointing(
-        storage=str(blocker / "checkpoints"), interval_s=0.2, max_consecutive_failures=3
-    )
+    config = rf.Checkpointing(storage=str(blocker / "checkpoints"))
+    with pytest.raises(rf.RayflowError, match=r"cannot take the lease.*not-a-folder"):
+        rf.start(_counting_flow("refused", rf.testing.Collect()), checkpoint=config)
+
+
+def test_too_many_consecutive_failures_fail_the_job_with_the_reason(tmp_path: Path) -> None:
+    # The lease can be written, the checkpoints cannot: a file where their folder goes.
+    (tmp_path / "doomed").mkdir()
+    (tmp_path / "doomed" / "checkpoints").write_text("not-a-folder")
+    config = rf.Checkpointing(storage=str(tmp_path), interval_s=0.2, max_consecutive_failures=3)
     handle = rf.start(_counting_flow("doomed", rf.testing.Collect()), checkpoint=config)
     with pytest.raises(rf.JobFailedError) as info:
         handle.wait(timeout=60)
     text = str(info.value)
     assert "3 checkpoints failed in a row" in text
     assert "max_consecutive_failures" in text
-    assert "not-a-folder" in text  # the storage error itself
+    assert "Not a directory" in text  # the storage error itself
 
 
 def test_json_lines_publishes_only_what_committed_checkpoints_cover(

@@ -210,12 +210,15 @@ def test_a_manifest_that_exists_is_never_overwritten(tmp_path: Path) -> None:
     async def scenario() -> None:
         open_storage(tmp_path).put(manifest_key("j", 1), b"someone else's")
         coordinator, _ = _coordinator(tmp_path, "ack")
-        loop = asyncio.create_task(coordinator.run(lambda reasons: None))
-        with pytest.raises(CheckpointFailed, match="already exists"):
+        fatal: list[str] = []
+        loop = asyncio.create_task(coordinator.run(fatal.extend))
+        with pytest.raises(CheckpointFailed, match="another run wrote a manifest") as info:
             await coordinator.trigger()
         coordinator.close()
         await loop
         assert open_storage(tmp_path).get(manifest_key("j", 1)) == b"someone else's"
+        # Two runs committing to one storage: this one stops at once.
+        assert info.value.fatal and fatal and "another run" in fatal[0]
 
     asyncio.run(scenario())
 

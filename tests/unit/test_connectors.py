@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 import rayflow as rf
 from rayflow.sinks import SinkContext
 
@@ -116,8 +118,22 @@ def test_json_lines_cuts_a_half_finished_append_on_reopen(tmp_path: Path) -> Non
     assert part.read_text() == "1\n2\n"
 
 
-def test_a_fresh_job_clears_old_part_files(tmp_path: Path) -> None:
-    (tmp_path / "part-00007.jsonl").write_text("old\n")
+def test_a_fresh_run_clears_only_its_own_output_and_refuses_anothers(tmp_path: Path) -> None:
+    sink = rf.sinks.JsonLines(tmp_path)
+    sink.setup("j", step="out", restored_checkpoint=None)
+    (tmp_path / "part-00007.jsonl").write_text("an earlier run's\n")
     (tmp_path / "keep.txt").write_text("not ours\n")
-    rf.sinks.JsonLines(tmp_path).setup("j", restored_checkpoint=None)
-    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+    sink.setup("j", step="out", restored_checkpoint=None)  # the same job and step again
+    assert sorted(os.listdir(tmp_path)) == [".rayflow-sink.json", "keep.txt"]
+    (tmp_path / "part-00000.jsonl").write_text("j's output\n")
+    for job, step in (("other", "out"), ("j", "files")):
+        with pytest.raises(rf.ConfigError, match="is the output of step 'out' of job 'j'"):
+            sink.setup(job, step=step, restored_checkpoint=None)
+    assert (tmp_path / "part-00000.jsonl").read_text() == "j's output\n"
+
+
+def test_part_files_no_sink_claimed_are_refused_not_deleted(tmp_path: Path) -> None:
+    (tmp_path / "part-00000.jsonl").write_text("somebody's\n")
+    with pytest.raises(rf.ConfigError, match="no rayflow sink claimed"):
+        rf.sinks.JsonLines(tmp_path).setup("j", step="out", restored_checkpoint=None)
+    assert (tmp_path / "part-00000.jsonl").read_text() == "somebody's\n"

@@ -9,6 +9,7 @@ from rayflow._internal.checkpoint.manifest import (
     Manifest,
     checkpoint_dir,
     checkpoint_id_of,
+    describe_offset,
     manifest_key,
 )
 from rayflow._internal.checkpoint.restore import RestorePoint, open_restore_point
@@ -84,10 +85,12 @@ def describe(uri: str) -> dict[str, Any]:
             }
             for s in m.flow.get("steps", [])
         ],
+        # Offsets as recorded (plain JSON, or the repr of a pickled one): a tool
+        # that only reads a checkpoint never unpickles anything.
         "offsets": [
-            {"step": step, "partition": sp, "offset": offset}
-            for step, parts in sorted(m.sources.items())
-            for sp, offset in sorted(parts.items())
+            {"step": step, "partition": int(sp), "offset": describe_offset(enc)}
+            for step, parts in sorted(m.encoded_sources().items())
+            for sp, enc in sorted(parts.items(), key=lambda item: int(item[0]))
         ],
         "objects": [
             {

@@ -2,19 +2,25 @@
 
 It is thin: a :class:`TriggerPolicy` says when, a :class:`PendingCheckpoint`
 collects acknowledgements, a :class:`CompletedCheckpointStore` keeps the
-retained manifests, a :class:`CheckpointFailureManager` counts failures.
-It talks to the operators only through a :class:`Gateway`, so it runs
-without Ray in unit tests.
+retained manifests, a :class:`CheckpointFailureManager` counts failures,
+and the job's :class:`~rayflow._internal.checkpoint.lease.Lease` says
+whether this run may commit at all. It talks to the operators only through
+a :class:`Gateway`, so it runs without Ray in unit tests.
 
-One checkpoint, step by step:
+One checkpoint, step by step (``docs/protocol.md`` has the whole protocol):
 
-1. Trigger: the sources get barrier *n* (they record their offsets and send
-   it in-band downstream).
-2. Collect: every operator partition snapshots, uploads its object and
-   acknowledges with key, size and sha256 (or declines with a reason).
-3. Commit: when all acknowledgements are in, write the manifest with
-   create-if-absent. The manifest is the commit point.
-4. Notify: sinks publish what they staged for *n* (two-phase commit).
+1. Trigger: allocate the next id (ids are never reused); the sources get
+   barrier *n* (they record their offsets and send it in-band downstream).
+2. Collect: every operator partition snapshots, creates its object (a key
+   that names the run, create-if-absent) and acknowledges with key, size and
+   sha256, or declines with a reason.
+3. Commit: check the lease, then create the manifest (create-if-absent; an
+   unknown outcome is read back until known). The manifest is the commit
+   point. From the start of this step the checkpoint cannot be abandoned:
+   :meth:`quiesce` waits for its outcome.
+4. Notify: for a checkpoint (never a savepoint) the recovery point moves to
+   *n*, then the sinks of the current epoch publish what they staged up to
+   *n* (two-phase commit).
 5. Retention: delete what no retained checkpoint needs.
 """
 
@@ -22,13 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rayflow._internal.checkpoint import lease as leases
 from rayflow._internal.checkpoint.failures import CheckpointFailureManager
 from rayflow._internal.checkpoint.manifest import (
     CHECKPOINT,
@@ -44,19 +50,41 @@ from rayflow._internal.checkpoint.pending import (
     ActorKey,
     FailureReason,
     PendingCheckpoint,
+    Phase,
 )
 from rayflow._internal.checkpoint.policy import TriggerPolicy
 from rayflow._internal.checkpoint.snapshot import BarrierInfo
 from rayflow._internal.checkpoint.store import CompletedCheckpointStore
 from rayflow._internal.storage import StorageError, open_storage
+from rayflow._internal.storage.base import create_once
 from rayflow.config import Checkpointing
 from rayflow.errors import RayflowError
 
 log = logging.getLogger("rayflow")
 
+#: Leftovers of killed uploads older than this are deleted by retention.
+TEMPORARY_MAX_AGE_S = 600.0
+
 
 class CheckpointFailed(RayflowError):
-    """A checkpoint (or savepoint) did not complete; the message says why."""
+    """A checkpoint (or savepoint) did not complete; the message says why.
+
+    ``fatal`` failures end the job at once: this run may no longer commit
+    (it lost its lease, or another run wrote its manifest), or the outcome
+    of a manifest write could not be learned.
+    """
+
+    def __init__(self, message: str, *, fatal: bool = False, counts: bool = True):
+        super().__init__(message)
+        self.fatal = fatal
+        self.counts = counts  # against max_consecutive_failures
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_failed, (str(self), self.fatal, self.counts))
+
+
+def _rebuild_failed(message: str, fatal: bool, counts: bool) -> CheckpointFailed:
+    return CheckpointFailed(message, fatal=fatal, counts=counts)
 
 
 class Gateway(Protocol):
@@ -67,6 +95,16 @@ class Gateway(Protocol):
     async def trigger_sources(self, barrier: BarrierInfo) -> None: ...
 
     async def notify_complete(self, checkpoint_id: int, *, wait: bool) -> None: ...
+
+
+def fault_point(kind: str, final: bool, phase: str) -> str:
+    """The name of a protocol point, as fault injection knows it."""
+    prefix = "savepoint_" if kind == SAVEPOINT else ("final_" if final else "")
+    return prefix + phase
+
+
+async def _no_fault(point: str, checkpoint_id: int | None) -> None:
+    return None
 
 
 @dataclass
@@ -87,12 +125,15 @@ class CheckpointCoordinator:
         *,
         next_id: int = 1,
         last_completed: Manifest | None = None,
-        crash_before_manifest: int | None = None,
+        lease: leases.Lease | None = None,
+        run_id: str = "",
     ):
         self.job = job
         self.flow = flow
         self.config = config
         self.gateway = gateway
+        self.lease = lease
+        self.run_id = run_id or (lease.run_id if lease else "")
         self.storage = open_storage(config.storage)
         self.store = CompletedCheckpointStore(self.storage, job, config.retain)
         if last_completed is not None and last_completed.kind == CHECKPOINT:
@@ -111,13 +152,15 @@ class CheckpointCoordinator:
         self._requests: deque[_Request] = deque()
         self._wake = asyncio.Event()
         self._done = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no checkpoint is in flight
+        self._idle.set()
         self._closed = False
-        self._crash_before_manifest = crash_before_manifest
         self._gc_task: asyncio.Task[Any] | None = None
-        # Hooks for the job coordinator (recovery bookkeeping).
+        # Hooks for the job coordinator.
         self.on_started: Callable[[int], None] = lambda checkpoint_id: None
         self.on_completed: Callable[[Manifest], None] = lambda manifest: None
         self.on_finished: Callable[[dict[str, Any]], None] = lambda record: None
+        self.fault: Callable[[str, int | None], Awaitable[None]] = _no_fault
         self.completed = 0
         self.last: dict[str, Any] | None = None
         self.last_failure: dict[str, Any] | None = None
@@ -125,9 +168,22 @@ class CheckpointCoordinator:
     # -- requests --------------------------------------------------------------
 
     async def trigger(
-        self, kind: str = CHECKPOINT, location: str | None = None, *, final: bool = False
+        self,
+        kind: str = CHECKPOINT,
+        location: str | None = None,
+        *,
+        final: bool = False,
+        check_location: bool = True,
     ) -> Manifest:
-        """Take a checkpoint (or a savepoint at ``location``) now; return its manifest."""
+        """Take a checkpoint (or a savepoint at ``location``) now; return its manifest.
+
+        A savepoint's location must be empty (``check_location=False``: the
+        caller checked it and owns what is there since).
+        """
+        if kind == SAVEPOINT:
+            assert location is not None
+            if check_location:
+                await asyncio.to_thread(check_savepoint_location, location)
         future: asyncio.Future[Manifest] = asyncio.get_running_loop().create_future()
         self._requests.append(_Request(kind, location, final, future))
         if final:
@@ -155,11 +211,17 @@ class CheckpointCoordinator:
         )
         self._done.set()
 
-    def suspend(self) -> None:
-        """A restart begins: give up the checkpoint in flight and trigger none until resumed."""
+    async def quiesce(self) -> Manifest | None:
+        """A restart begins: stop checkpointing and return the recovery point.
+
+        A checkpoint still collecting acknowledgements is abandoned; one whose
+        manifest is being written is waited for, since only the outcome of
+        that write says which checkpoint the job must go back to. Returns the
+        latest completed checkpoint (never a savepoint), or None.
+        """
         self.suspended = True
         pending = self.pending
-        if pending is not None:
+        if pending is not None and pending.abandonable:
             pending.fail(
                 FailureReason.RESTARTING, FailureReason.RESTARTING.format(id=pending.checkpoint_id)
             )
@@ -167,7 +229,11 @@ class CheckpointCoordinator:
         while self._requests:
             request = self._requests.popleft()
             if not request.future.done():
-                request.future.set_exception(CheckpointFailed("the job is restarting"))
+                request.future.set_exception(
+                    CheckpointFailed("the job is restarting", counts=False)
+                )
+        await self._idle.wait()
+        return self.store.latest()
 
     def resume(self, restored: Manifest | None) -> None:
         """The job restarted from ``restored``: checkpoints go on from there."""
@@ -181,8 +247,8 @@ class CheckpointCoordinator:
     def close(self) -> None:
         self._closed = True
         self._wake.set()
-        if self.pending is not None:
-            pending = self.pending
+        pending = self.pending
+        if pending is not None and pending.abandonable:
             pending.fail(
                 FailureReason.JOB_ENDING, FailureReason.JOB_ENDING.format(id=pending.checkpoint_id)
             )
@@ -190,7 +256,11 @@ class CheckpointCoordinator:
         while self._requests:
             request = self._requests.popleft()
             if not request.future.done():
-                request.future.set_exception(CheckpointFailed("the job is ending"))
+                request.future.set_exception(CheckpointFailed("the job is ending", counts=False))
+
+    async def wait_idle(self) -> None:
+        """Until no checkpoint is in flight (a manifest write resolves before the job ends)."""
+        await self._idle.wait()
 
     # -- the loop ------------------------------------------------------------
 
@@ -209,8 +279,8 @@ class CheckpointCoordinator:
                 except CheckpointFailed as exc:
                     if not request.future.done():
                         request.future.set_exception(exc)
-                    if self._register_failure(str(exc)):
-                        on_fatal(list(self.failures.reasons))
+                    if self._register_failure(exc):
+                        on_fatal([str(exc)] if exc.fatal else list(self.failures.reasons))
                 else:
                     if not request.future.done():
                         request.future.set_result(manifest)
@@ -220,8 +290,8 @@ class CheckpointCoordinator:
                 try:
                     await self._perform(CHECKPOINT, None, False)
                 except CheckpointFailed as exc:
-                    if self._register_failure(str(exc)):
-                        on_fatal(list(self.failures.reasons))
+                    if self._register_failure(exc):
+                        on_fatal([str(exc)] if exc.fatal else list(self.failures.reasons))
                 continue
             self._wake.clear()
             timeout = max(0.0, due - now) if self.periodic else None
@@ -230,10 +300,13 @@ class CheckpointCoordinator:
             except asyncio.TimeoutError:
                 pass
 
-    def _register_failure(self, reason: str) -> bool:
+    def _register_failure(self, exc: CheckpointFailed) -> bool:
+        reason = str(exc)
         log.warning("job %s: %s", self.job, reason)
         self.last_failure = {"reason": reason, "time": time.time()}
-        if self._closed or self.suspended:
+        if exc.fatal:
+            return True
+        if self._closed or self.suspended or not exc.counts:
             return False  # given up for a restart or the end: not the storage's fault
         return self.failures.failed(reason)
 
@@ -242,7 +315,8 @@ class CheckpointCoordinator:
         self.next_id += 1
         if kind == SAVEPOINT:
             assert location is not None
-            storage_uri, prefix = location, ""
+            # Objects in a folder of the attempt: a failed one is removed whole.
+            storage_uri, prefix = location, f"{checkpoint_id:010d}/"
         else:
             storage_uri, prefix = self.config.storage, checkpoint_dir(self.job, checkpoint_id) + "/"
         barrier = BarrierInfo(
@@ -251,9 +325,11 @@ class CheckpointCoordinator:
             storage=storage_uri,
             last_completed=self.last_checkpoint_id,
             object_prefix=prefix,
+            run_id=self.run_id,
         )
         pending = PendingCheckpoint(barrier, set(self.gateway.actor_keys()))
         self.pending = pending
+        self._idle.clear()
         self._done.clear()
         self.policy.started(time.monotonic())
         self.on_started(checkpoint_id)
@@ -261,8 +337,16 @@ class CheckpointCoordinator:
         try:
             manifest = await self._complete(pending, final)
             return manifest
+        except CheckpointFailed:
+            if kind == SAVEPOINT and not pending.abandonable and pending.phase < Phase.NOTIFYING:
+                raise  # the manifest's outcome is unknown: leave everything as it is
+            if kind == SAVEPOINT:
+                await asyncio.to_thread(_remove_attempt, storage_uri, prefix)
+            raise
         finally:
+            pending.phase = Phase.DONE
             self.pending = None
+            self._idle.set()
             self.policy.ended(time.monotonic())
             self.on_finished(
                 {
@@ -281,6 +365,7 @@ class CheckpointCoordinator:
 
     async def _complete(self, pending: PendingCheckpoint, final: bool) -> Manifest:
         cid = pending.checkpoint_id
+        kind = pending.barrier.kind
         # Step 1. Trigger the sources.
         try:
             await self.gateway.trigger_sources(pending.barrier)
@@ -290,6 +375,8 @@ class CheckpointCoordinator:
                 FailureReason.TRIGGER_FAILED,
                 FailureReason.TRIGGER_FAILED.format(id=cid, reason=f"{type(exc).__name__}: {exc}"),
             )
+        pending.phase = Phase.ACKNOWLEDGING
+        await self.fault(fault_point(kind, final, "triggered"), cid)
         # Step 2. Collect the acknowledgements.
         if pending.failure is None and not pending.complete:
             remaining = self.config.timeout_s - (time.monotonic() - pending.started)
@@ -303,26 +390,30 @@ class CheckpointCoordinator:
                         id=cid, timeout=self.config.timeout_s, missing=missing
                     ),
                 )
+        if pending.failure is None:
+            await self.fault(fault_point(kind, final, "before_manifest"), cid)
+        # The last moment at which the checkpoint may be abandoned: decided
+        # here, in one step with no await, against quiesce() and close().
         if pending.failure is not None:
             raise CheckpointFailed(pending.failure)
+        pending.phase = Phase.COMMITTING
         pending.phases["acknowledged"] = time.time()
-        # Step 3. Commit: write the manifest, create-if-absent.
+        # Step 3. Commit: check the lease, create the manifest.
         manifest = Manifest(
             job=self.job,
             checkpoint_id=cid,
-            kind=pending.barrier.kind,
+            kind=kind,
             created_at=time.time(),
             duration_ms=(time.monotonic() - pending.started) * 1000.0,
             flow=self.flow,
             operators=tuple(pending.acks[k] for k in sorted(pending.acks)),
+            run_id=self.run_id,
         )
-        if self._crash_before_manifest == cid:
-            log.error("fault injection: coordinator of %s exits before manifest %d", self.job, cid)
-            os._exit(1)
         await self._write_manifest(manifest, pending)
         pending.phases["manifest_written"] = time.time()
-        # Step 4. Sinks publish what this checkpoint covers.
-        if manifest.kind == CHECKPOINT:
+        # Step 4. The recovery point moves, then sinks publish what it covers.
+        pending.phase = Phase.NOTIFYING
+        if kind == CHECKPOINT:
             self.last_checkpoint_id = cid
         self.store.add(manifest)
         self.failures.succeeded()
@@ -336,17 +427,31 @@ class CheckpointCoordinator:
             "state_bytes": manifest.state_bytes,
             "time": manifest.created_at,
         }
-        try:
-            await self.gateway.notify_complete(cid, wait=final)
-        except Exception as exc:  # the checkpoint stands; a restore re-issues commits
-            log.warning("job %s: notifying checkpoint %d failed: %s", self.job, cid, exc)
-        pending.phases["sinks_notified"] = time.time()
-        # Step 5. Retention, in the background.
-        if manifest.kind == CHECKPOINT and (self._gc_task is None or self._gc_task.done()):
-            self._gc_task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self.store.collect_garbage)
-            )
+        await self.fault(fault_point(kind, final, "after_manifest"), cid)
+        if kind == CHECKPOINT:
+            # A savepoint commits nothing: what sinks staged for it stays staged
+            # and is committed by the next checkpoint (docs/protocol.md, S2).
+            try:
+                await self.gateway.notify_complete(cid, wait=final)
+            except Exception as exc:  # the checkpoint stands; a restore re-issues commits
+                log.warning("job %s: notifying checkpoint %d failed: %s", self.job, cid, exc)
+            pending.phases["sinks_notified"] = time.time()
+            await self.fault(fault_point(kind, final, "after_notify"), cid)
+            # Step 5. Retention, in the background.
+            if self._gc_task is None or self._gc_task.done():
+                self._gc_task = asyncio.get_running_loop().create_task(
+                    asyncio.to_thread(self._collect_garbage)
+                )
         return manifest
+
+    def _collect_garbage(self) -> None:
+        self.store.collect_garbage()
+        try:
+            self.storage.collect_temporaries(
+                f"{self.job}/", max(TEMPORARY_MAX_AGE_S, 2 * self.config.timeout_s)
+            )
+        except (StorageError, OSError) as exc:
+            log.debug("job %s: temporaries not collected: %s", self.job, exc)
 
     async def _write_manifest(self, manifest: Manifest, pending: PendingCheckpoint) -> None:
         cid = manifest.checkpoint_id
@@ -355,15 +460,25 @@ class CheckpointCoordinator:
             key = MANIFEST_NAME
         else:
             storage, key = self.storage, manifest_key(self.job, cid)
+        if self.lease is not None:
+            try:
+                leases.check_can_commit(self.lease)
+            except leases.LeaseExpired as exc:
+                raise CheckpointFailed(FailureReason.LEASE.format(id=cid, reason=exc)) from exc
+        data = manifest.to_json()
         try:
-            created = await asyncio.to_thread(storage.put_if_absent, key, manifest.to_json())
+            ours = await asyncio.to_thread(
+                create_once, storage, key, data, resolve_s=max(10.0, self.config.timeout_s)
+            )
         except StorageError as exc:
+            # Every try failed: the manifest may or may not have been created.
             raise CheckpointFailed(
-                FailureReason.MANIFEST_FAILED.format(id=cid, reason=exc)
+                FailureReason.MANIFEST_UNKNOWN.format(id=cid, reason=exc), fatal=True
             ) from exc
-        if not created:
+        if not ours:
             raise CheckpointFailed(
-                FailureReason.MANIFEST_EXISTS.format(id=cid, where=storage.describe(key))
+                FailureReason.MANIFEST_EXISTS.format(id=cid, where=storage.describe(key)),
+                fatal=True,
             )
 
     # -- observation -----------------------------------------------------------
@@ -377,4 +492,40 @@ class CheckpointCoordinator:
             "last": self.last,
             "last_failure": self.last_failure,
             "storage": self.config.storage,
+            "run_id": self.run_id,
+            "next_id": self.next_id,
         }
+
+
+def check_savepoint_location(location: str) -> None:
+    """A savepoint goes into an empty place only: its objects are never overwritten."""
+    storage = open_storage(location)
+    try:
+        existing = storage.list("")
+    except StorageError as exc:
+        raise CheckpointFailed(f"savepoint location {location} cannot be read: {exc}") from exc
+    if existing:
+        raise CheckpointFailed(
+            f"savepoint location {location} is not empty (it holds {len(existing)} "
+            f"object(s), e.g. {existing[0]!r}); a savepoint needs a new, empty path so that "
+            "no earlier savepoint is overwritten",
+            counts=False,
+        )
+
+
+def _remove_attempt(location: str, prefix: str) -> None:
+    """Delete the objects of a failed savepoint attempt (best effort)."""
+    try:
+        storage = open_storage(location)
+        storage.delete(storage.list(prefix))
+    except StorageError as exc:
+        log.debug("objects of a failed savepoint in %s not removed: %s", location, exc)
+
+
+def clear_savepoint(location: str) -> None:
+    """Delete everything in a savepoint location that this job alone wrote to."""
+    storage = open_storage(location)
+    keys = storage.list("")
+    # The manifest first: from that moment the savepoint does not exist.
+    storage.delete([k for k in keys if k == MANIFEST_NAME])
+    storage.delete([k for k in keys if k != MANIFEST_NAME])

@@ -3,26 +3,38 @@
 Layout in the storage (keys relative to its root)::
 
     <job>/checkpoints/<id, 10 digits>/manifest.json       the commit point
-    <job>/checkpoints/<id, 10 digits>/<stage>-<partition>.snapshot
+    <job>/checkpoints/<id, 10 digits>/<stage>-<partition>-<run>.snapshot
+    <job>/lease/<generation, 10 digits>.json              who may commit
 
 A savepoint is a folder of its own holding ``manifest.json`` and its
 snapshot objects. Object keys in a manifest are relative to the storage
 root the manifest belongs to (the checkpoint storage, or the savepoint
-folder). A checkpoint whose manifest is missing does not exist.
+folder). A checkpoint whose manifest is missing does not exist. Every
+object is created only if absent and its key names the run that wrote it,
+so no run ever overwrites another's objects.
+
+The manifest carries a sha256 of its own content (``"sha256"``, over the
+JSON document without that field), checked on every read: source offsets
+that are not plain JSON are stored pickled, and nothing unchecked is ever
+unpickled.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import pickle
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rayflow._internal.pickling import dumps_value
 from rayflow._internal.plan import Plan
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Formats this version reads (1 had no checksum and no run id).
+READABLE_FORMATS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 CHECKPOINT = "checkpoint"
 SAVEPOINT = "savepoint"
@@ -60,13 +72,28 @@ def encode_offset(offset: Any) -> dict[str, Any]:
             return {"json": offset}
     except (TypeError, ValueError):
         pass
-    return {"pickle": base64.b64encode(pickle.dumps(offset)).decode(), "repr": repr(offset)}
+    return {"pickle": base64.b64encode(dumps_value(offset)).decode(), "repr": repr(offset)}
 
 
 def decode_offset(data: dict[str, Any]) -> Any:
+    """An offset from :func:`encode_offset`; only call it on a checked manifest."""
     if "json" in data:
         return data["json"]
     return pickle.loads(base64.b64decode(data["pickle"]))
+
+
+def describe_offset(data: dict[str, Any]) -> Any:
+    """An offset for people: itself if plain JSON, else its repr (never unpickled)."""
+    return data["json"] if "json" in data else data.get("repr", "<pickled>")
+
+
+class CorruptManifest(ValueError):
+    """A manifest whose content does not match its own checksum."""
+
+
+def _digest(doc: dict[str, Any]) -> str:
+    body = {k: v for k, v in doc.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -137,6 +164,7 @@ class Manifest:
     flow: dict[str, Any]
     operators: tuple[OperatorSnapshot, ...]
     format: int = FORMAT_VERSION
+    run_id: str = ""  # the run that wrote it (empty in format 1)
 
     @property
     def sources(self) -> dict[str, dict[int, Any]]:
@@ -171,6 +199,14 @@ class Manifest:
                 sizes[o.key] = o.size
         return sum(sizes.values())
 
+    def encoded_sources(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Source step -> source partition -> encoded offset (nothing unpickled)."""
+        merged: dict[str, dict[str, dict[str, Any]]] = {}
+        for op in self.operators:
+            for step, parts in op.sources.items():
+                merged.setdefault(step, {}).update(parts)
+        return merged
+
     def step_parallelism(self, step: str) -> int | None:
         for s in self.flow.get("steps", []):
             if s["name"] == step:
@@ -178,13 +214,10 @@ class Manifest:
         return None
 
     def to_json(self) -> bytes:
-        sources = {
-            step: {str(sp): encode_offset(off) for sp, off in parts.items()}
-            for step, parts in self.sources.items()
-        }
-        doc = {
-            "format": self.format,
+        doc: dict[str, Any] = {
+            "format": FORMAT_VERSION,
             "job": self.job,
+            "run_id": self.run_id,
             "checkpoint_id": self.checkpoint_id,
             "kind": self.kind,
             "created_at": self.created_at,
@@ -192,19 +225,25 @@ class Manifest:
             "written_bytes": self.written_bytes,
             "state_bytes": self.state_bytes,
             "flow": self.flow,
-            "sources": sources,
+            "sources": self.encoded_sources(),
             "operators": [op.to_json() for op in self.operators],
         }
+        doc["sha256"] = _digest(doc)
         return json.dumps(doc, indent=1, sort_keys=False).encode()
 
     @staticmethod
     def from_json(data: bytes) -> Manifest:
         doc = json.loads(data)
         fmt = int(doc.get("format", 0))
-        if fmt != FORMAT_VERSION:
+        if fmt not in READABLE_FORMATS:
             raise ValueError(
                 f"checkpoint manifest format {fmt} is not supported by this rayflow "
-                f"(it reads format {FORMAT_VERSION})"
+                f"(it reads formats {', '.join(map(str, READABLE_FORMATS))})"
+            )
+        if fmt >= 2 and doc.get("sha256") != _digest(doc):
+            raise CorruptManifest(
+                f"manifest of checkpoint {doc.get('checkpoint_id')} of job {doc.get('job')!r} "
+                "does not match its checksum; it is not used"
             )
         return Manifest(
             job=doc["job"],
@@ -215,6 +254,7 @@ class Manifest:
             flow=doc["flow"],
             operators=tuple(OperatorSnapshot.from_json(o) for o in doc["operators"]),
             format=fmt,
+            run_id=str(doc.get("run_id", "")),
         )
 
 

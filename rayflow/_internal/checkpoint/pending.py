@@ -11,6 +11,18 @@ from rayflow._internal.checkpoint.snapshot import BarrierInfo
 ActorKey = tuple[str, int]
 
 
+class Phase(enum.IntEnum):
+    """Where a checkpoint in flight is. From COMMITTING on it can no longer be abandoned:
+    its manifest may be written, so whoever wants to know the job's recovery
+    point must wait for the outcome."""
+
+    TRIGGERING = 1
+    ACKNOWLEDGING = 2
+    COMMITTING = 3  # the manifest is being written
+    NOTIFYING = 4  # the manifest is written; sinks are being told
+    DONE = 5
+
+
 class AckOutcome(enum.Enum):
     """What became of an acknowledgement (a value, not an exception)."""
 
@@ -27,9 +39,15 @@ class FailureReason(enum.Enum):
     DECLINED = "checkpoint {id} was declined by {actor}: {reason}"
     MANIFEST_FAILED = "checkpoint {id}: its manifest could not be written: {reason}"
     MANIFEST_EXISTS = (
-        "checkpoint {id}: a manifest with this id already exists in {where}; another "
-        "job is writing checkpoints to the same storage"
+        "checkpoint {id}: another run wrote a manifest with this id in {where}; two "
+        "runs of the job used the storage at once (this run stops: see the job's lease)"
     )
+    MANIFEST_UNKNOWN = (
+        "checkpoint {id}: could not tell whether its manifest was written ({reason}); "
+        "the job stops rather than guess (resume=True continues from what the storage holds)"
+    )
+    LEASE = "checkpoint {id} was not committed: {reason}"
+    FENCED = "checkpoint {id} was not committed: {reason}"
     TRIGGER_FAILED = "checkpoint {id} could not be started: {reason}"
     JOB_ENDING = "checkpoint {id} was abandoned because the job is ending"
     RESTARTING = "checkpoint {id} was abandoned because the job is restarting"
@@ -47,6 +65,7 @@ class PendingCheckpoint:
         self.started_at = time.time()
         self.failure: str | None = None
         self.failure_reason: FailureReason | None = None
+        self.phase = Phase.TRIGGERING
         self.phases: dict[str, float] = {}  # phase name -> wall-clock time it ended
 
     @property
@@ -70,6 +89,11 @@ class PendingCheckpoint:
             return AckOutcome.DUPLICATE
         self.acks[key] = snapshot
         return AckOutcome.SUCCESS
+
+    @property
+    def abandonable(self) -> bool:
+        """True until the manifest write begins (then only its outcome decides)."""
+        return self.phase < Phase.COMMITTING
 
     def fail(self, reason: FailureReason, message: str) -> None:
         if self.failure is None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayflow._internal.checkpoint.manifest import ObjectInfo
+from rayflow._internal.pickling import dumps_value
 from rayflow.errors import RayflowError
 
 MAGIC = b"RFSNAP1\n"
@@ -39,7 +40,8 @@ class BarrierInfo:
 
     ``last_completed`` is the newest checkpoint that was complete when this
     one was triggered; operators use it to tell which of their earlier
-    snapshots became part of the committed chain.
+    snapshots became part of the committed chain. ``run_id`` names the run
+    (the lease generation): it is part of every object key the run writes.
     """
 
     checkpoint_id: int
@@ -47,10 +49,15 @@ class BarrierInfo:
     storage: str  # where the objects go (the checkpoint storage, or the savepoint folder)
     last_completed: int
     object_prefix: str  # key prefix of the objects of this checkpoint
+    run_id: str = ""
+
+    def object_key(self, stage: str, partition: int) -> str:
+        suffix = f"-{self.run_id}" if self.run_id else ""
+        return f"{self.object_prefix}{stage}-{partition}{suffix}.snapshot"
 
 
 def encode(doc: dict[str, Any]) -> bytes:
-    return MAGIC + pickle.dumps(doc, protocol=5)
+    return MAGIC + dumps_value(doc)
 
 
 def sha256(data: bytes) -> str:

@@ -3,26 +3,17 @@
 Named ``rayflow/<job>/coordinator``. The operator actors are created by the
 coordinator and therefore owned by it: if it dies they die with it (the
 driver then starts a new coordinator from the latest manifest), and a job
-never leaves orphaned actors behind. The coordinator stays thin: the Ray
-calls are in :class:`Deployment`, the checkpoint protocol in
-:class:`CheckpointCoordinator`, the restart policy in :class:`RestartTracker`.
-
-Recovery, step by step (the job restarts as a whole, from its last complete
-checkpoint, since records may have crossed every channel since):
-
-1. Suspend checkpoints (the one in flight is abandoned).
-2. Reset the living operators: each drops its task for a fresh one of a new
-   epoch, so that batches still on the wire are ignored.
-3. Replace the dead ones (same names) from the plan.
-4. Let sinks drop what was staged after the checkpoint; restore every
-   operator's share of it (state, source offsets, commits to re-issue).
-5. Reconnect the channels and run; checkpoints resume.
+never leaves orphaned actors behind. The coordinator only wires its
+collaborators: the Ray calls are in :class:`Deployment`, the checkpoint
+protocol in :class:`CheckpointCoordinator`, restoring and recovering in
+:class:`Failover`, the restart policy in :class:`RestartTracker`, the lease
+in ``checkpoint/lease.py`` and fault injection in :class:`FaultInjector`.
 
 With checkpointing, a job ends with a final checkpoint: when every source
-is exhausted (or stopped), the coordinator takes one more checkpoint (a
-savepoint, if the stop asked for one), and only after it is committed do
-the sources end their streams. So every record that reached a sink is
-covered by a committed checkpoint.
+is exhausted (or stopped), the coordinator takes one more checkpoint
+(preceded by a savepoint, if the stop asked for one), and only after it is
+committed do the sources end their streams. So every record that reached a
+sink is covered by a committed checkpoint.
 """
 
 from __future__ import annotations
@@ -35,19 +26,28 @@ from typing import Any
 
 import ray
 
-from rayflow._internal.checkpoint.coordinator import CheckpointCoordinator, CheckpointFailed
+from rayflow._internal.checkpoint import lease as leases
+from rayflow._internal.checkpoint.coordinator import (
+    CheckpointCoordinator,
+    CheckpointFailed,
+    check_savepoint_location,
+    clear_savepoint,
+)
 from rayflow._internal.checkpoint.manifest import CHECKPOINT, SAVEPOINT, Manifest, describe_flow
-from rayflow._internal.checkpoint.restore import RestorePoint, assign
-from rayflow._internal.checkpoint.snapshot import CorruptSnapshot
+from rayflow._internal.checkpoint.restore import RestorePoint
+from rayflow._internal.checkpoint.start import StartDecision
 from rayflow._internal.job.deployment import ActorKey, Deployment
+from rayflow._internal.job.failover import Failover
+from rayflow._internal.job.faults import FaultInjector
 from rayflow._internal.job.report import JobReport, JobStatus
 from rayflow._internal.job.restarts import RestartTracker
 from rayflow._internal.plan import Plan, decode_plan
 from rayflow._internal.runtime.task import TaskOutcome
-from rayflow._internal.spec import StepKind
-from rayflow._internal.storage.base import ObjectNotFound, normalize_uri
+from rayflow._internal.storage import StorageError, open_storage
+from rayflow._internal.storage.base import normalize_uri
 from rayflow.config import AT_LEAST_ONCE, Checkpointing, RestartStrategy, RuntimeConfig
 from rayflow.errors import Failure
+from rayflow.testing import Fault
 
 log = logging.getLogger("rayflow")
 
@@ -55,8 +55,6 @@ log = logging.getLogger("rayflow")
 FAILURE_GRACE_S = 0.2
 #: Pause between attempts at the final checkpoint.
 FINAL_RETRY_S = 0.5
-#: An actor that does not answer a ping this fast during a recovery is replaced.
-PING_TIMEOUT_S = 1.0
 
 # Root causes first: a user error explains an actor's exit; a lost actor explains
 # the broken channels of its neighbours.
@@ -73,26 +71,31 @@ class JobCoordinator:
         job: str,
         plan_blob: bytes,
         config: RuntimeConfig,
-        checkpointing: Checkpointing | None = None,
-        restore_point: RestorePoint | None = None,
-        crash_before_manifest: int | None = None,
+        checkpointing: Checkpointing | None,
+        start: StartDecision,
         restart: RestartStrategy | None = None,
-        next_checkpoint_id: int | None = None,
+        faults: tuple[Fault, ...] = (),
+        driver_pid: int | None = None,
         startup_timeout_s: float = 600.0,
     ):
         self.job = job
         self._plan_blob = plan_blob
         self._config = config
         self._checkpointing = checkpointing
+        self._start = start
+        self.run_id = start.run_id
+        self._lease = start.lease
         # The checkpoint a restart goes back to: the start point, then each completed one.
-        self._recovery_point = restore_point
-        self._crash_before_manifest = crash_before_manifest
-        self._next_checkpoint_id = next_checkpoint_id
+        self._recovery_point = start.point
         self._startup_timeout_s = startup_timeout_s
         self._restarts = RestartTracker(restart if checkpointing is not None else None)
+        self.faults = FaultInjector(job, driver_pid=driver_pid, kill_actor=self._kill_actor)
+        for fault in faults:
+            self.faults.arm(fault)
         self.plan: Plan | None = None
         self.deployment: Deployment | None = None
         self.checkpoints: CheckpointCoordinator | None = None
+        self.failover: Failover | None = None
         self._status = JobStatus.STARTING
         self._report = JobReport(job=job, status=JobStatus.STARTING, started_at=time.time())
         self._finished: asyncio.Event | None = None
@@ -102,8 +105,10 @@ class JobCoordinator:
         self._stopping = False
         self._stop_when_running = False
         self._final_savepoint: str | None = None
+        self._final_savepoint_id = 0
         self._sources_done: set[ActorKey] = set()
         self._fatal: list[Failure] = []
+        self._fenced = False
         self._runs: dict[ActorKey, asyncio.Future[Any]] = {}
         self._events: list[dict[str, Any]] = []  # finished checkpoints and recoveries, for traces
         self._event_seq = 0
@@ -123,97 +128,64 @@ class JobCoordinator:
                 self._config,
                 cp.full_every if cp else None,
                 align=not (cp and cp.mode == AT_LEAST_ONCE),
+                run_id=self.run_id,
+                final_checkpoint_id=self._start.first_checkpoint_id,
             )
             point = self._recovery_point
             if cp is not None:
-                restored = point.manifest.checkpoint_id if point else 0
+                await self._claim_lease()
                 self.checkpoints = CheckpointCoordinator(
                     self.job,
                     describe_flow(plan),
                     cp,
                     self.deployment,
-                    next_id=max(self._next_checkpoint_id or 0, restored + 1),
+                    next_id=self._start.first_checkpoint_id,
                     last_completed=point.manifest if point else None,
-                    crash_before_manifest=self._crash_before_manifest,
+                    lease=self._lease,
+                    run_id=self.run_id,
                 )
                 self.checkpoints.on_completed = self._checkpoint_completed
                 self.checkpoints.on_finished = self._event
+                self.checkpoints.fault = self.faults.hit
+            self.failover = Failover(
+                self.job,
+                plan,
+                self.deployment,
+                checkpointing=cp,
+                checkpoints=self.checkpoints,
+                run_id=self.run_id,
+                coordinator_handle=ray.get_runtime_context().current_actor,
+                fault=self.faults.hit,
+                startup_timeout_s=self._startup_timeout_s,
+            )
             self.deployment.create()
             await self.deployment.wait_ready(self._startup_timeout_s)
-            await self._restore_and_run(point)
+            await self._run_from(point)
             self._report.running_at = time.time()
         except Exception as exc:
             self._end(JobStatus.FAILED, [_startup_failure(exc)])
             if self.deployment is not None:
                 self.deployment.kill()
+            await self._release_lease()
             return self._report
         self._set_status(JobStatus.RUNNING)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._supervise()))
         if self.checkpoints is not None:
             self._tasks.append(loop.create_task(self.checkpoints.run(self._checkpoints_fatal)))
+        if self._lease is not None:
+            self._tasks.append(loop.create_task(self._keep_lease()))
         if self._stop_when_running:
             await self.stop(self._final_savepoint)
         return self._report
 
-    async def _restore_and_run(self, point: RestorePoint | None) -> None:
-        """Sinks clean up, operators restore ``point`` (if any), connect and run.
-
-        If an object of ``point`` is missing or fails its checksum, the
-        previous retained checkpoint is used instead (with a warning: output
-        that sinks committed after it may then appear twice).
-        """
-        assert self.plan is not None and self.deployment is not None
-        candidates = [point]
-        if point is not None and self.checkpoints is not None:
-            older = [
-                RestorePoint(point.storage, m)
-                for m in reversed(self.checkpoints.store.retained())
-                if m.checkpoint_id < point.manifest.checkpoint_id
-            ]
-            candidates.extend(older)
-        for i, candidate in enumerate(candidates):
-            try:
-                await self._restore(candidate)
-                break
-            except Exception as exc:
-                if i + 1 == len(candidates) or not _unusable_checkpoint(exc):
-                    raise
-                assert candidate is not None
-                nxt = candidates[i + 1]
-                assert nxt is not None
-                log.warning(
-                    "job %s: checkpoint %d cannot be restored (%s); falling back to "
-                    "checkpoint %d (output committed after it may repeat)",
-                    self.job,
-                    candidate.manifest.checkpoint_id,
-                    _first_line(exc),
-                    nxt.manifest.checkpoint_id,
-                )
-                # Start the operators over from a clean slate before the next try.
-                self.deployment.epoch += 1
-                await self.deployment.reset(list(self.deployment.handles), None)
-        self._report.restored_checkpoint = (
-            candidate.manifest.checkpoint_id if candidate is not None else None
-        )
-        if candidate is not point:
-            self._recovery_point = candidate
-        await self.deployment.connect(ray.get_runtime_context().current_actor)
+    async def _run_from(self, point: RestorePoint | None) -> None:
+        assert self.failover is not None and self.deployment is not None
+        restored = await self.failover.run_from(point)
+        self._report.restored_checkpoint = restored.manifest.checkpoint_id if restored else None
+        if restored is not point:
+            self._recovery_point = restored
         self._runs = self.deployment.run_all()
-
-    async def _restore(self, point: RestorePoint | None) -> None:
-        assert self.plan is not None and self.deployment is not None
-        restored_id = point.manifest.checkpoint_id if point else None
-        for step in self.plan.flow.steps:
-            if step.kind is StepKind.SINK:
-                await asyncio.to_thread(
-                    step.connector.setup, self.job, restored_checkpoint=restored_id
-                )
-        if point is not None:
-            cp = self._checkpointing
-            await self.deployment.restore(
-                assign(self.plan, point, continue_in=cp.storage if cp else None)
-            )
 
     async def wait(self) -> JobReport:
         assert self._finished is not None, "start() first"
@@ -256,7 +228,10 @@ class JobCoordinator:
         self._report.events = list(self._events)
 
     async def stop(self, savepoint: str | None = None) -> None:
-        """Graceful stop: sources stop; with checkpoints a final one (or a savepoint) commits."""
+        """Graceful stop: sources stop; with checkpoints a final one (after a savepoint) commits."""
+        if savepoint is not None:
+            # Refuse a bad location now, while the caller can still choose another.
+            await asyncio.to_thread(check_savepoint_location, savepoint)
         self._final_savepoint = savepoint
         if self._status is JobStatus.STARTING:
             self._stop_when_running = True
@@ -275,6 +250,59 @@ class JobCoordinator:
             self.checkpoints.close()
         if self.deployment is not None:
             self.deployment.kill()
+
+    # -- fault injection (rf.testing) --------------------------------------------
+
+    async def arm_fault(self, fault: Fault) -> int:
+        return self.faults.arm(fault)
+
+    async def disarm_fault(self, fault_id: int) -> bool:
+        return self.faults.disarm(fault_id)
+
+    async def fired_faults(self) -> list[dict[str, Any]]:
+        return list(self.faults.fired)
+
+    def _kill_actor(self, name: str) -> None:
+        self._deployed.kill_by_name(name)
+
+    # -- the lease -----------------------------------------------------------------
+
+    async def _claim_lease(self) -> None:
+        """Record this coordinator in the lease and renew it once, before deploying."""
+        lease = self._lease
+        if lease is None or self._checkpointing is None:
+            return
+        lease.holder = {
+            **lease.holder,
+            "coordinator_actor_id": ray.get_runtime_context().get_actor_id(),
+        }
+        await asyncio.to_thread(leases.renew, open_storage(self._checkpointing.storage), lease)
+
+    async def _keep_lease(self) -> None:
+        lease = self._lease
+        assert lease is not None and self._checkpointing is not None
+        storage = open_storage(self._checkpointing.storage)
+        pause = lease.ttl_s / 3
+        while True:
+            await asyncio.sleep(pause)
+            try:
+                await asyncio.to_thread(leases.renew, storage, lease)
+                pause = lease.ttl_s / 3
+            except leases.LeaseLost as exc:
+                self._fenced = True
+                self._fatal.append(Failure(kind="checkpoint", message=str(exc)))
+                assert self._wake is not None
+                self._wake.set()
+                return
+            except (StorageError, OSError) as exc:
+                log.warning("job %s: renewing the lease failed (will retry): %s", self.job, exc)
+                pause = max(0.2, lease.ttl_s / 10)
+
+    async def _release_lease(self) -> None:
+        if self._lease is None or self._checkpointing is None or self._fenced:
+            return
+        storage = open_storage(self._checkpointing.storage)
+        await asyncio.to_thread(leases.release, storage, self._lease)
 
     # -- checkpoints -----------------------------------------------------------
 
@@ -319,29 +347,41 @@ class JobCoordinator:
         self._final_task = asyncio.get_running_loop().create_task(self._final_checkpoint())
 
     async def _final_checkpoint(self) -> None:
+        """A savepoint first if the stop asked for one (it commits nothing), then the
+        final checkpoint, which commits everything: the savepoint and the final
+        checkpoint cover the same records, since the sources stopped before both."""
         assert self.checkpoints is not None
-        kind = SAVEPOINT if self._final_savepoint else CHECKPOINT
-        while not self._fatal:
+        location = self._final_savepoint
+        if location is not None and self._report.savepoint is None:
+            # stop() checked that the location was empty: what is there now is ours.
+            saved = await self._until_done(SAVEPOINT, location)
+            self._final_savepoint_id = saved.checkpoint_id
+            self._report.savepoint = location
+        manifest = await self._until_done(CHECKPOINT, None)
+        self._report.final_checkpoint = manifest.checkpoint_id
+        await self._deployed.finish_sources()
+
+    async def _until_done(self, kind: str, location: str | None) -> Manifest:
+        assert self.checkpoints is not None
+        while True:
             try:
-                manifest = await self.checkpoints.trigger(kind, self._final_savepoint, final=True)
+                return await self.checkpoints.trigger(
+                    kind, location, final=True, check_location=False
+                )
             except CheckpointFailed as exc:
-                log.warning("job %s: final checkpoint failed, retrying: %s", self.job, exc)
+                log.warning("job %s: final %s failed, retrying: %s", self.job, kind, exc)
                 await asyncio.sleep(FINAL_RETRY_S)
-                continue
-            self._report.final_checkpoint = manifest.checkpoint_id
-            if kind == SAVEPOINT:
-                self._report.savepoint = self._final_savepoint
-            await self._deployed.finish_sources()
-            return
 
     def _checkpoints_fatal(self, reasons: list[str]) -> None:
-        self._fatal.append(
-            Failure(
-                kind="checkpoint",
-                message=f"{len(reasons)} checkpoints failed in a row (the limit is "
-                f"Checkpointing.max_consecutive_failures); the last: {reasons[-1]}",
-                traceback="\n".join(reasons),
+        if len(reasons) > 1:
+            message = (
+                f"{len(reasons)} checkpoints failed in a row (the limit is "
+                f"Checkpointing.max_consecutive_failures); the last: {reasons[-1]}"
             )
+        else:
+            message = reasons[-1]
+        self._fatal.append(
+            Failure(kind="checkpoint", message=message, traceback="\n".join(reasons))
         )
         assert self._wake is not None
         self._wake.set()
@@ -367,8 +407,10 @@ class JobCoordinator:
             failures = await self._watch()
         if self.checkpoints is not None:
             self.checkpoints.close()
+            await self.checkpoints.wait_idle()
         self._report.metrics = await self._deployed.metrics()
         self._deployed.kill()
+        await self._release_lease()
         self._end(JobStatus.STOPPED if self._stopping else JobStatus.FINISHED, [])
 
     async def _watch(self) -> list[Failure]:
@@ -393,8 +435,10 @@ class JobCoordinator:
     async def _fail(self, failures: list[Failure]) -> None:
         if self.checkpoints is not None:
             self.checkpoints.close()
+            await self.checkpoints.wait_idle()
         self._report.metrics = await self._deployed.metrics(timeout_s=2.0)
         self._deployed.kill()
+        await self._release_lease()
         history = [f for _, f in self._restarts.history]
         ordered = order_failures(failures)
         if len(history) > 1:
@@ -414,57 +458,37 @@ class JobCoordinator:
         self._end(JobStatus.FAILED, ordered)
 
     async def _recover(self, failures: list[Failure], delay: float) -> None:
-        detected = time.time()
-        dep = self._deployed
-        point = self._recovery_point
-        restore_to = point.manifest.checkpoint_id if point else None
+        assert self.failover is not None
         self._set_status(JobStatus.RECOVERING)
-        # Step 1. No checkpoint while the operators restart; forget the end game.
-        if self.checkpoints is not None:
-            self.checkpoints.suspend()
+        # Step 1. Forget the end game, then quiesce: the recovery point is read only
+        # once no manifest write is in flight (docs/protocol.md, rule R1).
         if self._final_task is not None:
             self._final_task.cancel()
             self._final_task = None
-        self._sources_done.clear()
-        await asyncio.sleep(delay)
-        phases = {"backoff": time.time()}
-        # Step 2. Reset the living operators into a new epoch.
-        dead: set[ActorKey] = {
-            (f.step, f.partition)
-            for f in failures
-            if f.kind == "actor_died" and f.step is not None and f.partition is not None
-        }
-        dead = {k for k in dead if k in dep.handles} | await dep.unresponsive(PING_TIMEOUT_S)
-        dep.epoch += 1
-        replayed = 0
-        results = await dep.reset([k for k in dep.handles if k not in dead], restore_to)
-        for key, result in results.items():
-            if isinstance(result, BaseException):
-                dead.add(key)
-            else:
-                replayed += result
-        phases["reset_living"] = time.time()
-        # Step 3. Replace the dead from the plan.
-        dep.kill(dead)
-        await dep.replace(sorted(dead))
-        await dep.wait_ready(self._startup_timeout_s, dead)
-        phases["replaced_dead"] = time.time()
-        # Steps 4 and 5. Restore the last checkpoint, reconnect, run.
-        await self._restore_and_run(point)
-        phases["restored_and_running"] = time.time()
         if self.checkpoints is not None:
-            self.checkpoints.resume(point.manifest if point else None)
+            await self.checkpoints.quiesce()
+        self._sources_done.clear()
+        point = self._recovery_point
+        restored_id = point.manifest.checkpoint_id if point else 0
+        if self._final_savepoint is not None and not (
+            self._report.savepoint is not None and restored_id > self._final_savepoint_id
+        ):
+            # A stop's savepoint must cover what the job committed (R2). Going back
+            # to a checkpoint before it, the job will commit less: take it again.
+            # (Going back to the final checkpoint after it changes nothing.)
+            self._report.savepoint = None
+            await asyncio.to_thread(clear_savepoint, self._final_savepoint)
+        record, phases, restored = await self.failover.recover(failures, delay, point)
+        if restored is not point:
+            self._recovery_point = restored
+        self._report.restored_checkpoint = record["restored_checkpoint"]
+        self._runs = self._deployed.run_all()
+        if self.checkpoints is not None:
+            self.checkpoints.resume(restored.manifest if restored else None)
         self._set_status(JobStatus.STOPPING if self._stopping else JobStatus.RUNNING)
         if self._stopping:
-            await dep.stop_sources()
-        record: dict[str, Any] = {
-            "detected_at": detected,
-            "cause": order_failures(failures)[0].describe(),
-            "replaced": sorted(dep.name(k) for k in dead),
-            "restored_checkpoint": restore_to,
-            "records_replayed": replayed,
-            "recovered_in_s": None,
-        }
+            await self._deployed.stop_sources()
+        record["cause"] = order_failures(failures)[0].describe()
         self._report.recoveries.append(record)
         self._tasks.append(
             asyncio.get_running_loop().create_task(self._time_recovery(record, phases))
@@ -521,18 +545,6 @@ class JobCoordinator:
             log.error("job %s failed: %s", self.job, failures[0].describe())
         assert self._finished is not None
         self._finished.set()
-
-
-def _unusable_checkpoint(exc: BaseException) -> bool:
-    """A restore that failed because the checkpoint's objects are missing or corrupt."""
-    seen: BaseException | None = exc
-    for _ in range(10):  # Ray wraps causes; follow a few links
-        if seen is None:
-            break
-        if isinstance(seen, (CorruptSnapshot, ObjectNotFound)):
-            return True
-        seen = getattr(seen, "cause", None) or seen.__cause__
-    return False
 
 
 def _key(key: Any) -> ActorKey:

@@ -40,12 +40,17 @@ class Deployment:
         config: RuntimeConfig,
         full_every: int | None = None,
         align: bool = True,
+        *,
+        run_id: str = "",
+        final_checkpoint_id: int = 1,
     ):
         self.job = job
         self.plan = plan
         self.config = config
         self.full_every = full_every
         self.align = align
+        self.run_id = run_id
+        self.final_checkpoint_id = final_checkpoint_id
         self.epoch = 0
         self.handles: dict[ActorKey, Any] = {}
         self._plan_ref: Any = None
@@ -83,6 +88,8 @@ class Deployment:
                 self.full_every,
                 self.align,
                 self.epoch,
+                self.run_id,
+                self.final_checkpoint_id,
             )
 
     async def replace(self, keys: Iterable[ActorKey], timeout_s: float = 10.0) -> None:
@@ -218,9 +225,18 @@ class Deployment:
         await self._call_sources("trigger_checkpoint", barrier)
 
     async def notify_complete(self, checkpoint_id: int, *, wait: bool) -> None:
-        calls = [h.notify_complete.remote(checkpoint_id) for h in self.handles.values()]
+        """Sinks commit up to ``checkpoint_id``; tasks of another epoch ignore it."""
+        calls = [h.notify_complete.remote(checkpoint_id, self.epoch) for h in self.handles.values()]
         if wait:
             await asyncio.gather(*(_wrap(c) for c in calls))
+
+    def kill_by_name(self, name: str) -> None:
+        """Kill one operator actor by its name (fault injection)."""
+        for key, handle in self.handles.items():
+            if self.name(key) == name:
+                ray.kill(handle, no_restart=True)
+                return
+        raise KeyError(f"no operator actor named {name!r} in job {self.job!r}")
 
     def kill(self, keys: Iterable[ActorKey] | None = None) -> None:
         for key in list(self.handles) if keys is None else list(keys):

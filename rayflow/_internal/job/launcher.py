@@ -14,14 +14,15 @@ from ray import cloudpickle as ray_cloudpickle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rayflow._internal import naming
-from rayflow._internal.checkpoint.restore import RestorePoint
+from rayflow._internal.checkpoint import lease as leases
+from rayflow._internal.checkpoint.start import StartDecision
 from rayflow._internal.job.collector import Collector
 from rayflow._internal.job.coordinator import JobCoordinator
 from rayflow._internal.plan import Plan, encode_plan
 from rayflow._internal.spec import StepKind
 from rayflow.config import Checkpointing, RestartStrategy, RuntimeConfig
 from rayflow.errors import BuildError, JobAlreadyRunningError
-from rayflow.testing import Collect
+from rayflow.testing import Collect, Fault
 
 log = logging.getLogger("rayflow")
 
@@ -128,11 +129,10 @@ def create_coordinator(
     plan: Plan,
     config: RuntimeConfig,
     checkpointing: Checkpointing | None,
-    restore_point: RestorePoint | None,
+    start: StartDecision,
     *,
     restart: RestartStrategy | None = None,
-    next_checkpoint_id: int | None = None,
-    crash_before_manifest: int | None = None,
+    faults: tuple[Fault, ...] = (),
 ) -> Any:
     blob = encode_plan(plan)
     return _RemoteCoordinator.options(
@@ -147,11 +147,31 @@ def create_coordinator(
         blob,
         config,
         checkpointing,
-        restore_point,
-        crash_before_manifest,
+        start,
         restart,
-        next_checkpoint_id,
+        faults,
+        os.getpid(),
     )
+
+
+def lease_holder() -> dict[str, Any]:
+    """Who takes a lease from this process: host, pid and Ray cluster."""
+    return leases.holder_info(ray.get_runtime_context().gcs_address)
+
+
+def lease_holder_alive(lease: leases.Lease) -> bool | None:
+    """Is the holder of ``lease`` alive? Known only on the same Ray cluster."""
+    holder = lease.holder
+    if holder.get("ray_cluster") != ray.get_runtime_context().gcs_address:
+        return None  # another cluster: only the lease's expiry can tell
+    recorded = holder.get("coordinator_actor_id")
+    if not recorded:
+        return None  # its coordinator was not running yet
+    try:
+        handle = ray.get_actor(naming.coordinator_actor(lease.job), namespace=naming.NAMESPACE)
+    except ValueError:
+        return False
+    return bool(handle._actor_id.hex() == recorded)
 
 
 def kill_quietly(handle: Any) -> None:

@@ -49,6 +49,8 @@ class OperatorActor:
         full_every: int | None,
         align: bool = True,
         epoch: int = 0,
+        run_id: str = "",
+        final_checkpoint_id: int = 1,
     ) -> None:
         # Streams allocate many short-lived tuples; the default gen-0 threshold
         # (700) makes the collector run thousands of times per second.
@@ -65,6 +67,8 @@ class OperatorActor:
                 full_every=full_every,
                 align=align,
                 epoch=epoch,
+                run_id=run_id,
+                final_checkpoint_id=final_checkpoint_id,
             )
 
         self._make = make
@@ -138,5 +142,5 @@ class OperatorActor:
     async def trigger_checkpoint(self, barrier: BarrierInfo) -> None:
         self.task.trigger_checkpoint(barrier)
 
-    async def notify_complete(self, checkpoint_id: int) -> None:
-        await self.task.notify_complete(checkpoint_id)
+    async def notify_complete(self, checkpoint_id: int, epoch: int) -> None:
+        await self.task.notify_complete(checkpoint_id, epoch)

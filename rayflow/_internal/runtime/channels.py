@@ -16,12 +16,13 @@ rotating over all, HASH by the key group of each ``(key, value)`` record.
 from __future__ import annotations
 
 import asyncio
+import operator
 import time
 from collections.abc import Callable
 from concurrent.futures import Future as ConcurrentFuture
 from typing import Any
 
-from rayflow._internal.keygroups import SUPPORTED_KEY_TYPES, KeyRouter
+from rayflow._internal.keygroups import SUPPORTED_KEY_TYPES, KeyRouter, stable_hash
 from rayflow._internal.plan import ChannelId
 from rayflow._internal.runtime import serde
 from rayflow._internal.runtime.mailbox import DATA
@@ -251,7 +252,7 @@ def rebalance_router(channels: list[OutputChannel]) -> Callable[[list[Any]], Non
 def hash_router(channels: list[OutputChannel], max_parallelism: int) -> Callable[[list[Any]], None]:
     """Route ``(key, value)`` records by the key group of ``key``."""
     if len(channels) == 1:
-        return forward_router(channels[0])
+        return _checking_forward_router(channels[0])
     router = KeyRouter(max_parallelism, len(channels))
     cache = router._cache
     partition = router.partition
@@ -274,13 +275,52 @@ def hash_router(channels: list[OutputChannel], max_parallelism: int) -> Callable
                     p = partition(kv[0])
                 buffers[p].append(kv)
         except TypeError as exc:
-            message = str(exc)
-            if "keys must be" not in message:  # unhashable: dict lookup failed
-                message = (
-                    f"key {kv[0]!r:.80} of type {type(kv[0]).__name__} cannot be used: "
-                    f"{exc}; keys must be {SUPPORTED_KEY_TYPES}"
-                )
             # Blame the user's record (the value), not our (key, value) pair.
-            raise UnroutableKey(kv[1], TypeError(message)) from None
+            raise UnroutableKey(kv[1], TypeError(_key_message(kv[0], exc))) from None
 
     return route
+
+
+def _checking_forward_router(channel: OutputChannel) -> Callable[[list[Any]], None]:
+    """One receiver: every record goes to it, but each new key is still checked.
+
+    A key that cannot be hashed stably would run at parallelism 1 and break
+    the job at any other (a resume at parallelism 2 would fail for good).
+    The distinct keys of a batch are found at C speed; only new ones are hashed.
+    """
+    forward = forward_router(channel)
+    checked: set[Any] = set()
+    first = operator.itemgetter(0)
+
+    def route(items: list[Any]) -> None:
+        try:
+            keys = set(map(first, items))
+        except TypeError:
+            keys = None  # an unhashable key: find it below
+        new = keys - checked if keys is not None else None
+        if new is None or new:
+            for kv in items:
+                key = kv[0]
+                if new is not None and key not in new:
+                    continue
+                try:
+                    stable_hash(key)
+                except TypeError as exc:
+                    raise UnroutableKey(kv[1], TypeError(_key_message(key, exc))) from None
+            if new is not None:
+                if len(checked) > 200_000:
+                    checked.clear()
+                checked.update(new)
+        forward(items)
+
+    return route
+
+
+def _key_message(key: Any, exc: BaseException) -> str:
+    message = str(exc)
+    if "keys must be" in message:
+        return message
+    return (
+        f"key {key!r:.80} of type {type(key).__name__} cannot be used: {exc}; "
+        f"keys must be {SUPPORTED_KEY_TYPES}"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
+import pickle
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,12 @@ class UserCodeError(Exception):
         self.cause = cause
         self.what = what
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle their args; ours are keywords and objects that may not
+        # pickle (a record, a cause holding a socket). Keep what travels.
+        args = (self.step, _portable(self.record), _portable_error(self.cause), self.what)
+        return (_rebuild_user_error, args)
+
     def failure(self, partition: int) -> Failure:
         record = self.what or short_repr(self.record)
         return Failure(
@@ -53,6 +60,29 @@ class UserCodeError(Exception):
             error_type=f"{type(self.cause).__module__}.{type(self.cause).__qualname__}",
             traceback="".join(traceback.format_exception(self.cause)),
         )
+
+
+def _rebuild_user_error(step: str, record: Any, cause: BaseException, what: str) -> UserCodeError:
+    return UserCodeError(step, record, cause, what=what)
+
+
+def _portable(value: Any) -> Any:
+    """``value`` if it pickles, else its short repr."""
+    try:
+        pickle.dumps(value)
+        return value
+    except Exception:
+        return short_repr(value)
+
+
+def _portable_error(exc: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        error = RuntimeError(f"{type(exc).__qualname__}: {exc}")
+        error.__traceback__ = exc.__traceback__
+        return error
 
 
 class Op:
@@ -344,7 +374,7 @@ class SourceOp(Op):
     __slots__ = ()
 
 
-def build_op(spec: StepSpec, job: str, partition: int) -> Op:
+def build_op(spec: StepSpec, job: str, partition: int, run_id: str = "") -> Op:
     kind = spec.kind
     if kind is StepKind.SOURCE:
         return SourceOp(spec.name)
@@ -352,7 +382,11 @@ def build_op(spec: StepSpec, job: str, partition: int) -> Op:
         return Op(spec.name)
     if kind is StepKind.SINK:
         ctx = SinkContext(
-            job=job, step=spec.name, partition=partition, parallelism=spec.parallelism
+            job=job,
+            step=spec.name,
+            partition=partition,
+            parallelism=spec.parallelism,
+            run_id=run_id,
         )
         return SinkOp(spec.name, spec.connector, ctx)
     assert spec.fn is not None

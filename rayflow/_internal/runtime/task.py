@@ -14,6 +14,19 @@ barrier's position), forwards the barrier and lets the upload run in the
 background while it goes on processing. The acknowledgement goes to the
 coordinator once the object is written.
 
+Barrier ids only grow, and the coordinator runs one checkpoint at a time,
+so a barrier *m* > *n* arriving while *n* is being aligned means *n* was
+given up: the task drops *n* (releasing its held channels) and aligns *m*.
+A barrier older than the one being aligned, or than the last one taken, is
+stale and ignored. In at-least-once mode nothing is held back, so a channel
+may deliver *m* before another delivered *n*: the same rule keeps every
+acknowledgement under the right id.
+
+A savepoint stages nothing: sinks keep writing into what the next
+checkpoint stages and commits, so a savepoint never changes the output a
+recovery or a resume sees. Its snapshot lists only the committables staged
+for earlier checkpoints and not yet committed.
+
 It is plain asyncio with no Ray in it: the actor wrapper supplies the send
 functions and the coordinator callbacks, so the logic runs in one process
 in tests.
@@ -70,6 +83,7 @@ from rayflow._internal.runtime.operators import (
 from rayflow._internal.runtime.timing import BUSY, IDLE, RateWindow, TimeAccount
 from rayflow._internal.spec import StepKind
 from rayflow._internal.storage import Storage, open_storage
+from rayflow._internal.storage.base import create_once
 from rayflow.config import RuntimeConfig
 from rayflow.errors import Failure
 from rayflow.sources import SourceReader
@@ -115,6 +129,7 @@ class StageTask:
         epoch: int = 0,
         coordination: Coordination | None = None,
         final_checkpoint_id: int = 1,
+        run_id: str = "",
     ):
         """``full_every`` is set when the job checkpoints (it enables barriers).
 
@@ -128,6 +143,7 @@ class StageTask:
         self.job = job
         self.config = config
         self.actor_name = naming.operator_actor(job, stage, partition)
+        self.run_id = run_id
         self.clock = TimeAccount()
         self._rates = RateWindow()
         self._final_checkpoint_id = final_checkpoint_id
@@ -142,7 +158,7 @@ class StageTask:
 
         self.ops: dict[str, Op] = {}
         for step in self.stage.steps:
-            self.ops[step] = build_op(plan.step(step), job, partition)
+            self.ops[step] = build_op(plan.step(step), job, partition, run_id)
         for step in self.stage.steps:
             op = self.ops[step]
             op.downstream = [self.ops[c].feed for c in plan.consumers_in_stage(step)]
@@ -176,6 +192,7 @@ class StageTask:
         self._open: set[ChannelId] = set(self.mailbox.channels)
         self._aligning: snap.BarrierInfo | None = None
         self._aligned: set[ChannelId] = set()
+        self._last_barrier = 0  # the newest checkpoint id this task snapshotted
         self.last_alignment_ms = 0.0
         self._align_started = 0.0
         # Uploads run in threads so that processing goes on meanwhile.
@@ -259,9 +276,13 @@ class StageTask:
         """Sources: snapshot offsets and send the barrier, before the next batch."""
         self._enqueue(lambda: self._checkpoint(barrier))
 
-    async def notify_complete(self, checkpoint_id: int) -> None:
-        """Checkpoint ``checkpoint_id`` is committed: sinks publish what it covers."""
-        if self._ended:
+    async def notify_complete(self, checkpoint_id: int, epoch: int | None = None) -> None:
+        """Checkpoint ``checkpoint_id`` is committed: sinks publish what it covers.
+
+        A notification of another epoch is dropped: it was sent before a
+        restart, and the restore re-issues whatever it covered.
+        """
+        if self._ended or (epoch is not None and epoch != self.epoch):
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -478,6 +499,14 @@ class StageTask:
     # -- checkpoints -------------------------------------------------------
 
     async def _on_barrier(self, channel: ChannelId, barrier: snap.BarrierInfo) -> None:
+        cid = barrier.checkpoint_id
+        current = self._aligning
+        if cid <= self._last_barrier or (current is not None and cid < current.checkpoint_id):
+            return  # stale: a checkpoint given up before this one started
+        if current is not None and cid > current.checkpoint_id:
+            # A newer barrier: the coordinator gave up the one being aligned.
+            self._aligning = None
+            self.mailbox.unblock_all()
         if self._aligning is None:
             self._aligning = barrier
             self._aligned = set()
@@ -501,6 +530,7 @@ class StageTask:
         """Snapshot now, forward the barrier, upload and acknowledge in the background."""
         assert self.outputs is not None
         cid = barrier.checkpoint_id
+        self._last_barrier = max(self._last_barrier, cid)
         # Step 1. Snapshot synchronously: the state matches the barrier's position.
         try:
             data, mode, sources = self._snapshot(barrier)
@@ -552,11 +582,12 @@ class StageTask:
             doc["keyed"] = {"step": self._keyed.name, **keyed}
             mode = keyed["mode"]
         for op in self._sinks:
-            try:
-                committable = op.writer.prepare_commit(cid)
-            except Exception as exc:
-                raise _sink_error(op, exc) from exc
-            self._committables[op.name].append((cid, committable))
+            if barrier.kind == CHECKPOINT:  # a savepoint stages nothing (see above)
+                try:
+                    committable = op.writer.prepare_commit(cid)
+                except Exception as exc:
+                    raise _sink_error(op, exc) from exc
+                self._committables[op.name].append((cid, committable))
             doc["sinks"][op.name] = list(self._committables[op.name])
         return snap.encode(doc), mode, sources
 
@@ -568,12 +599,12 @@ class StageTask:
         sources: dict[str, dict[str, dict[str, Any]]],
     ) -> None:
         cid = barrier.checkpoint_id
-        key = f"{barrier.object_prefix}{self.stage.name}-{self.partition}.snapshot"
+        key = barrier.object_key(self.stage.name, self.partition)
         started = time.monotonic()
         try:
             storage = open_storage(barrier.storage)
             digest = await asyncio.get_running_loop().run_in_executor(
-                self._io, _put_and_hash, storage, key, data
+                self._io, _create_and_hash, storage, key, data
             )
         except Exception as exc:
             self._decline(cid, f"writing {key} to {barrier.storage} failed: {exc}")
@@ -769,9 +800,11 @@ class StageTask:
         return result
 
 
-def _put_and_hash(storage: Storage, key: str, data: bytes) -> str:
+def _create_and_hash(storage: Storage, key: str, data: bytes) -> str:
+    """Create a snapshot object: never over another (a key names its run and checkpoint)."""
     digest = snap.sha256(data)
-    storage.put(key, data)
+    if not create_once(storage, key, data, resolve_s=5.0):
+        raise FileExistsError(f"{storage.describe(key)} exists and holds other data")
     return digest
 
 

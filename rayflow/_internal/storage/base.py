@@ -9,6 +9,7 @@ the same checkpoint.
 from __future__ import annotations
 
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from functools import lru_cache
@@ -48,6 +49,10 @@ class Storage(ABC):
     @abstractmethod
     def delete(self, keys: Iterable[str]) -> None:
         """Delete ``keys``; missing keys are ignored."""
+
+    def collect_temporaries(self, prefix: str, older_than_s: float) -> int:
+        """Delete leftovers of writes that died half-way (none by default); how many."""
+        return 0
 
     def exists(self, key: str) -> bool:
         try:
@@ -94,3 +99,33 @@ def _open_cached(uri: str) -> Storage:
 def open_storage(uri: str | os.PathLike[str]) -> Storage:
     """The storage at ``uri`` (cached per process: clients are reused)."""
     return _open_cached(normalize_uri(uri))
+
+
+#: Pause between tries while the outcome of a create is unknown.
+RESOLVE_PAUSE_S = 0.2
+
+
+def create_once(storage: Storage, key: str, data: bytes, *, resolve_s: float = 30.0) -> bool:
+    """Create ``key`` holding ``data``; True if it holds exactly ``data`` afterwards.
+
+    A create whose answer was lost (a timeout after the server applied it,
+    then a retry that finds the object) is read back: if the object holds
+    our bytes, it was ours. False means the key holds something else
+    (another writer's). While the storage cannot answer, keep asking for up
+    to ``resolve_s`` seconds, then raise :class:`StorageError`: the outcome
+    is unknown and the caller must not act as if it knew either way.
+    """
+    deadline = time.monotonic() + resolve_s
+    pause = RESOLVE_PAUSE_S
+    while True:
+        try:
+            if storage.put_if_absent(key, data):
+                return True
+            return storage.get(key) == data
+        except ObjectNotFound:
+            continue  # it was there, then deleted: try to create it again
+        except StorageError:
+            if time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)

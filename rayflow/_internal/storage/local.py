@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 
 from rayflow._internal.storage.base import ObjectNotFound, Storage, StorageError
@@ -68,9 +69,19 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageError(f"cannot read {path}: {exc}") from exc
 
-    def list(self, prefix: str) -> list[str]:
+    def _walk_start(self, prefix: str) -> str | None:
+        """The folder to walk for keys under ``prefix`` (None: nothing there)."""
         base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
-        start = base if os.path.isdir(base) else os.path.dirname(base)
+        if os.path.isdir(base):
+            return base
+        if base == self.root:
+            return None  # the storage folder does not exist (yet)
+        return os.path.dirname(base)
+
+    def list(self, prefix: str) -> list[str]:
+        start = self._walk_start(prefix)
+        if start is None:
+            return []
         keys = []
         for folder, _, files in os.walk(start):
             for name in files:
@@ -81,6 +92,24 @@ class LocalStorage(Storage):
                 if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
+
+    def collect_temporaries(self, prefix: str, older_than_s: float) -> int:
+        """Delete ``.tmp-*`` files (writes cut short by a killed process) under ``prefix``."""
+        start = self._walk_start(prefix)
+        if start is None:
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for folder, _, files in os.walk(start):
+            for name in files:
+                if not name.startswith(".tmp-"):
+                    continue
+                path = os.path.join(folder, name)
+                with contextlib.suppress(OSError):
+                    if os.path.getmtime(path) < cutoff:
+                        os.remove(path)
+                        removed += 1
+        return removed
 
     def delete(self, keys: Iterable[str]) -> None:
         folders = set()

@@ -1,0 +1,198 @@
+"""Putting the job in the state of a checkpoint and running it: at start and after failures.
+
+Recovery, step by step (global failover: every operator goes back to the
+checkpoint, since records may have crossed every channel since):
+
+1. Quiesce: no new checkpoint; one still collecting acknowledgements is
+   abandoned, one whose manifest is being written is waited for. Only then
+   is the recovery point read: it is the latest *completed checkpoint* (a
+   savepoint never is one, since it commits nothing).
+2. A new epoch: batches and commit notifications of the old one are
+   dropped wherever they arrive.
+3. Reset the living operators (a fresh task of the new epoch; commits in
+   flight finish first, queued ones are dropped) and replace the dead ones,
+   same names, from the plan.
+4. Sinks set up for the recovery point (dropping what was staged after it);
+   every operator restores its share (state, source offsets) and the sinks
+   re-issue the commits the checkpoint covers (commit is idempotent).
+5. Reconnect the channels and run; checkpoints resume, with ids above
+   every id used before (ids are never reused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from rayflow._internal.checkpoint.coordinator import CheckpointCoordinator
+from rayflow._internal.checkpoint.restore import RestorePoint, assign
+from rayflow._internal.checkpoint.snapshot import CorruptSnapshot
+from rayflow._internal.job.deployment import ActorKey, Deployment
+from rayflow._internal.plan import Plan
+from rayflow._internal.spec import StepKind
+from rayflow._internal.storage.base import ObjectNotFound
+from rayflow.config import Checkpointing
+from rayflow.errors import Failure
+from rayflow.sinks import Sink
+
+log = logging.getLogger("rayflow")
+
+#: An actor that does not answer a ping this fast during a recovery is replaced.
+PING_TIMEOUT_S = 1.0
+
+FaultHook = Callable[[str, int | None], Awaitable[None]]
+
+
+class Failover:
+    def __init__(
+        self,
+        job: str,
+        plan: Plan,
+        deployment: Deployment,
+        *,
+        checkpointing: Checkpointing | None,
+        checkpoints: CheckpointCoordinator | None,
+        run_id: str,
+        coordinator_handle: Any,
+        fault: FaultHook,
+        startup_timeout_s: float,
+    ):
+        self.job = job
+        self.plan = plan
+        self.deployment = deployment
+        self.checkpointing = checkpointing
+        self.checkpoints = checkpoints
+        self.run_id = run_id
+        self._handle = coordinator_handle
+        self._fault = fault
+        self._startup_timeout_s = startup_timeout_s
+
+    async def run_from(self, point: RestorePoint | None) -> RestorePoint | None:
+        """Sinks set up, operators restore ``point`` (if any), connect and run.
+
+        If an object of ``point`` is missing or fails its checksum, the
+        previous retained checkpoint is used instead (with a warning: output
+        that sinks committed after it may then appear twice). Returns the
+        point actually restored.
+        """
+        dep = self.deployment
+        candidates = [point]
+        if point is not None and self.checkpoints is not None:
+            candidates.extend(
+                RestorePoint(point.storage, m)
+                for m in reversed(self.checkpoints.store.retained())
+                if m.checkpoint_id < point.manifest.checkpoint_id
+            )
+        candidate = point
+        for i, candidate in enumerate(candidates):
+            try:
+                await self._restore(candidate)
+                break
+            except Exception as exc:
+                if i + 1 == len(candidates) or not _unusable_checkpoint(exc):
+                    raise
+                assert candidate is not None
+                nxt = candidates[i + 1]
+                assert nxt is not None
+                log.warning(
+                    "job %s: checkpoint %d cannot be restored (%s); falling back to "
+                    "checkpoint %d (output committed after it may repeat)",
+                    self.job,
+                    candidate.manifest.checkpoint_id,
+                    _first_line(exc),
+                    nxt.manifest.checkpoint_id,
+                )
+                # Start the operators over from a clean slate before the next try.
+                dep.epoch += 1
+                await dep.reset(list(dep.handles), None)
+        await dep.connect(self._handle)
+        return candidate
+
+    async def _restore(self, point: RestorePoint | None) -> None:
+        restored_id = point.manifest.checkpoint_id if point else None
+        for step in self.plan.flow.steps:
+            if step.kind is StepKind.SINK:
+                await asyncio.to_thread(
+                    setup_sink, step.connector, self.job, step.name, self.run_id, restored_id
+                )
+        await self._fault("during_restore", restored_id)
+        if point is not None:
+            cp = self.checkpointing
+            await self.deployment.restore(
+                assign(self.plan, point, continue_in=cp.storage if cp else None)
+            )
+
+    async def recover(
+        self, failures: list[Failure], delay: float, point: RestorePoint | None
+    ) -> tuple[dict[str, Any], dict[str, float], RestorePoint | None]:
+        """Steps 2-5 of a recovery to ``point`` (step 1 is the caller's: it owns the
+        recovery point). Returns the recovery record, its phase times and the
+        point actually restored."""
+        detected = time.time()
+        dep = self.deployment
+        restore_to = point.manifest.checkpoint_id if point else None
+        await asyncio.sleep(delay)
+        phases = {"backoff": time.time()}
+        # Step 2 and 3. A new epoch; reset the living, replace the dead.
+        dead: set[ActorKey] = {
+            (f.step, f.partition)
+            for f in failures
+            if f.kind == "actor_died" and f.step is not None and f.partition is not None
+        }
+        dead = {k for k in dead if k in dep.handles} | await dep.unresponsive(PING_TIMEOUT_S)
+        dep.epoch += 1
+        replayed = 0
+        results = await dep.reset([k for k in dep.handles if k not in dead], restore_to)
+        for key, result in results.items():
+            if isinstance(result, BaseException):
+                dead.add(key)
+            else:
+                replayed += result
+        phases["reset_living"] = time.time()
+        dep.kill(dead)
+        await dep.replace(sorted(dead))
+        await dep.wait_ready(self._startup_timeout_s, dead)
+        phases["replaced_dead"] = time.time()
+        # Steps 4 and 5. Restore the checkpoint, reconnect, run.
+        restored = await self.run_from(point)
+        phases["restored_and_running"] = time.time()
+        record: dict[str, Any] = {
+            "detected_at": detected,
+            "replaced": sorted(dep.name(k) for k in dead),
+            "restored_checkpoint": restored.manifest.checkpoint_id if restored else None,
+            "records_replayed": replayed,
+            "recovered_in_s": None,
+        }
+        return record, phases, restored
+
+
+def setup_sink(sink: Sink, job: str, step: str, run_id: str, restored: int | None) -> None:
+    """Call ``sink.setup`` with what its signature takes (older sinks take fewer arguments)."""
+    params = inspect.signature(sink.setup).parameters
+    offered: dict[str, Any] = {"step": step, "run_id": run_id, "restored_checkpoint": restored}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = offered
+    else:
+        kwargs = {k: v for k, v in offered.items() if k in params}
+    sink.setup(job, **kwargs)
+
+
+def _unusable_checkpoint(exc: BaseException) -> bool:
+    """A restore that failed because the checkpoint's objects are missing or corrupt."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # Ray wraps causes; follow a few links
+        if seen is None:
+            break
+        if isinstance(seen, (CorruptSnapshot, ObjectNotFound)):
+            return True
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
