@@ -186,6 +186,7 @@ def _run(scenario: Scenario, seed: int, tmp_path: Path, server: Any) -> None:
             requests.halt.set()
             requests.join(30)
     monkey.check()
+    _log_run(scenario.name, seed, monkey, scenario.faults, result)
     struck = len(monkey.kills) + len(scenario.faults)
     assert struck >= 1, f"no fault struck (missed: {monkey.missed})"
     assert result.status is rf.JobStatus.FINISHED
@@ -199,6 +200,38 @@ def _run(scenario: Scenario, seed: int, tmp_path: Path, server: Any) -> None:
             point = open_restore_point(location)
             assert point.manifest.kind == "savepoint"
             assert set(point.manifest.sources["events"]) == {0, 1}
+
+
+def _log_run(
+    name: str,
+    seed: int,
+    monkey: rf.testing.Chaos,
+    faults: tuple[rf.testing.Fault, ...],
+    result: rf.JobResult,
+) -> None:
+    """With RAYFLOW_CHAOS_LOG=file, one JSON line per run (for the matrix's tally)."""
+    path = os.environ.get("RAYFLOW_CHAOS_LOG")
+    if not path:
+        return
+    import json
+
+    strikes = [k["point"] or "random" for k in monkey.kills] + [f.point for f in faults]
+    with open(path, "a") as f:
+        f.write(
+            json.dumps(
+                {
+                    "scenario": name,
+                    "seed": seed,
+                    "kills": [(k["action"], k["point"]) for k in monkey.kills],
+                    "armed_faults": [(f.action, f.point) for f in faults],
+                    "strikes": strikes,
+                    "missed": [m["point"] for m in monkey.missed],
+                    "restarts": result.restarts,
+                    "checkpoints": (result.checkpoints or {}).get("completed"),
+                }
+            )
+            + "\n"
+        )
 
 
 def test_chaos_at_least_once_loses_nothing_under_faults_at_every_point(
@@ -229,6 +262,7 @@ def test_chaos_at_least_once_loses_nothing_under_faults_at_every_point(
         result = handle.wait(timeout=180)
         monkey.stop()
         monkey.check()
+        _log_run("at-least-once", seed, monkey, (), result)
         out = [tuple(r) for _, r in result.output("out")]
         assert set(out) == {(p, i) for p in range(2) for i in range(PER_PARTITION)}
         assert result.restarts >= 1
