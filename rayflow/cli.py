@@ -331,6 +331,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     metrics = ray.get(coordinator.metrics.remote())
     stats = ray.get(coordinator.checkpoint_stats.remote())
     recoveries = ray.get(coordinator.recoveries.remote())
+    alerts = ray.get(coordinator.alerts_active.remote())
     rows = [
         {
             "step": step,
@@ -350,12 +351,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
         "steps": rows,
         "checkpoints": stats,
         "restarts": len(recoveries),
+        "alerts": alerts,
     }
     lines = [f"job {args.job}: {status}"]
+    for alert in alerts:
+        lines.append(f"ALERT {alert['kind']}: {alert['message']}")
     if stats:
         last = stats.get("last") or {}
         lines.append(
-            f"checkpoints: {stats['completed']} completed, {stats['failed']} failed"
+            f"checkpoints: {stats['completed']} completed, {stats['failed']} failed, "
+            f"interval {stats.get('interval_s', 0):g} s"
             + (
                 f"; last {last['id']} ({last['duration_ms']:.0f} ms, "
                 f"{last['written_bytes']:,} bytes)"

@@ -26,6 +26,17 @@ class RuntimeConfig:
       mailbox; they are shared among its input channels as credits.
     - ``metrics_interval_s``: how often the driver refreshes metrics for
       OpenTelemetry and live displays.
+    - ``target_inflight_s``: each operator partition asks its senders for
+      batches such that what is queued for it is about this many seconds of
+      its own work (its measured drain rate times this; Flink's buffer
+      debloating). Slow steps get small batches, fast ones keep
+      ``batch_size``. 0 turns it off (batches of ``batch_size``).
+    - ``stall_after_s``: a partition with input waiting that makes no
+      progress for this long raises the ``stalled`` alert.
+    - ``backlog_window_s``: a source backlog that grew over this long raises
+      ``backlog_growing``.
+    - ``hot_key_share``: a key group taking this share of a partition's
+      records raises ``hot_key``.
     """
 
     batch_size: int = 8192
@@ -34,11 +45,22 @@ class RuntimeConfig:
     mailbox_batches: int = 8
     mailbox_bytes: int = 16 << 20
     metrics_interval_s: float = 1.0
+    target_inflight_s: float = 1.0
+    stall_after_s: float = 30.0
+    backlog_window_s: float = 10.0
+    hot_key_share: float = 0.5
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("linger_s", "metrics_interval_s"):
+            if f.name in (
+                "linger_s",
+                "metrics_interval_s",
+                "target_inflight_s",
+                "stall_after_s",
+                "backlog_window_s",
+                "hot_key_share",
+            ):
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
                 need = "a number of seconds >= 0"
             else:
@@ -46,8 +68,14 @@ class RuntimeConfig:
                 need = "an int >= 1"
             if not ok:
                 raise ConfigError(f"RuntimeConfig.{f.name} must be {need}; got {value!r}")
-        if self.metrics_interval_s == 0:
-            raise ConfigError("RuntimeConfig.metrics_interval_s must be > 0")
+        for name in ("metrics_interval_s", "stall_after_s", "backlog_window_s", "hot_key_share"):
+            if getattr(self, name) == 0:
+                raise ConfigError(f"RuntimeConfig.{name} must be > 0")
+        if self.hot_key_share > 1:
+            raise ConfigError(
+                f"RuntimeConfig.hot_key_share is a share of records, 0 < share <= 1; "
+                f"got {self.hot_key_share!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -58,7 +86,12 @@ class Checkpointing:
       on a multi-node cluster it must be a shared file system) or
       ``s3://bucket/prefix`` (boto3's credential chain; ``AWS_ENDPOINT_URL``
       for an S3-compatible server).
-    - ``interval_s``: time between the start of two checkpoints.
+    - ``interval_s``: time between the start of two checkpoints, or
+      ``"auto"``: chosen from the measured checkpoint duration and the load,
+      and changed as they drift (``checkpoint_stats()["interval_s"]`` is the
+      one in force): at least the duration divided by ``max_overhead``, at
+      most ``max_replay_s`` divided by the busiest step's busy share (about
+      the time a replay after a failure would take).
     - ``timeout_s``: a checkpoint not complete by then is declined.
     - ``min_pause_s``: at least this long between the end of one checkpoint
       and the start of the next.
@@ -68,6 +101,12 @@ class Checkpointing:
       between hold only the keys changed since the previous one.
     - ``max_consecutive_failures``: this many failed checkpoints in a row
       fail the job.
+    - ``unaligned``: barriers overtake queued data; what they overtake is
+      saved with the snapshot and replayed on restore. A checkpoint then
+      takes about as long under backpressure as without it.
+    - ``aligned_timeout_s``: checkpoints start aligned, and a barrier that has
+      been under way this long (since the sources were triggered) continues
+      unaligned. None (the default): never, unless ``unaligned``.
     - ``lease_s``: the job's lease in the storage (one run at a time may
       commit checkpoints) expires when its holder has not renewed it for
       this long; a second driver is refused while the lease is held, and may
@@ -80,7 +119,7 @@ class Checkpointing:
     """
 
     storage: str = "rayflow-checkpoints"
-    interval_s: float = 5.0
+    interval_s: float | str = 5.0
     timeout_s: float = 60.0
     min_pause_s: float = 0.0
     retain: int = 3
@@ -88,6 +127,10 @@ class Checkpointing:
     max_consecutive_failures: int = 5
     mode: str = EXACTLY_ONCE
     lease_s: float = 20.0
+    unaligned: bool = False
+    aligned_timeout_s: float | None = None
+    max_replay_s: float = 30.0
+    max_overhead: float = 0.05
 
     def __post_init__(self) -> None:
         from rayflow._internal.storage.base import normalize_uri
@@ -103,13 +146,35 @@ class Checkpointing:
                 f"got {self.storage!r}"
             )
         object.__setattr__(self, "storage", normalize_uri(self.storage))
-        for name in ("interval_s", "timeout_s", "lease_s"):
+        if self.interval_s != "auto":
+            value = self.interval_s
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(
+                    f'Checkpointing.interval_s must be > 0 seconds or "auto"; got {value!r}'
+                )
+        if not (isinstance(self.max_overhead, (int, float)) and 0 < self.max_overhead < 1):
+            raise ConfigError(
+                f"Checkpointing.max_overhead is a share of time, 0 < share < 1; "
+                f"got {self.max_overhead!r}"
+            )
+        for name in ("timeout_s", "lease_s", "max_replay_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"Checkpointing.{name} must be > 0 seconds; got {value!r}")
         if not isinstance(self.min_pause_s, (int, float)) or self.min_pause_s < 0:
             raise ConfigError(
                 f"Checkpointing.min_pause_s must be >= 0 seconds; got {self.min_pause_s!r}"
+            )
+        if not isinstance(self.unaligned, bool):
+            raise ConfigError(
+                f"Checkpointing.unaligned must be True or False; got {self.unaligned!r}"
+            )
+        timeout = self.aligned_timeout_s
+        if timeout is not None and (
+            not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0
+        ):
+            raise ConfigError(
+                f"Checkpointing.aligned_timeout_s must be None or >= 0 seconds; got {timeout!r}"
             )
         for name in ("retain", "full_every", "max_consecutive_failures"):
             value = getattr(self, name)

@@ -169,8 +169,13 @@ class Stream:
         """Key every record by ``key_fn(record)``; records become ``(key, record)``.
 
         Records with equal keys go to the same partition of the next step,
-        through a shuffle by a stable hash of the key.
+        through a shuffle by a stable hash of the key. Unless given its own
+        ``parallelism``, a ``key_by`` runs where its input runs (it only
+        computes keys), so the shuffle starts right there: the records of
+        one key from one input partition keep their order.
         """
+        if "parallelism" not in options:
+            options = {**options, "parallelism": self.flow._steps[self.step].parallelism}
         stream = self._step(name, StepKind.KEY_BY, key_fn, 1, options, keyed=True)
         assert isinstance(stream, KeyedStream)
         return stream

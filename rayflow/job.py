@@ -50,6 +50,7 @@ class JobResult:
     restored_checkpoint: int | None = None  # the checkpoint the job (last) started from
     outputs: dict[str, list[Any]] = field(default_factory=dict, repr=False)
     partitioned_outputs: dict[str, dict[int, list[Any]]] = field(default_factory=dict, repr=False)
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # active when the job ended
 
     @property
     def restarts(self) -> int:
@@ -212,6 +213,13 @@ class JobHandle:
             return self._result.checkpoints
         stats: dict[str, Any] | None = self._call("checkpoint_stats")
         return stats
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """The active alerts: ``{kind, step, partition, since, message}`` (see the README)."""
+        if self._result is not None:
+            return self._result.alerts
+        active: list[dict[str, Any]] = self._call("alerts_active")
+        return active
 
     def recoveries(self) -> list[dict[str, Any]]:
         """One dict per restart: cause, replaced actors, checkpoint, replayed records, time."""
@@ -437,6 +445,7 @@ class JobHandle:
             restored_checkpoint=report.restored_checkpoint,
             outputs=outputs,
             partitioned_outputs=partitioned,
+            alerts=list(report.alerts),
         )
 
     def _cleanup(self, report: JobReport) -> None:

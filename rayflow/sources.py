@@ -48,6 +48,13 @@ class SourceReader(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files or connections; called once the reader is done."""
 
+    def backlog(self) -> int | None:
+        """Records available but not read yet (a log's lag), or None if unknown.
+
+        The ``backlog_growing`` alert watches it.
+        """
+        return None
+
 
 class Source(ABC):
     """A partitioned, replayable input; subclass it to connect a new system."""
@@ -204,6 +211,15 @@ class _GeneratorReader(SourceReader):
         self._limit = limit
         self._started = time.monotonic()
         self._start_offset = offset
+
+    def backlog(self) -> int | None:
+        """With a rate: the records due by now that were not read yet."""
+        if self._rate is None:
+            return None
+        due = self._start_offset + int((time.monotonic() - self._started) * self._rate)
+        if self._limit is not None:
+            due = min(due, self._limit)
+        return max(0, due - self._next)
 
     def read(self, max_items: int) -> list[Any] | None:
         start = self._next

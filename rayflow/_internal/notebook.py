@@ -29,6 +29,11 @@ def render(job: str, data: dict[str, Any]) -> str:
         )
     if data.get("restarts"):
         parts.append(f"restarts {data['restarts']}")
+    alerts = "".join(
+        f"<div style='color:#b00'>&#9888; {html.escape(a['kind'])}: "
+        f"{html.escape(a['message'])}</div>"
+        for a in data.get("alerts") or []
+    )
     rows = []
     for step, entries in (data.get("metrics") or {}).items():
         rows.append(
@@ -62,7 +67,7 @@ def render(job: str, data: dict[str, Any]) -> str:
         )
     )
     table = f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    return "<div>" + " &middot; ".join(parts) + table + "</div>"
+    return "<div>" + " &middot; ".join(parts) + alerts + table + "</div>"
 
 
 class LiveDisplay:

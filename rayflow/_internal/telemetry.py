@@ -201,6 +201,21 @@ class Telemetry:
             "Times the job restarted from a checkpoint",
             self._job_level(lambda _: self._latest.get("restarts")),
         )  # fmt: skip
+        self._instrument(
+            meter, "rayflow.alerts", "gauge", "{alert}",
+            "Active alerts (1 per alert; attributes kind, step, partition)", self._alerts,
+        )  # fmt: skip
+        self._instrument(
+            meter, "rayflow.checkpoint.interval", "gauge", "s",
+            "The checkpoint interval in force",
+            self._job_level(lambda c: c.get("interval_s")),
+        )  # fmt: skip
+        self._instrument(
+            meter, "rayflow.inflight", "gauge", "s",
+            "Seconds of a partition's work queued for it (in-flight data by time)",
+            self._per_partition("inflight_s"),
+        )  # fmt: skip
+        self._alerted: set[tuple[str, str, str]] = set()
         self._thread = threading.Thread(
             target=self._run, name=f"rayflow-telemetry-{job}", daemon=True
         )
@@ -236,6 +251,16 @@ class Telemetry:
 
         return observe
 
+    def _alerts(self, options: CallbackOptions) -> Iterable[Observation]:
+        for alert in self._latest.get("alerts") or []:
+            attributes = {
+                "job": self.job,
+                "kind": alert["kind"],
+                "step": alert["step"] or "",
+                "partition": -1 if alert["partition"] is None else alert["partition"],
+            }
+            yield Observation(1, attributes)
+
     @property
     def latest(self) -> dict[str, Any]:
         return self._latest
@@ -258,11 +283,21 @@ class Telemetry:
         with self._lock:
             self._latest = data
             self._emit_spans(data.get("events", []))
+            self._log_alerts(data.get("alerts") or [])
         if self.on_poll is not None:
             try:
                 self.on_poll(data)
             except Exception as exc:
                 log.debug("telemetry display of %s failed: %s", self.job, exc)
+
+    def _log_alerts(self, alerts: list[dict[str, Any]]) -> None:
+        """The driver's log says when an alert fires and clears (so do the coordinator's)."""
+        current = {(a["kind"], str(a["step"]), str(a["partition"])): a for a in alerts}
+        for key in current.keys() - self._alerted:
+            log.warning("job %s: alert %s: %s", self.job, key[0], current[key]["message"])
+        for key in self._alerted - current.keys():
+            log.info("job %s: alert %s cleared (step %s)", self.job, key[0], key[1])
+        self._alerted = set(current)
 
     def _emit_spans(self, events: list[dict[str, Any]]) -> None:
         for event in events:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -39,18 +40,31 @@ def counting_flow(
     parallelism: int = 2,
     sinks: dict[str, rf.sinks.Sink],
     count_options: dict[str, Any] | None = None,
+    cost_s: float = 0.0,
 ) -> rf.Dataflow:
+    """Counts per key; ``cost_s`` makes every count cost that long (so data queues up)."""
     flow = rf.Dataflow(name, parallelism=parallelism)
     src = flow.source(
         "events",
         rf.sources.Generator(event, partitions=2, limit=per_partition, rate=rate),
     )
     counts = src.key_by("by_key", lambda e: e[0]).reduce(
-        "count", lambda acc, e: acc + e[1], initial=0, **(count_options or {})
+        "count", _adder(cost_s), initial=0, **(count_options or {})
     )
     for step, sink in sinks.items():
         counts.sink(step, sink)
     return flow
+
+
+def _adder(cost_s: float) -> Any:
+    if not cost_s:
+        return lambda acc, e: acc + e[1]
+
+    def add(acc: int, e: tuple[str, int]) -> int:
+        time.sleep(cost_s)
+        return acc + e[1]
+
+    return add
 
 
 def read_json_lines(folder: Path) -> list[tuple[str, int]]:

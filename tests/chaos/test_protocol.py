@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class Scenario:
     savepoints: bool = False  # the test takes savepoints while the faults strike
     checkpoints: bool = False  # the test calls handle.checkpoint() meanwhile
     faults: tuple[rf.testing.Fault, ...] = field(default=())
+    unaligned: bool = False  # unaligned checkpoints, with a count slow enough to queue data
 
 
 SCENARIOS = [
@@ -90,6 +91,16 @@ SCENARIOS = [
         faults=(rf.testing.Fault("final_after_notify", "kill_coordinator"),),
     ),
 ]
+# The same faults with unaligned checkpoints, the count slow enough that barriers
+# overtake queued data and snapshots carry it (--chaos-full: every scenario).
+UNALIGNED = [
+    Scenario("unaligned-points-operators", CHECKPOINT_POINTS, ("operators",), unaligned=True),
+    Scenario("unaligned-manifest-edges", ("before_manifest", "after_manifest"),
+             ("sinks", "sources"), 3, unaligned=True),
+    Scenario("unaligned-random", None, ("operators", "coordinator"), 3, unaligned=True),
+    Scenario("unaligned-savepoints", ("savepoint_triggered", "savepoint_after_manifest"),
+             ("operators",), savepoints=True, unaligned=True),
+]  # fmt: skip
 
 
 def _seeds(request: pytest.FixtureRequest) -> list[int]:
@@ -145,26 +156,38 @@ def _check_all_sinks(
     check_exactly_once(s3_streams(server, BUCKET, prefix), expected, "S3JsonLines")
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+@pytest.mark.parametrize("scenario", SCENARIOS + UNALIGNED, ids=lambda s: s.name)
 def test_chaos_matrix(
     scenario: Scenario, tmp_path: Path, s3_server: Any, request: pytest.FixtureRequest
 ) -> None:
-    for seed in _seeds(request):
-        run_dir = tmp_path / f"seed-{seed}"
-        _run(scenario, seed, run_dir, s3_server)
+    variants = [scenario]
+    if request.config.getoption("--chaos-full") and not scenario.unaligned:
+        variants.append(replace(scenario, name=f"{scenario.name}-unaligned", unaligned=True))
+    for variant in variants:
+        for seed in _seeds(request):
+            run_dir = tmp_path / variant.name / f"seed-{seed}"
+            _run(variant, seed, run_dir, s3_server)
 
 
 def _run(scenario: Scenario, seed: int, tmp_path: Path, server: Any) -> None:
     job = f"chaos-{scenario.name}-{seed}"
     prefix = f"{job}-{uuid.uuid4().hex[:6]}"
     flow = counting_flow(
-        job, per_partition=PER_PARTITION, rate=RATE, sinks=_sinks(tmp_path, prefix)
+        job,
+        per_partition=PER_PARTITION,
+        rate=RATE,
+        sinks=_sinks(tmp_path, prefix),
+        cost_s=0.0004 if scenario.unaligned else 0.0,
     )
     config = rf.Checkpointing(
-        storage=str(tmp_path / "checkpoints"), interval_s=0.25, mode=scenario.mode
+        storage=str(tmp_path / "checkpoints"),
+        interval_s=0.25,
+        mode=scenario.mode,
+        unaligned=scenario.unaligned,
     )
     faults = rf.testing.Faults(at=tuple(_resolve(f, job) for f in scenario.faults))
-    handle = rf.start(flow, checkpoint=config, faults=faults)
+    runtime = rf.RuntimeConfig(target_inflight_s=2.0) if scenario.unaligned else None
+    handle = rf.start(flow, checkpoint=config, faults=faults, runtime=runtime)
     monkey = rf.testing.chaos(
         handle,
         seed=seed,
@@ -189,6 +212,9 @@ def _run(scenario: Scenario, seed: int, tmp_path: Path, server: Any) -> None:
     _log_run(scenario.name, seed, monkey, scenario.faults, result)
     struck = len(monkey.kills) + len(scenario.faults)
     assert struck >= 1, f"no fault struck (missed: {monkey.missed})"
+    if scenario.unaligned:
+        assert result.checkpoints is not None
+        assert result.checkpoints.get("unaligned_completed", 0) >= 1, result.checkpoints
     assert result.status is rf.JobStatus.FINISHED
     assert result.restarts >= 1, (monkey.kills, result.recoveries)
     _check_all_sinks(result, tmp_path, server, prefix, expected_counts(PER_PARTITION))
@@ -222,7 +248,7 @@ def _log_run(
                 {
                     "scenario": name,
                     "seed": seed,
-                    "kills": [(k["action"], k["point"]) for k in monkey.kills],
+                    "kills": [(k["action"], k["point"], k["target"]) for k in monkey.kills],
                     "armed_faults": [(f.action, f.point) for f in faults],
                     "strikes": strikes,
                     "missed": [m["point"] for m in monkey.missed],

@@ -23,14 +23,17 @@ from rayflow._internal.runtime.timing import BACKPRESSURED, TimeAccount
 def _sender_into(mailbox: Mailbox, channel: tuple[int, int]) -> Any:
     """A send function that delivers straight into ``mailbox`` (what Ray does, minus Ray)."""
 
-    def send(seq: int, kind: int, payload: Any) -> asyncio.Future[Any]:
+    def send(seq: int, kind: int, payload: Any, records: int = 0) -> asyncio.Future[Any]:
         size = len(payload) if kind == DATA else 0
-        done = mailbox.offer(channel, seq, kind, payload, size)
+        done = mailbox.offer(channel, seq, kind, payload, size, records)
+        # What the receiving actor answers: its full credit, batches as large as they come.
+        grant = (10**6, mailbox.credit_batches)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if done is None:
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            fut.set_result(None)
-            return fut
-        return done
+            fut.set_result(grant)
+        else:
+            done.add_done_callback(lambda _: fut.set_result(grant))
+        return fut
 
     return send
 
@@ -83,6 +86,8 @@ def test_credits_bound_batches_in_flight_and_return_on_consumption() -> None:
             credit_bytes=box.credit_bytes,
             batch_size=10,
         )
+        assert ch.credit_batches == 1  # until the receiver answers
+        ch.grant(10, 2)
         ch.send_now(DATA, b"x", 1)
         ch.send_now(DATA, b"y", 1)
         assert not ch.has_credit(1)
@@ -108,6 +113,7 @@ def test_byte_credits_and_an_outsized_batch_is_admitted_alone() -> None:
             credit_bytes=box.credit_bytes,
             batch_size=10,
         )
+        ch.grant(10, 10)
         assert ch.has_credit(500)  # nothing in flight: a huge batch may go alone
         ch.send_now(DATA, b"a" * 60, 60)
         assert not ch.has_credit(60)  # 60 + 60 > 100 bytes
@@ -198,7 +204,7 @@ def test_hash_router_sends_each_key_to_its_key_group_owner() -> None:
 
 def test_a_dead_receiver_breaks_the_channel_with_its_name() -> None:
     async def scenario() -> None:
-        def send(seq: int, kind: int, payload: Any) -> asyncio.Future[Any]:
+        def send(seq: int, kind: int, payload: Any, records: int = 0) -> asyncio.Future[Any]:
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             fut.set_exception(RuntimeError("actor died"))
             return fut

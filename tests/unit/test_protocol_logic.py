@@ -272,7 +272,7 @@ def test_keys_are_checked_at_parallelism_1_too() -> None:
     async def scenario() -> None:
         sent: list[Any] = []
 
-        def send(seq: int, kind: int, payload: Any) -> Any:
+        def send(seq: int, kind: int, payload: Any, records: int = 0) -> Any:
             sent.append(payload)
             fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             fut.set_result(None)
@@ -357,3 +357,52 @@ def test_r8_a_newer_barrier_supersedes_the_one_being_aligned(tmp_path: Path, ali
         return coordination.acks
 
     assert asyncio.run(scenario()) == [2]
+
+
+def test_r11_a_source_restored_with_in_flight_data_snapshots_only_once_its_readers_are_open(
+    tmp_path: Path,
+) -> None:
+    """An unaligned trigger that arrives while a restored source replays its unsent
+    output must not snapshot before the readers are open (no offsets: restart at 0)."""
+    flow = rf.Dataflow("j", parallelism=2)
+    src = flow.source("src", rf.testing.from_items(range(100), partitions=1), parallelism=1)
+    src.key_by("k", lambda x: x % 5).reduce("sum", lambda a, b: a + b, initial=0).sink(
+        "out", rf.testing.Discard()
+    )
+    plan = build_plan(flow.spec())
+    acks: list[Any] = []
+
+    class Acks(Coordination):
+        def acknowledge(self, checkpoint_id: int, snapshot: Any) -> None:
+            acks.append(snapshot)
+
+    async def scenario() -> None:
+        task = StageTask(plan, "src", 0, job="j", config=rf.RuntimeConfig(), full_every=10)
+        task._start_offsets = {0: 40}  # restored at offset 40 ...
+
+        def send(seq: int, kind: int, payload: Any, records: int = 0) -> Any:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            fut.set_result((8192, 8))
+            return fut
+
+        edge = plan.stage("src").outputs[0]
+        task.connect({(edge, q): (f"sum/{q}", send) for q in range(2)}, Acks())
+        task._replay_out = [(edge, [(1, 1), (2, 2)])]  # ... with unsent output to replay
+        barrier = BarrierInfo(7, "checkpoint", str(tmp_path), 0, "j/checkpoints/7/", "r1")
+        task.trigger_checkpoint(dataclasses.replace(barrier, unaligned=True))
+        run = asyncio.create_task(task.run())
+        for _ in range(100):
+            if acks:
+                break
+            await asyncio.sleep(0.05)
+        task.finish()  # the end of the stream, as after a final checkpoint
+        outcome = await asyncio.wait_for(run, 10)
+        assert outcome.ok, outcome.failure
+
+    import dataclasses
+
+    asyncio.run(scenario())
+    assert len(acks) == 1
+    offsets = acks[0].sources["src"]["0"]
+    assert offsets == {"json": 40}  # where it was restored, not unknown (then 0)
+    assert acks[0].inflight

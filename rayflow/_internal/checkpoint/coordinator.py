@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from rayflow._internal.checkpoint import lease as leases
 from rayflow._internal.checkpoint.failures import CheckpointFailureManager
+from rayflow._internal.checkpoint.interval import IntervalChooser
 from rayflow._internal.checkpoint.manifest import (
     CHECKPOINT,
     MANIFEST_NAME,
@@ -141,7 +142,13 @@ class CheckpointCoordinator:
             self.store.recover(last_completed.checkpoint_id)
             if self.store.latest() != last_completed:
                 self.store.add(last_completed)
-        self.policy = TriggerPolicy(config.interval_s, config.min_pause_s)
+        self.chooser: IntervalChooser | None = None
+        if config.interval_s == "auto":
+            self.chooser = IntervalChooser(config.max_replay_s, config.max_overhead)
+            interval = self.chooser.interval_s
+        else:
+            interval = float(config.interval_s)
+        self.policy = TriggerPolicy(interval, config.min_pause_s)
         self.failures = CheckpointFailureManager(config.max_consecutive_failures)
         self.next_id = next_id
         # The newest *checkpoint* (not savepoint) of this job's chain.
@@ -162,6 +169,7 @@ class CheckpointCoordinator:
         self.on_finished: Callable[[dict[str, Any]], None] = lambda record: None
         self.fault: Callable[[str, int | None], Awaitable[None]] = _no_fault
         self.completed = 0
+        self.unaligned_completed = 0  # of them, with in-flight data (unaligned)
         self.last: dict[str, Any] | None = None
         self.last_failure: dict[str, Any] | None = None
 
@@ -313,6 +321,8 @@ class CheckpointCoordinator:
     async def _perform(self, kind: str, location: str | None, final: bool) -> Manifest:
         checkpoint_id = self.next_id
         self.next_id += 1
+        # Only a periodic or requested checkpoint may go unaligned (exactly-once mode).
+        may_unalign = kind == CHECKPOINT and not final and self.config.mode != "at_least_once"
         if kind == SAVEPOINT:
             assert location is not None
             # Objects in a folder of the attempt: a failed one is removed whole.
@@ -326,6 +336,9 @@ class CheckpointCoordinator:
             last_completed=self.last_checkpoint_id,
             object_prefix=prefix,
             run_id=self.run_id,
+            triggered_at=time.time(),
+            unaligned=may_unalign and self.config.unaligned,
+            aligned_timeout_s=self.config.aligned_timeout_s if may_unalign else None,
         )
         pending = PendingCheckpoint(barrier, set(self.gateway.actor_keys()))
         self.pending = pending
@@ -417,11 +430,16 @@ class CheckpointCoordinator:
             self.last_checkpoint_id = cid
         self.store.add(manifest)
         self.failures.succeeded()
+        if self.chooser is not None and kind == CHECKPOINT:
+            self.policy.interval_s = self.chooser.checkpoint_took(manifest.duration_ms / 1000.0)
         self.on_completed(manifest)
         self.completed += 1
+        unaligned = any(op.inflight for op in manifest.operators)
+        self.unaligned_completed += int(unaligned)
         self.last = {
             "id": cid,
             "kind": manifest.kind,
+            "unaligned": unaligned,
             "duration_ms": manifest.duration_ms,
             "written_bytes": manifest.written_bytes,
             "state_bytes": manifest.state_bytes,
@@ -481,11 +499,17 @@ class CheckpointCoordinator:
                 fatal=True,
             )
 
+    def load(self, busy_fraction: float) -> None:
+        """The busiest step's busy share, for the automatic interval."""
+        if self.chooser is not None:
+            self.policy.interval_s = self.chooser.load(busy_fraction)
+
     # -- observation -----------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         return {
             "completed": self.completed,
+            "unaligned_completed": self.unaligned_completed,
             "failed": self.failures.total,
             "consecutive_failures": self.failures.consecutive,
             "in_progress": self.pending.checkpoint_id if self.pending else None,
@@ -494,6 +518,9 @@ class CheckpointCoordinator:
             "storage": self.config.storage,
             "run_id": self.run_id,
             "next_id": self.next_id,
+            "interval_s": self.policy.interval_s,
+            "interval_auto": self.chooser is not None,
+            "interval_bound": self.chooser.bound if self.chooser is not None else "configured",
         }
 
 

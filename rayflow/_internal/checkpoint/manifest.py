@@ -128,6 +128,7 @@ class OperatorSnapshot:
     key_groups: tuple[int, int] | None = None  # [start, stop) of the keyed state
     chain: tuple[ObjectInfo, ...] = ()  # every object the keyed state needs, oldest first
     sources: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    inflight: bool = False  # the object holds in-flight data (an unaligned snapshot)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -138,6 +139,7 @@ class OperatorSnapshot:
             "key_groups": list(self.key_groups) if self.key_groups else None,
             "chain": [asdict(o) for o in self.chain],
             "sources": self.sources,
+            "inflight": self.inflight,
         }
 
     @staticmethod
@@ -151,6 +153,7 @@ class OperatorSnapshot:
             key_groups=(int(groups[0]), int(groups[1])) if groups else None,
             chain=tuple(ObjectInfo.from_json(o) for o in data.get("chain", [])),
             sources=data.get("sources", {}),
+            inflight=bool(data.get("inflight", False)),
         )
 
 

@@ -53,6 +53,10 @@ class Assignment:
     key_filter: tuple[int, int, int] | None = None  # (start, stop, max_parallelism)
     continue_chain: tuple[ObjectInfo, ...] | None = None
     sink_objects: tuple[tuple[str, ObjectInfo], ...] = ()  # (sink step, object)
+    # Unaligned snapshots of this stage's old partitions: (old partition, object),
+    # and how many partitions the stage had (their in-flight data is split by it).
+    inflight: tuple[tuple[int, ObjectInfo], ...] = ()
+    old_parallelism: int = 0
 
 
 def list_checkpoint_ids(storage_uri: str, job: str) -> list[int]:
@@ -155,6 +159,13 @@ def assign(
                 if not exact:
                     continue_chain = None
                     key_filter = (mine.start, mine.stop, max_par)
+            old_ops = [op for op in manifest.operators if op.stage == stage.name]
+            old_par = len(old_ops)
+            inflight = tuple(
+                (op.partition, op.object)
+                for op in old_ops
+                if op.inflight and (old_par != stage.parallelism or op.partition == q)
+            )
             sink_objects: list[tuple[str, ObjectInfo]] = []
             for sink in sinks:
                 old_stage = old_stage_of.get(sink)
@@ -170,6 +181,8 @@ def assign(
                 key_filter=key_filter,
                 continue_chain=continue_chain,
                 sink_objects=tuple(sink_objects),
+                inflight=inflight,
+                old_parallelism=old_par,
             )
     return result
 

@@ -50,6 +50,12 @@ class BarrierInfo:
     last_completed: int
     object_prefix: str  # key prefix of the objects of this checkpoint
     run_id: str = ""
+    triggered_at: float = 0.0  # wall clock at the sources (for the aligned timeout)
+    unaligned: bool = False  # overtakes queued data (set once a task took it unaligned)
+    # Aligned barriers turn unaligned once under way this long (None: never). A
+    # savepoint or a job's final checkpoint is always aligned: it must cover
+    # (and its sinks commit) every record before it.
+    aligned_timeout_s: float | None = None
 
     def object_key(self, stage: str, partition: int) -> str:
         suffix = f"-{self.run_id}" if self.run_id else ""
@@ -58,6 +64,12 @@ class BarrierInfo:
 
 def encode(doc: dict[str, Any]) -> bytes:
     return MAGIC + dumps_value(doc)
+
+
+def encode_with_inflight(state: bytes, inflight: dict[str, Any]) -> bytes:
+    """An unaligned snapshot: the state pickled when it was taken (``state``,
+    from :func:`dumps_value`), and the in-flight data gathered after."""
+    return MAGIC + dumps_value({"snapshot": state, "inflight": inflight})
 
 
 def sha256(data: bytes) -> str:
@@ -75,6 +87,10 @@ def decode(data: bytes, info: ObjectInfo) -> dict[str, Any]:
     if not data.startswith(MAGIC):
         raise CorruptSnapshot(f"snapshot {info.key} is not a rayflow snapshot object")
     doc: dict[str, Any] = pickle.loads(data[len(MAGIC) :])
+    if "snapshot" in doc:  # unaligned: the state, then what was in flight
+        inner: dict[str, Any] = pickle.loads(doc["snapshot"])
+        inner["inflight"] = doc["inflight"]
+        return inner
     return doc
 
 

@@ -36,6 +36,7 @@ from rayflow._internal.checkpoint.coordinator import (
 from rayflow._internal.checkpoint.manifest import CHECKPOINT, SAVEPOINT, Manifest, describe_flow
 from rayflow._internal.checkpoint.restore import RestorePoint
 from rayflow._internal.checkpoint.start import StartDecision
+from rayflow._internal.job.alerts import AlertMonitor
 from rayflow._internal.job.deployment import ActorKey, Deployment
 from rayflow._internal.job.failover import Failover
 from rayflow._internal.job.faults import FaultInjector
@@ -55,6 +56,8 @@ log = logging.getLogger("rayflow")
 FAILURE_GRACE_S = 0.2
 #: Pause between attempts at the final checkpoint.
 FINAL_RETRY_S = 0.5
+#: How often the metrics are read for the alerts and the automatic interval.
+MONITOR_S = 1.0
 
 # Root causes first: a user error explains an actor's exit; a lost actor explains
 # the broken channels of its neighbours.
@@ -112,6 +115,12 @@ class JobCoordinator:
         self._runs: dict[ActorKey, asyncio.Future[Any]] = {}
         self._events: list[dict[str, Any]] = []  # finished checkpoints and recoveries, for traces
         self._event_seq = 0
+        self.alerts = AlertMonitor(
+            job,
+            stall_after_s=config.stall_after_s,
+            backlog_window_s=config.backlog_window_s,
+            hot_share=config.hot_key_share,
+        )
 
     # -- life cycle ----------------------------------------------------------
 
@@ -175,6 +184,7 @@ class JobCoordinator:
             self._tasks.append(loop.create_task(self.checkpoints.run(self._checkpoints_fatal)))
         if self._lease is not None:
             self._tasks.append(loop.create_task(self._keep_lease()))
+        self._tasks.append(loop.create_task(self._monitor()))
         if self._stop_when_running:
             await self.stop(self._final_savepoint)
         return self._report
@@ -219,7 +229,38 @@ class JobCoordinator:
             "checkpoints": self.checkpoints.stats() if self.checkpoints else None,
             "restarts": len(self._report.recoveries),
             "events": [e for e in self._events if e["seq"] > since],
+            "alerts": self.alerts.active(),
         }
+
+    async def alerts_active(self) -> list[dict[str, Any]]:
+        return self.alerts.active() if not self._status.terminal else list(self._report.alerts)
+
+    async def _monitor(self) -> None:
+        """Read the metrics now and then: alerts fire and clear, the auto interval follows."""
+        while True:
+            await asyncio.sleep(MONITOR_S)
+            if self._status not in (JobStatus.RUNNING, JobStatus.STOPPING):
+                continue
+            try:
+                metrics = await self._deployed.metrics(timeout_s=2.0)
+            except Exception as exc:  # a restart under way: next time
+                log.debug("job %s: metrics for the alerts failed: %s", self.job, exc)
+                continue
+            stats = self.checkpoints.stats() if self.checkpoints else None
+            for change, alert in self.alerts.observe(time.time(), metrics, stats):
+                if change == "fired":
+                    log.warning("job %s: alert %s: %s", self.job, alert.kind, alert.message)
+                else:
+                    log.info("job %s: alert %s cleared: %s", self.job, alert.kind, alert.message)
+            if self.checkpoints is not None:
+                busy = [
+                    (e.get("busy_ms_per_s") or 0.0) / 1000.0
+                    for entries in metrics.values()
+                    for e in entries
+                    if "inflight_records" in e  # one entry per actor: its stage's head
+                ]
+                if busy:
+                    self.checkpoints.load(max(busy))
 
     def _event(self, record: dict[str, Any]) -> None:
         self._event_seq += 1
@@ -536,6 +577,7 @@ class JobCoordinator:
         self._report.status = status
 
     def _end(self, status: JobStatus, failures: list[Failure]) -> None:
+        self._report.alerts = self.alerts.active()
         self._set_status(status)
         self._report.failures = failures
         self._report.ended_at = time.time()

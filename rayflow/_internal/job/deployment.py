@@ -23,7 +23,8 @@ from rayflow.config import RuntimeConfig
 
 log = logging.getLogger("rayflow")
 
-_RemoteOperator = ray.remote(OperatorActor)
+# Control calls on a loop of their own: answered while user code runs (actor.py).
+_RemoteOperator = ray.remote(concurrency_groups={"control": 16})(OperatorActor)  # type: ignore[call-overload]
 
 ActorKey = tuple[str, int]  # (stage, partition)
 

@@ -43,3 +43,4 @@ class JobReport:
     recoveries: list[dict[str, Any]] = field(default_factory=list)
     restored_checkpoint: int | None = None  # what the job (last) started from
     events: list[dict[str, Any]] = field(default_factory=list)  # for traces
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # active when the job ended

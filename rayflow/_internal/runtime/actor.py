@@ -5,12 +5,23 @@ functions, and the coordinator's handle into the task's coordination
 callbacks, and exposes the task's methods as actor methods. Every ``push``
 call stays open until its batch leaves the mailbox; that return is the
 credit the sender waits for.
+
+Control never waits for user code: the calls of the ``control`` concurrency
+group (metrics, checkpoint triggers, stop, commits, pings) run on an event
+loop of their own, in their own thread, so they are answered while the data
+plane's loop is inside a user function (a GIL switch, 5 ms at most, away).
+They touch the task only through its thread-safe entry points. (Ray hands
+every call, whatever its group, through one dispatcher thread that waits
+until the target loop takes the call: the data plane's loop therefore yields
+between slices of user code, or control would wait behind queued pushes.)
 """
 
 from __future__ import annotations
 
 import gc
 from typing import Any
+
+import ray
 
 from rayflow._internal.checkpoint.manifest import OperatorSnapshot
 from rayflow._internal.checkpoint.restore import Assignment
@@ -74,6 +85,7 @@ class OperatorActor:
         self._make = make
         self.task = make(epoch)
 
+    @ray.method(concurrency_group="control")
     async def ready(self) -> str:
         return self.task.actor_name
 
@@ -87,9 +99,11 @@ class OperatorActor:
         self.task = self._make(epoch)
         return replayed
 
+    @ray.method(concurrency_group="control")
     async def first_data_at(self) -> float | None:
         return self.task.first_data_at
 
+    @ray.method(concurrency_group="control")
     async def where(self) -> dict[str, Any]:
         """The node and process this partition runs in (for people and tests)."""
         import os
@@ -115,8 +129,8 @@ class OperatorActor:
         task = self.task
         push = handle.push
 
-        def send(seq: int, kind: int, payload: Any) -> Any:
-            return push.remote(task.epoch, channel, seq, kind, payload).future()
+        def send(seq: int, kind: int, payload: Any, records: int = 0) -> Any:
+            return push.remote(task.epoch, channel, seq, kind, payload, records).future()
 
         return send
 
@@ -124,23 +138,37 @@ class OperatorActor:
         return await self.task.run()
 
     async def push(
-        self, epoch: int, channel: tuple[int, int], seq: int, kind: int, payload: Any
-    ) -> None:
-        done = self.task.offer(epoch, channel, seq, kind, payload)
+        self,
+        epoch: int,
+        channel: tuple[int, int],
+        seq: int,
+        kind: int,
+        payload: Any,
+        records: int = 0,
+    ) -> tuple[int, int]:
+        """Take a batch; return once it left the mailbox, with the records per batch
+        this partition wants from its senders (credits by time)."""
+        done = self.task.offer(epoch, channel, seq, kind, payload, records)
         if done is not None:
             await done
+        return self.task.batch_hint()
 
+    @ray.method(concurrency_group="control")
     async def metrics(self) -> list[dict[str, Any]]:
         return self.task.metrics()
 
+    @ray.method(concurrency_group="control")
     async def request_stop(self) -> None:
-        self.task.request_stop()
+        self.task.call_soon(self.task.request_stop)
 
+    @ray.method(concurrency_group="control")
     async def finish(self) -> None:
-        self.task.finish()
+        self.task.call_soon(self.task.finish)
 
+    @ray.method(concurrency_group="control")
     async def trigger_checkpoint(self, barrier: BarrierInfo) -> None:
-        self.task.trigger_checkpoint(barrier)
+        self.task.call_soon(self.task.trigger_checkpoint, barrier)
 
+    @ray.method(concurrency_group="control")
     async def notify_complete(self, checkpoint_id: int, epoch: int) -> None:
-        await self.task.notify_complete(checkpoint_id, epoch)
+        await self.task.on_data_loop(self.task.notify_complete(checkpoint_id, epoch))

@@ -26,10 +26,15 @@ from rayflow._internal.keygroups import SUPPORTED_KEY_TYPES, KeyRouter, stable_h
 from rayflow._internal.plan import ChannelId
 from rayflow._internal.runtime import serde
 from rayflow._internal.runtime.mailbox import DATA
+from rayflow._internal.runtime.pacing import INITIAL_BATCH
 from rayflow._internal.runtime.timing import BACKPRESSURED, TimeAccount
 
-#: send(seq, kind, payload) -> a future that resolves when the receiver consumed it.
-SendFn = Callable[[int, int, Any], "ConcurrentFuture[Any] | asyncio.Future[Any]"]
+#: Batches per channel a source may read ahead of what its receivers take.
+ROOM_BATCHES = 4
+
+#: send(seq, kind, payload, records) -> a future that resolves when the receiver
+#: consumed it; its result is the receiver's wish for records per batch (0: none).
+SendFn = Callable[[int, int, Any, int], "ConcurrentFuture[Any] | asyncio.Future[Any]"]
 
 
 class ChannelBroken(Exception):
@@ -51,10 +56,13 @@ class OutputChannel:
         "channel",
         "credit_batches",
         "credit_bytes",
+        "credit_max",
         "failure",
+        "hint",
         "in_flight",
         "in_flight_bytes",
         "next_seq",
+        "pending",
         "receiver",
         "since",
     )
@@ -72,9 +80,13 @@ class OutputChannel:
         self.channel = channel
         self.receiver = receiver
         self._send = send
-        self.credit_batches = credit_batches
+        self.credit_max = credit_batches
         self.credit_bytes = credit_bytes
-        self.batch_limit = batch_size
+        # Small, and one at a time, until the receiver says what it wants (pacing.py).
+        self.credit_batches = 1
+        self.batch_limit = min(batch_size, INITIAL_BATCH)
+        self.hint = 0  # records per batch the receiver asked for (0: not yet)
+        self.pending: list[Any] | None = None  # a batch taken from the buffer, not sent yet
         self.buffer: list[Any] = []
         self.since = 0.0  # when the oldest buffered record arrived
         self.next_seq = 0
@@ -96,14 +108,14 @@ class OutputChannel:
             await self._event.wait()
         self._raise_if_broken()
 
-    def send_now(self, kind: int, payload: Any, size: int) -> None:
-        """Send one message; the caller made sure a credit is held."""
+    def send_now(self, kind: int, payload: Any, size: int, records: int = 0) -> None:
+        """Send one message; the caller made sure a credit is held (or it is a priority one)."""
         self._raise_if_broken()
         seq = self.next_seq
         self.next_seq = seq + 1
         self.in_flight += 1
         self.in_flight_bytes += size
-        future = self._send(seq, kind, payload)
+        future = self._send(seq, kind, payload, records)
         loop = self._loop
 
         def done(f: Any, size: int = size) -> None:
@@ -118,9 +130,19 @@ class OutputChannel:
             self.failure = self.failure or asyncio.CancelledError("send cancelled")
         else:
             exc = future.exception()
-            if exc is not None and self.failure is None:
-                self.failure = exc
+            if exc is not None:
+                if self.failure is None:
+                    self.failure = exc
+            else:
+                hint = future.result()
+                if isinstance(hint, tuple) and hint[0] > 0:
+                    self.grant(hint[0], hint[1])
         self._event.set()
+
+    def grant(self, records: int, batches: int) -> None:
+        """The receiver's wish: ``records`` per batch, ``batches`` in flight (up to its credit)."""
+        self.hint = records
+        self.credit_batches = max(1, min(self.credit_max, batches))
 
     async def drain(self) -> None:
         """Wait until the receiver consumed everything sent."""
@@ -179,16 +201,20 @@ class Outputs:
             ch.since = time.monotonic()
         payload = serde.dumps(batch)
         size = len(payload)
-        # Adapt the batch length so that batches stay near batch_bytes.
+        # Batches stay near batch_bytes, and within what the receiver asked for
+        # (its drain rate times its target in-flight time, see pacing.py).
         per_record = max(1, size // len(batch))
-        ch.batch_limit = max(1, min(self.batch_size, self.batch_bytes // per_record))
+        wanted = ch.hint or INITIAL_BATCH
+        ch.batch_limit = max(1, min(self.batch_size, self.batch_bytes // per_record, wanted))
         if not ch.has_credit(size):
+            ch.pending = batch  # an unaligned snapshot meanwhile counts it as unsent
             previous = self._clock.switch(BACKPRESSURED)
             try:
                 await ch.wait_credit(size)
             finally:
                 self._clock.switch(previous)
-        ch.send_now(DATA, payload, size)
+                ch.pending = None
+        ch.send_now(DATA, payload, size, len(batch))
 
     async def send_control(self, kind: int, payload: Any) -> None:
         """Send a barrier or end-of-stream on every channel, after its buffered records."""
@@ -202,9 +228,34 @@ class Outputs:
                     self._clock.switch(previous)
             ch.send_now(kind, payload, 0)
 
+    def send_priority(self, kind: int, payload: Any) -> None:
+        """Send a control message on every channel now, ahead of what is buffered and
+        whatever the credits say (an unaligned barrier: it overtakes the data)."""
+        for ch in self.channels:
+            ch.send_now(kind, payload, 0)
+
+    def unsent(self) -> dict[int, list[Any]]:
+        """Records produced but not sent, per output edge, in order (an unaligned snapshot
+        keeps them: the receivers will count them as after the barrier)."""
+        out: dict[int, list[Any]] = {}
+        for ch in self.channels:
+            records = [*(ch.pending or []), *ch.buffer]
+            if records:
+                out.setdefault(ch.channel[0], []).extend(records)
+        return out
+
     async def drain(self) -> None:
         for ch in self.channels:
             await ch.drain()
+
+    def room(self) -> int:
+        """Records the receivers take in a few batches each, less what is buffered already
+        (0 or less: full batches wait for credits). A few, not one: a read that fills
+        every channel to just under a batch would leave them all waiting for the
+        linger time; with a slow receiver a batch is a few records anyway."""
+        if not self.channels:
+            return self.batch_size
+        return ROOM_BATCHES * sum(ch.batch_limit for ch in self.channels) - self.buffered
 
     @property
     def in_flight(self) -> int:

@@ -34,6 +34,7 @@ class Envelope:
     payload: Any
     size: int
     done: asyncio.Future[None] | None = None
+    records: int = 0
 
 
 class Mailbox:
@@ -61,13 +62,14 @@ class Mailbox:
         self._ready = asyncio.Event()
         self.depth = 0
         self.bytes = 0
+        self.records = 0  # records in the queued batches (as their senders counted them)
         self.peak_depth = 0
         self.peak_bytes = 0
 
     # -- receiving ---------------------------------------------------------
 
     def offer(
-        self, channel: ChannelId, seq: int, kind: int, payload: Any, size: int
+        self, channel: ChannelId, seq: int, kind: int, payload: Any, size: int, records: int = 0
     ) -> asyncio.Future[None] | None:
         """Accept a batch; return a future that resolves when it is consumed.
 
@@ -83,9 +85,10 @@ class Mailbox:
         if seq < expected or seq in early:
             return None
         done = asyncio.get_running_loop().create_future()
-        env = Envelope(channel, seq, kind, payload, size, done)
+        env = Envelope(channel, seq, kind, payload, size, done, records)
         self.depth += 1
         self.bytes += size
+        self.records += records
         self.peak_depth = max(self.peak_depth, self.depth)
         self.peak_bytes = max(self.peak_bytes, self.bytes)
         if seq != expected:
@@ -120,6 +123,7 @@ class Mailbox:
             env = self._queues[channel].popleft()
             self.depth -= 1
             self.bytes -= env.size
+            self.records -= env.records
             if env.done is not None and not env.done.done():
                 env.done.set_result(None)
             return env
@@ -170,6 +174,16 @@ class Mailbox:
     def expected_seq(self, channel: ChannelId) -> int:
         return self._next_seq[channel]
 
+    def next_unconsumed(self, channel: ChannelId) -> int:
+        """The sequence number of the next envelope of ``channel`` to be popped."""
+        queue = self._queues[channel]
+        return queue[0].seq if queue else self._next_seq[channel]
+
+    def unconsumed(self, channel: ChannelId) -> list[Envelope]:
+        """Every envelope of ``channel`` that arrived and was not popped, in sequence order."""
+        queued = list(self._queues[channel])
+        return queued + [self._early[channel][s] for s in sorted(self._early[channel])]
+
     def clear(self) -> None:
         """Drop everything (a reset to a checkpoint); pending senders are released."""
         for queue in self._queues.values():
@@ -188,3 +202,4 @@ class Mailbox:
         self._next_seq = dict.fromkeys(self.channels, 0)
         self.depth = 0
         self.bytes = 0
+        self.records = 0

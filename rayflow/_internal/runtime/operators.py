@@ -13,9 +13,11 @@ import dataclasses
 import operator
 import pickle
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from rayflow._internal.keygroups import stable_hash
 from rayflow._internal.spec import MISSING, StepKind, StepSpec
 from rayflow.errors import Failure
 from rayflow.sinks import Sink, SinkContext, SinkWriter
@@ -205,19 +207,33 @@ class KeyedState:
         self.values: dict[Any, Any] = {}
 
 
+#: A keyed step counts the keys of one batch in this many, one record in
+#: ``HOT_KEY_STRIDE`` of it (for the hot_key alert: 1/32 of the records).
+HOT_KEY_SAMPLE_EVERY = 4
+HOT_KEY_STRIDE = 8
+#: Sampled records a window covers before it is judged and a new one starts.
+HOT_KEY_WINDOW = 5_000
+
+
 class KeyedOp(Op):
     """A step with keyed state; it can record which keys each batch touched.
 
     Change tracking is on only when the job checkpoints: incremental
-    snapshots write just the keys changed since the last one.
+    snapshots write just the keys changed since the last one. It also counts
+    the keys of a sample of its records (about 1 in 32, in C), to tell when
+    one key group takes most of its records.
     """
 
-    __slots__ = ("_changed", "state")
+    __slots__ = ("_batches", "_changed", "_keys", "_sampled", "hot", "state")
 
     def __init__(self, name: str):
         super().__init__(name)
         self.state = KeyedState()
         self._changed: set[Any] | None = None
+        self._batches = 0
+        self._keys: Counter[Any] = Counter()
+        self._sampled = 0
+        self.hot: tuple[int, Counter[Any]] = (0, Counter())  # the last full window
 
     @property
     def tracking(self) -> bool:
@@ -237,9 +253,43 @@ class KeyedOp(Op):
         self.records_in += len(items)
         if self._changed is not None:
             self._changed.update(map(_first, items))  # C-level: a few ns per record
+        self._batches += 1
+        if self._batches % HOT_KEY_SAMPLE_EVERY == 0:
+            sample = items[::HOT_KEY_STRIDE] if len(items) > HOT_KEY_STRIDE else items
+            self._keys.update(map(_first, sample))
+            self._sampled += len(sample)
+            if self._sampled >= HOT_KEY_WINDOW:
+                self.hot = (self._sampled, self._keys)
+                self._keys, self._sampled = Counter(), 0
         out = self.apply(items)
         if out:
             self.emit(out)
+
+    def key_groups_sample(self, max_parallelism: int, top: int = 3) -> tuple[int, list[Any]]:
+        """(records sampled, the busiest key groups: group, share, their busiest keys)."""
+        sampled, live = self.hot if self.hot[0] else (self._sampled, self._keys)
+        if not sampled:
+            return 0, []
+        keys = Counter(dict(live))  # one C-level copy: the data plane may be adding to it
+        groups: dict[int, int] = {}
+        members: dict[int, list[tuple[int, Any]]] = {}
+        for key, n in keys.most_common(2000):
+            try:
+                group = stable_hash(key) % max_parallelism
+            except TypeError:
+                continue
+            groups[group] = groups.get(group, 0) + n
+            members.setdefault(group, []).append((n, key))
+        busiest = sorted(groups.items(), key=lambda g: -g[1])[:top]
+        return sampled, [
+            {
+                "group": group,
+                "share": n / sampled,
+                "records": n,
+                "keys": [short_repr(k, 40) for _, k in members[group][:3]],
+            }
+            for group, n in busiest
+        ]
 
     @property
     def state_size(self) -> int:

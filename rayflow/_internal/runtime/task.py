@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
+import threading
 import time
 import traceback
 from collections import deque
@@ -69,6 +71,7 @@ from rayflow._internal.runtime.channels import (
     hash_router,
     rebalance_router,
 )
+from rayflow._internal.runtime.inflight import InflightCapture
 from rayflow._internal.runtime.mailbox import BARRIER, DATA, EOS, Mailbox
 from rayflow._internal.runtime.operators import (
     Feed,
@@ -80,6 +83,7 @@ from rayflow._internal.runtime.operators import (
     build_op,
     short_repr,
 )
+from rayflow._internal.runtime.pacing import CostMeter, Debloater
 from rayflow._internal.runtime.timing import BUSY, IDLE, RateWindow, TimeAccount
 from rayflow._internal.spec import StepKind
 from rayflow._internal.storage import Storage, open_storage
@@ -193,10 +197,38 @@ class StageTask:
         self._aligning: snap.BarrierInfo | None = None
         self._aligned: set[ChannelId] = set()
         self._last_barrier = 0  # the newest checkpoint id this task snapshotted
+        # Unaligned: where barriers arrived (checkpoint id -> channel -> seq), the
+        # snapshot waiting for a safe point, and the in-flight capture under way.
+        self._barrier_seqs: dict[int, dict[ChannelId, int]] = {}
+        self._priority: snap.BarrierInfo | None = None
+        self._unsafe = 0  # > 0 while state is being changed off the event loop
+        self._capture: InflightCapture | None = None
+        self._capture_done: tuple[Any, ...] | None = None
+        self._current: tuple[ChannelId | None, list[Any]] | None = None  # batch in progress
+        self._current_done = 0
+        self._routes: dict[int, Callable[[list[Any]], None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the data plane's loop
+        self._metrics_lock = threading.Lock()  # metrics are read from the control loop
+        self._replay_in: list[tuple[int, list[Any]]] = []
+        self._replay_out: list[tuple[int, list[Any]]] = []
         self.last_alignment_ms = 0.0
         self._align_started = 0.0
         # Uploads run in threads so that processing goes on meanwhile.
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayflow-io")
+        # User code runs in slices, long ones in this thread: the event loop stays
+        # free to answer metrics, checkpoint triggers, stop and cancel meanwhile.
+        self._user = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayflow-user")
+        self._cost = CostMeter()
+        self._slice_started: float | None = None  # monotonic start of a running slice
+        self._taken = 0  # records taken from the mailbox
+        self._batch_left = 0  # records of the batch in progress not run yet
+        self._fanout = 1.0  # sources: output records per record read
+        self._debloat = Debloater(
+            config.target_inflight_s,
+            len(self.mailbox.channels),
+            self.mailbox.credit_batches,
+            config.batch_size,
+        )
         self._uploads: set[asyncio.Task[None]] = set()
         self._commits: set[asyncio.Future[None]] = set()
         self.last_snapshot: dict[str, Any] = {}
@@ -209,6 +241,7 @@ class StageTask:
         coordination: Coordination | None = None,
     ) -> None:
         """Create the output channels; ``senders`` maps (edge, receiver partition) to a sender."""
+        self._loop = asyncio.get_running_loop()
         self._coordination = coordination
         for op in self._sinks:
             op.open(None)  # no-op when restore() opened it
@@ -246,17 +279,151 @@ class StageTask:
             else:
                 route = forward_router(channels[0])
             self.ops[edge.src_step].downstream.append(route)
+            self._routes[edge_id] = route
         self.outputs = outputs
 
     # -- data plane and control -------------------------------------------
 
     def offer(
-        self, epoch: int, channel: tuple[int, int], seq: int, kind: int, payload: Any
+        self,
+        epoch: int,
+        channel: tuple[int, int],
+        seq: int,
+        kind: int,
+        payload: Any,
+        records: int = 0,
     ) -> asyncio.Future[None] | None:
         if epoch != self.epoch:
             return None  # a batch from before a reset: drop it
         size = len(payload) if kind == DATA else 0
-        return self.mailbox.offer(channel, seq, kind, payload, size)
+        done = self.mailbox.offer(channel, seq, kind, payload, size, records)
+        capture = self._capture
+        if capture is not None:
+            capture.offer(channel, seq, kind, payload)
+            if kind == EOS:
+                capture.close(channel, seq)
+        if kind == BARRIER and self._align:
+            self._barrier_arrived(channel, seq, payload)
+        elif capture is not None:
+            self._maybe_capture_done()
+        return done
+
+    def batch_hint(self) -> tuple[int, int]:
+        """(records per batch, batches in flight) this partition wants from each sender."""
+        if self.config.target_inflight_s <= 0:
+            return self.config.batch_size, self.mailbox.credit_batches
+        # No drain rate yet: the processing cost is the best first guess.
+        return self._debloat.batch_hint(self._cost.per_record)
+
+    async def _run_chain(
+        self,
+        feed: Feed,
+        items: list[Any],
+        *,
+        sliced_control: bool,
+        channel: ChannelId | None = None,
+    ) -> None:
+        """Run ``items`` through the chain, in slices of about ``SLICE_S`` of work.
+
+        A slice that is long runs in the user-code thread, so the event loop
+        answers calls meanwhile; between slices, what is due is sent and (for
+        operators, ``sliced_control``) queued control actions such as sink
+        commits run. Never a snapshot: state is consistent only between batches.
+        """
+        assert self.outputs is not None
+        n = len(items)
+        done = 0
+        loop = asyncio.get_running_loop()
+        cost = self._cost
+        self._batch_left = n
+        # Operators are consistent between slices (what is left of the batch is
+        # in flight); a source only between batches (its offsets are per read).
+        between_slices = channel is not None
+        if between_slices:
+            self._current = (channel, items)
+            self._current_done = 0
+        else:
+            self._unsafe += 1
+        try:
+            while done < n:
+                k = cost.slice_records(n - done)
+                chunk = items if (done == 0 and k >= n) else items[done : done + k]
+                started = time.perf_counter()
+                self._slice_started = time.monotonic()
+                if cost.inline(len(chunk)):
+                    try:
+                        feed(chunk)
+                    finally:
+                        self._slice_started = None
+                else:
+                    self._unsafe += 1
+                    try:
+                        await loop.run_in_executor(self._user, feed, chunk)
+                    finally:
+                        self._unsafe -= 1
+                        self._slice_started = None
+                cost.observe(len(chunk), time.perf_counter() - started)
+                done += len(chunk)
+                self._current_done = done
+                self._batch_left = n - done
+                if done < n:
+                    # Yield to the loop: Ray hands every call to this actor (control
+                    # ones too) through one dispatcher, which waits while this loop
+                    # runs user code without ever yielding.
+                    await asyncio.sleep(0)
+                    if between_slices and self._priority is not None:
+                        await self._take_priority()
+                    await self.outputs.flush()
+                    if sliced_control and self._control:
+                        await self._run_control()
+        finally:
+            if between_slices:
+                self._current = None
+            else:
+                self._unsafe -= 1
+        if self._priority is not None:
+            await self._take_priority()
+
+    async def _replay(self) -> None:
+        """Restored from an unaligned snapshot: first what it had in flight.
+
+        The records it had produced but not sent go out first, then the input it
+        had not processed is processed; no snapshot is taken until that is done.
+        """
+        assert self.outputs is not None
+        if not (self._replay_out or self._replay_in):
+            return
+        self._unsafe += 1
+        try:
+            for edge_id, records in self._replay_out:
+                self._routes[edge_id](records)
+            self._replay_out = []
+            await self.outputs.flush()
+            replay, self._replay_in = self._replay_in, []
+            for edge_id, records in replay:
+                await self._run_chain(self._entry[edge_id], records, sliced_control=False)
+                await self.outputs.flush()
+        finally:
+            self._unsafe -= 1
+        if self._priority is not None:
+            await self._take_priority()
+
+    # -- entry points for the control loop (another thread) ---------------
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the data plane's loop (from the control loop's thread)."""
+        loop = self._loop
+        if loop is None:
+            fn(*args)  # not running yet: nothing else touches the task
+        else:
+            loop.call_soon_threadsafe(fn, *args)
+
+    async def on_data_loop(self, coro: Awaitable[Any]) -> Any:
+        """Await ``coro`` on the data plane's loop, from the control loop."""
+        loop = self._loop
+        if loop is None or loop is asyncio.get_running_loop():
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))  # type: ignore[arg-type]
 
     def _enqueue(self, action: Callable[[], Awaitable[None]]) -> None:
         self._control.append(action)
@@ -273,8 +440,122 @@ class StageTask:
         self.mailbox.poke()
 
     def trigger_checkpoint(self, barrier: snap.BarrierInfo) -> None:
-        """Sources: snapshot offsets and send the barrier, before the next batch."""
-        self._enqueue(lambda: self._checkpoint(barrier))
+        """Sources: snapshot offsets and send the barrier, before the next batch.
+
+        Unaligned, the barrier goes out at once, ahead of what waits for credits.
+        """
+        if barrier.unaligned:
+            self._request_unaligned(barrier)
+        else:
+            self._enqueue(lambda: self._checkpoint(barrier))
+
+    # -- unaligned checkpoints ---------------------------------------------
+
+    def _barrier_arrived(self, channel: ChannelId, seq: int, barrier: snap.BarrierInfo) -> None:
+        """A barrier arrived (not yet popped): unaligned, it is acted on now."""
+        cid = barrier.checkpoint_id
+        capture = self._capture
+        if capture is not None and capture.checkpoint_id == cid:
+            capture.close(channel, seq)  # this channel's in-flight data ends here
+            self._maybe_capture_done()
+            return
+        if cid <= self._last_barrier:
+            return
+        for old in [k for k in self._barrier_seqs if k < cid]:
+            del self._barrier_seqs[old]
+        self._barrier_seqs.setdefault(cid, {})[channel] = seq
+        if barrier.unaligned:
+            self._request_unaligned(barrier)
+        elif barrier.aligned_timeout_s is not None:
+            late = time.time() - barrier.triggered_at - barrier.aligned_timeout_s
+            if late >= 0:
+                self._request_unaligned(barrier)
+            elif len(self._barrier_seqs[cid]) == 1:
+                asyncio.get_running_loop().call_later(-late, self._alignment_timed_out, barrier)
+
+    def _alignment_timed_out(self, barrier: snap.BarrierInfo) -> None:
+        if barrier.checkpoint_id > self._last_barrier:
+            self._request_unaligned(barrier)
+
+    def _request_unaligned(self, barrier: snap.BarrierInfo) -> None:
+        """Take an unaligned snapshot as soon as state is consistent (now, or after a slice)."""
+        barrier = dataclasses.replace(barrier, unaligned=True)
+        if self._unsafe or self._main is None:
+            current = self._priority
+            if current is None or barrier.checkpoint_id > current.checkpoint_id:
+                self._priority = barrier
+            return
+
+        async def take() -> None:
+            if self._unsafe:  # a slice started meanwhile: after it, then
+                self._request_unaligned(barrier)
+                return
+            await self._take_unaligned(barrier)
+
+        task = asyncio.get_running_loop().create_task(take())
+        self._uploads.add(task)
+        task.add_done_callback(self._uploads.discard)
+
+    async def _take_priority(self) -> None:
+        """At a safe point: the unaligned snapshot asked for while state was changing."""
+        if self._unsafe:
+            return  # still not: the outer caller takes it
+        barrier, self._priority = self._priority, None
+        if barrier is not None:
+            await self._take_unaligned(barrier)
+
+    async def _take_unaligned(self, barrier: snap.BarrierInfo) -> None:
+        """Snapshot state now, send the barrier ahead of the data, keep what it overtook."""
+        assert self.outputs is not None
+        cid = barrier.checkpoint_id
+        if cid <= self._last_barrier:
+            return
+        self._last_barrier = cid
+        if self._aligning is not None:  # an alignment in progress turns unaligned
+            self._aligning = None
+            self.mailbox.unblock_all()
+        if self._capture is not None:  # an older capture never completed: given up
+            self._capture = None
+        try:
+            doc, mode, sources = self._snapshot(barrier)
+            state = snap.dumps_value(doc)
+        except UserCodeError:
+            raise
+        except Exception as exc:
+            self._decline(cid, f"taking the snapshot failed: {type(exc).__name__}: {exc}")
+            self.outputs.send_priority(BARRIER, barrier)
+            return
+        outflight = self.outputs.unsent()
+        capture = InflightCapture(cid, list(self.mailbox.channels))
+        arrived = self._barrier_seqs.pop(cid, {})
+        for channel in self.mailbox.channels:
+            start = self.mailbox.next_unconsumed(channel)
+            if channel not in self._open:
+                capture.begin(channel, start, [], start)  # ended: nothing in flight
+                continue
+            capture.begin(channel, start, self.mailbox.unconsumed(channel), arrived.get(channel))
+        if self._current is not None:
+            current_channel, items = self._current
+            if current_channel is not None:
+                capture.partial[current_channel] = items[self._current_done :]
+        self.outputs.send_priority(BARRIER, barrier)
+        self._capture = capture
+        self._capture_done = (barrier, state, mode, sources, outflight)
+        self._maybe_capture_done()
+
+    def _maybe_capture_done(self) -> None:
+        capture = self._capture
+        if capture is None or not capture.complete or self._capture_done is None:
+            return
+        barrier, state, mode, sources, outflight = self._capture_done
+        self._capture = self._capture_done = None
+        inflight = {"input": capture.data(), "output": outflight}
+        data = snap.encode_with_inflight(state, inflight)
+        task = asyncio.get_running_loop().create_task(
+            self._upload(barrier, data, mode, sources, inflight=True)
+        )
+        self._uploads.add(task)
+        task.add_done_callback(self._uploads.discard)
 
     async def notify_complete(self, checkpoint_id: int, epoch: int | None = None) -> None:
         """Checkpoint ``checkpoint_id`` is committed: sinks publish what it covers.
@@ -306,6 +587,11 @@ class StageTask:
         assert self.outputs is not None, "connect() first"
         self._main = asyncio.current_task()
         try:
+            if self.is_source:
+                # Before anything can take a snapshot (the replay ends with one if
+                # asked for): a source's position is defined once its readers are open.
+                self._open_readers()
+            await self._replay()
             if self.is_source:
                 await self._run_source()
             else:
@@ -348,7 +634,26 @@ class StageTask:
             )
         finally:
             self._io.shutdown(wait=False)
+            self._user.shutdown(wait=False)
         return self._outcome(None)
+
+    def _open_readers(self) -> None:
+        """Open this partition's source readers at the restored offsets."""
+        head = self.ops[self.stage.steps[0]]
+        spec = self.plan.step(head.name)
+        for sp in self.plan.source_partitions(self.stage.name, self.partition):
+            offset = self._start_offsets.get(sp)
+            try:
+                self._readers[sp] = spec.connector.open(sp, offset)
+            except Exception as exc:
+                raise UserCodeError(
+                    head.name, None, exc, what=f"opening source partition {sp} at {offset!r}"
+                ) from exc
+            self._offsets[sp] = self._readers[sp].offset()
+
+    def _routed(self) -> int:
+        """Records the chain handed to its output channels so far."""
+        return sum(self.ops[self.plan.edges[e].src_step].records_out for e in self.stage.outputs)
 
     def _key_step(self) -> str:
         for step in self.stage.steps:
@@ -395,7 +700,11 @@ class StageTask:
             if env.kind == DATA:
                 if self.first_data_at is None:
                     self.first_data_at = time.time()
-                entry[env.channel[0]](serde.loads(env.payload))
+                items = serde.loads(env.payload)
+                self._taken += len(items)
+                await self._run_chain(
+                    entry[env.channel[0]], items, sliced_control=True, channel=env.channel
+                )
                 await outputs.flush()
             elif env.kind == BARRIER:
                 await self._on_barrier(env.channel, env.payload)
@@ -411,13 +720,7 @@ class StageTask:
         assert outputs is not None
         head = self.ops[self.stage.steps[0]]
         assert isinstance(head, SourceOp)
-        spec = self.plan.step(head.name)
-        for sp in self.plan.source_partitions(self.stage.name, self.partition):
-            offset = self._start_offsets.get(sp)
-            self._readers[sp] = spec.connector.open(sp, offset)
-            self._offsets[sp] = self._readers[sp].offset()
         active = list(self._readers)
-        batch_size = self.config.batch_size
         reported_done = False
         while True:
             if self._control:
@@ -440,6 +743,17 @@ class StageTask:
             caught_up = True  # every read returned less than it was asked for
             for sp in list(active):
                 reader = self._readers[sp]
+                # Read about one slice of the chain's work (a checkpoint trigger, taken
+                # between reads where the offsets match what was emitted, waits no
+                # longer), and no more than the receivers asked for in one batch each:
+                # what they cannot take yet stays unread, not buffered here.
+                room = outputs.room()
+                if room <= 0:
+                    await outputs.flush()  # full batches wait for credits here
+                    caught_up = False
+                    continue
+                wanted = min(self.config.batch_size, max(1, int(room / self._fanout)))
+                batch_size = self._cost.slice_records(wanted)
                 try:
                     items = reader.read(batch_size)
                 except Exception as exc:
@@ -460,7 +774,12 @@ class StageTask:
                     progressed = True
                     if self.first_data_at is None:
                         self.first_data_at = time.time()
-                    head.emit(items)
+                    routed = self._routed()
+                    await self._run_chain(head.emit, items, sliced_control=False)
+                    # Output records per record read (a flat_map fans out): reads are
+                    # sized in input records, the receivers' wishes in output records.
+                    fanout = (self._routed() - routed) / len(items)
+                    self._fanout += 0.3 * (max(fanout, 0.01) - self._fanout)
                     await outputs.flush()
             if active and (caught_up or not progressed):
                 await outputs.flush()
@@ -533,7 +852,8 @@ class StageTask:
         self._last_barrier = max(self._last_barrier, cid)
         # Step 1. Snapshot synchronously: the state matches the barrier's position.
         try:
-            data, mode, sources = self._snapshot(barrier)
+            doc, mode, sources = self._snapshot(barrier)
+            data = snap.encode(doc)
         except UserCodeError:
             raise
         except Exception as exc:
@@ -549,7 +869,8 @@ class StageTask:
 
     def _snapshot(
         self, barrier: snap.BarrierInfo
-    ) -> tuple[bytes, str, dict[str, dict[str, dict[str, Any]]]]:
+    ) -> tuple[dict[str, Any], str, dict[str, dict[str, dict[str, Any]]]]:
+        """The snapshot document (refers to live state: encode it before going on)."""
         cid = barrier.checkpoint_id
         doc: dict[str, Any] = {
             "stage": self.stage.name,
@@ -562,6 +883,12 @@ class StageTask:
         sources: dict[str, dict[str, dict[str, Any]]] = {}
         if self.is_source:
             head = self.stage.steps[0]
+            owned = set(self.plan.source_partitions(self.stage.name, self.partition))
+            if set(self._offsets) != owned:  # R11: no position, no snapshot
+                raise RuntimeError(
+                    f"source offsets of partitions {sorted(owned - set(self._offsets))} are "
+                    "not known yet (the readers are not open)"
+                )
             self._emitted_at_barrier[cid] = self.ops[head].records_out
             doc["sources"][head] = dict(self._offsets)
             sources[head] = {str(sp): encode_offset(o) for sp, o in self._offsets.items()}
@@ -589,7 +916,7 @@ class StageTask:
                     raise _sink_error(op, exc) from exc
                 self._committables[op.name].append((cid, committable))
             doc["sinks"][op.name] = list(self._committables[op.name])
-        return snap.encode(doc), mode, sources
+        return doc, mode, sources
 
     async def _upload(
         self,
@@ -597,6 +924,8 @@ class StageTask:
         data: bytes,
         mode: str,
         sources: dict[str, dict[str, dict[str, Any]]],
+        *,
+        inflight: bool = False,
     ) -> None:
         cid = barrier.checkpoint_id
         key = barrier.object_key(self.stage.name, self.partition)
@@ -628,6 +957,7 @@ class StageTask:
             "checkpoint_id": cid,
             "bytes": len(data),
             "mode": mode,
+            "unaligned": inflight,
             "upload_ms": (time.monotonic() - started) * 1000.0,
         }
         if self._coordination is not None:
@@ -641,6 +971,7 @@ class StageTask:
                     key_groups=key_groups,
                     chain=chain,
                     sources=sources,
+                    inflight=inflight,
                 ),
             )
 
@@ -693,6 +1024,7 @@ class StageTask:
             with contextlib.suppress(Exception):
                 op.close()
         self._io.shutdown(wait=False)
+        self._user.shutdown(wait=False)
         if not self.is_source:
             return 0
         emitted = self.ops[self.stage.steps[0]].records_out
@@ -710,6 +1042,8 @@ class StageTask:
             for info in chain:
                 infos[info.key] = info
         for _, info in assignment.sink_objects:
+            infos[info.key] = info
+        for _, info in assignment.inflight:
             infos[info.key] = info
         loop = asyncio.get_running_loop()
         docs: dict[str, dict[str, Any]] = {}
@@ -734,6 +1068,8 @@ class StageTask:
                 self._tracker.reset(chain_list)
                 if len(values) >= snap.INCREMENTAL_MIN_KEYS:
                     self._keyed.track_changes()
+        if assignment.inflight:
+            self._load_inflight(assignment, docs)
         sinks = {op.name: op for op in self._sinks}
         for sink in sinks.values():
             sink.open(assignment.checkpoint_id)
@@ -745,6 +1081,36 @@ class StageTask:
         for _, step, committable in sorted(restored, key=lambda r: r[0]):
             await self._commit(sinks[step], committable)
 
+    def _load_inflight(self, assignment: Assignment, docs: dict[str, dict[str, Any]]) -> None:
+        """This partition's share of the in-flight data of unaligned snapshots.
+
+        At the same parallelism it is its own; rescaled, input that came over a
+        keyed shuffle goes by key group, and the rest (and unsent output) goes
+        to partition ``old % new``.
+        """
+        new_par = self.stage.parallelism
+        rescaled = assignment.old_parallelism != new_par
+        max_par = self.plan.flow.max_parallelism
+        mine_groups = key_group_range(self.partition, max_par, new_par)
+        for old_p, info in sorted(assignment.inflight, key=lambda x: x[0]):
+            inflight = docs[info.key].get("inflight") or {}
+            mine = not rescaled or old_p % new_par == self.partition
+            for channel in sorted(inflight.get("input", {})):
+                part = inflight["input"][channel]
+                edge = self.plan.edges[channel[0]]
+                records = list(part["partial"])
+                for payload in part["batches"]:
+                    records.extend(serde.loads(payload))
+                if rescaled and edge.partitioning is Partitioning.HASH:
+                    records = [r for r in records if stable_hash(r[0]) % max_par in mine_groups]
+                elif not mine:
+                    continue
+                if records:
+                    self._replay_in.append((channel[0], records))
+            if mine:
+                for edge_id, records in sorted(inflight.get("output", {}).items()):
+                    self._replay_out.append((edge_id, records))
+
     # -- observation -------------------------------------------------------
 
     def _counters(self) -> tuple[float, ...]:
@@ -753,12 +1119,18 @@ class StageTask:
         return (busy, idle, bp, *per_op)
 
     def _sample_rates(self) -> None:
-        """Keep the rate window fed even when nobody asks for metrics."""
+        """Keep the rate window (and the drain rate) fed even when nobody asks for metrics."""
         if self._rates.due():
-            self._rates.rates(self._counters())
+            counters = self._counters()
+            with self._metrics_lock:
+                self._rates.rates(counters)
+            self._debloat.sample(counters[0] + counters[2], self._taken)
 
     def metrics(self) -> list[dict[str, Any]]:
-        rates = self._rates.rates(self._counters())
+        """Per step of the chain, its figures (called from the control loop's thread:
+        it only reads, and copies what the data plane changes)."""
+        with self._metrics_lock:
+            rates = self._rates.rates(self._counters())
         try:
             rss = self._process.memory_info().rss
         except psutil.Error:
@@ -791,8 +1163,32 @@ class StageTask:
                 "output_in_flight": outputs.in_flight if outputs else 0,
                 "rss_bytes": rss,
             }
+            if head:
+                # In-flight data by time: what is queued here, in seconds of this
+                # stage's work, and the batch size it asks its senders for.
+                queued = self.mailbox.records + self._batch_left
+                entry["inflight_records"] = queued
+                entry["inflight_s"] = self._debloat.inflight_s(queued)
+                entry["batch_hint"] = self.batch_hint()[0] if self.mailbox.channels else 0
+                per_record = self._cost.per_record
+                entry["ms_per_record"] = per_record * 1000.0 if per_record is not None else None
+                started = self._slice_started
+                entry["in_user_code_s"] = time.monotonic() - started if started else 0.0
             if op.state_size is not None:
                 entry["state_keys"] = op.state_size
+            if isinstance(op, KeyedOp):
+                sampled, groups = op.key_groups_sample(self.plan.flow.max_parallelism)
+                entry["sampled_records"] = sampled
+                entry["hot_key_groups"] = groups
+                entry["key_groups"] = len(
+                    key_group_range(
+                        self.partition, self.plan.flow.max_parallelism, self.stage.parallelism
+                    )
+                )
+            if head and self.is_source:
+                backlogs = [_reader_backlog_of(r) for r in self._readers.values()]
+                known = [b for b in backlogs if b is not None]
+                entry["source_backlog"] = sum(known) if known else None
             if self.checkpointing and head:
                 entry["alignment_ms"] = self.last_alignment_ms
                 entry["last_snapshot"] = dict(self.last_snapshot)
@@ -814,6 +1210,13 @@ def _get_and_check(storage: Storage, info: ObjectInfo) -> dict[str, Any]:
 
 def _sink_error(op: SinkOp, exc: BaseException) -> UserCodeError:
     return UserCodeError(op.name, None, exc, what="committing the sink's output")
+
+
+def _reader_backlog_of(reader: SourceReader) -> int | None:
+    try:
+        return reader.backlog()
+    except Exception:
+        return None
 
 
 def _safe_offset(reader: SourceReader) -> Any:
