@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import rayflow as rf
 from tests.chaos.flows import check_exactly_once, collect_streams
@@ -264,7 +266,13 @@ def test_checkpoint_failing_fires_with_the_cause_and_clears(tmp_path: Path) -> N
     )
     storage = tmp_path / "cp"
     config = rf.Checkpointing(storage=str(storage), interval_s=0.3, max_consecutive_failures=1000)
-    handle = rf.start(flow, checkpoint=config)
+    reader = InMemoryMetricReader()
+    handle = rf.start(
+        flow,
+        checkpoint=config,
+        meter_provider=MeterProvider(metric_readers=[reader]),
+        runtime=rf.RuntimeConfig(metrics_interval_s=0.2),
+    )
     blocked = storage / "failing" / "checkpoints"
     try:
         _wait_for(lambda: (handle.checkpoint_stats() or {})["completed"] >= 1)
@@ -278,6 +286,19 @@ def test_checkpoint_failing_fires_with_the_cause_and_clears(tmp_path: Path) -> N
             lambda: [a for a in handle.alerts() if a["kind"] == "checkpoint_failing"], 30, "alert"
         )[0]
         assert alert["step"] is None and "Not a directory" in alert["message"]
+        # Exported too: the rayflow.alerts gauge has a point for it.
+        time.sleep(0.5)
+        exported = [
+            dict(p.attributes)
+            for rm in reader.get_metrics_data().resource_metrics
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+            if m.name == "rayflow.alerts"
+            for p in m.data.data_points
+        ]
+        assert {"job": "failing", "kind": "checkpoint_failing", "step": "", "partition": -1} in (
+            exported
+        )
         blocked.unlink()
         _wait_for(lambda: not handle.alerts(), 30, "the alert to clear")
     finally:
