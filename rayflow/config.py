@@ -99,8 +99,17 @@ class Checkpointing:
       never an object a kept checkpoint still needs).
     - ``full_every``: every K-th snapshot of keyed state is full; those in
       between hold only the keys changed since the previous one.
-    - ``max_consecutive_failures``: this many failed checkpoints in a row
-      fail the job.
+    - ``max_checkpoint_gap_s``: the job fails when no checkpoint has
+      completed for this long (storage down, declined snapshots...); None:
+      never. Meanwhile processing goes on, and attempts back off
+      exponentially (from ``interval_s`` up to ``max_backoff_s``).
+    - ``max_consecutive_failures``: optionally, fail after this many failed
+      checkpoints in a row as well (None, the default: only the gap counts;
+      when both are set, whichever is reached first fails the job).
+    - ``max_uncommitted_records``: while checkpoints cannot complete, the
+      output that sinks staged and the input a restart would replay grow;
+      a source pauses once it emitted this many records since the last
+      completed checkpoint (None: never).
     - ``unaligned``: barriers overtake queued data; what they overtake is
       saved with the snapshot and replayed on restore. A checkpoint then
       takes about as long under backpressure as without it.
@@ -124,13 +133,16 @@ class Checkpointing:
     min_pause_s: float = 0.0
     retain: int = 3
     full_every: int = 10
-    max_consecutive_failures: int = 5
+    max_consecutive_failures: int | None = None
     mode: str = EXACTLY_ONCE
     lease_s: float = 20.0
     unaligned: bool = False
     aligned_timeout_s: float | None = None
     max_replay_s: float = 30.0
     max_overhead: float = 0.05
+    max_checkpoint_gap_s: float | None = 600.0
+    max_backoff_s: float = 30.0
+    max_uncommitted_records: int | None = 10_000_000
 
     def __post_init__(self) -> None:
         from rayflow._internal.storage.base import normalize_uri
@@ -157,7 +169,7 @@ class Checkpointing:
                 f"Checkpointing.max_overhead is a share of time, 0 < share < 1; "
                 f"got {self.max_overhead!r}"
             )
-        for name in ("timeout_s", "lease_s", "max_replay_s"):
+        for name in ("timeout_s", "lease_s", "max_replay_s", "max_backoff_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"Checkpointing.{name} must be > 0 seconds; got {value!r}")
@@ -176,7 +188,23 @@ class Checkpointing:
             raise ConfigError(
                 f"Checkpointing.aligned_timeout_s must be None or >= 0 seconds; got {timeout!r}"
             )
-        for name in ("retain", "full_every", "max_consecutive_failures"):
+        for name in ("max_checkpoint_gap_s",):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0
+            ):
+                raise ConfigError(
+                    f"Checkpointing.{name} must be None or > 0 seconds; got {value!r}"
+                )
+        for name in ("max_consecutive_failures", "max_uncommitted_records"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise ConfigError(
+                    f"Checkpointing.{name} must be None or an int >= 1; got {value!r}"
+                )
+        for name in ("retain", "full_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"Checkpointing.{name} must be an int >= 1; got {value!r}")

@@ -14,14 +14,33 @@ import contextlib
 import glob
 import json
 import os
+import tempfile
+import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import IO, Any
 
-from rayflow.errors import ConfigError
+from rayflow.errors import ConfigError, RayflowError
 
-__all__ = ["JsonLines", "Print", "S3JsonLines", "Sink", "SinkContext", "SinkWriter"]
+__all__ = [
+    "JsonLines",
+    "Print",
+    "S3JsonLines",
+    "Sink",
+    "SinkContext",
+    "SinkWriter",
+    "TransientSinkError",
+]
+
+
+class TransientSinkError(RayflowError):
+    """The sink's destination cannot be reached right now (an outage, throttling).
+
+    Raised by ``prepare_commit``, the checkpoint is declined and the data stays
+    with the writer for the next one; raised by ``commit`` or ``setup``, the
+    runtime tries again later, with backoff. Any other exception fails the job.
+    """
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,8 @@ class SinkWriter(ABC):
 
         After a restore it may be called on another partition's writer (the
         parallelism may have changed), so a committable names its partition.
+        It runs in a thread of its own, possibly while ``write`` takes new
+        records: publish what the committable names, nothing else.
         """
 
     def abort(self, committable: Any) -> None:  # noqa: B027 - optional hook
@@ -320,9 +341,16 @@ class S3JsonLines(Sink):
         run_id: str = "",
         restored_checkpoint: int | None,
     ) -> None:
-        from rayflow._internal.storage.s3 import s3_client
+        from rayflow._internal.storage.s3 import is_transient, s3_client
 
-        client = s3_client()
+        try:
+            self._setup(s3_client(), job, step, restored_checkpoint)
+        except Exception as exc:
+            if is_transient(exc):
+                raise TransientSinkError(f"S3JsonLines {self.uri} unreachable: {exc}") from exc
+            raise
+
+    def _setup(self, client: Any, job: str, step: str, restored_checkpoint: int | None) -> None:
         self._claim(client, job, step)
         start = self._key("part-")
         paginator = client.get_paginator("list_multipart_uploads")
@@ -363,58 +391,113 @@ def _s3_part_after(key: str) -> int | None:
 
 
 class _S3JsonLinesWriter(SinkWriter):
+    """Lines go to a local spill file first; parts are uploaded from it.
+
+    So an S3 outage costs local disk, not memory, and loses nothing: parts
+    that could not be uploaded are uploaded by the next ``prepare_commit``
+    (which declines its checkpoint while S3 is down).
+    """
+
     def __init__(self, sink: S3JsonLines, ctx: SinkContext):
         from rayflow._internal.storage.s3 import s3_client
 
         self._sink = sink
         self._ctx = ctx
-        self._client = s3_client()
-        self._buffer: list[str] = []
-        self._buffered = 0
+        # Few retries per call: the checkpoints retry, and a call in prepare_commit
+        # holds up this partition's records while it waits.
+        self._client = s3_client(attempts=2)
         self._upload: dict[str, Any] | None = None  # key, upload id, parts so far
         self._after = ctx.restored_checkpoint or 0  # the checkpoint staged data follows
+        fd, self._spill_path = tempfile.mkstemp(
+            prefix=f"rayflow-{ctx.step}-{ctx.partition}-",
+            suffix=".spill",
+            dir=os.environ.get("RAYFLOW_SPILL_DIR") or None,
+        )
+        self._spill: IO[bytes] = os.fdopen(fd, "w+b")
+        self._uploaded = 0  # bytes of the spill file uploaded as parts
+        # After S3 could not be reached, calls fail fast until _retry_at (doubling
+        # pauses): an outage must not hold up the records at every checkpoint.
+        self._retry_at = 0.0
+        self._pause = 1.0
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Bytes written and not uploaded yet (on local disk)."""
+        return self._spill.tell() - self._uploaded
 
     def write(self, items: list[Any]) -> None:
         dumps = json.dumps
         try:
-            lines = [dumps(item) + "\n" for item in items]
+            data = "".join([dumps(item) + "\n" for item in items]).encode()
         except TypeError as exc:
             raise TypeError(
                 f"S3JsonLines sink {self._ctx.step!r} can only write JSON-serializable "
                 f"records: {exc}; convert the records with a map step before the sink"
             ) from None
-        self._buffer.extend(lines)
-        self._buffered += sum(map(len, lines))
-        if self._buffered >= self._sink.part_bytes:
-            self._upload_part()
+        self._spill.write(data)
+        if self.spilled_bytes >= self._sink.part_bytes and time.monotonic() >= self._retry_at:
+            with contextlib.suppress(TransientSinkError):  # S3 is down: keep spilling
+                self._upload_parts(final=False)
 
-    def _upload_part(self) -> None:
-        if not self._buffer:
-            return
-        if self._upload is None:
-            name = (
-                f"part-{self._ctx.partition:05d}-{self._after:010d}-{self._ctx.run_id or 'r'}"
-                f"-{uuid.uuid4().hex[:8]}.jsonl"
+    def _s3(self, call: Any, **kwargs: Any) -> Any:
+        from rayflow._internal.storage.s3 import is_transient
+
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise TransientSinkError(
+                f"S3JsonLines sink {self._ctx.step!r}: {self._sink.uri} was unreachable "
+                f"{self._pause:.0f} s ago; trying again in {self._retry_at - now:.1f} s"
             )
-            key = self._sink._key(name)
-            created = self._client.create_multipart_upload(Bucket=self._sink.bucket, Key=key)
-            self._upload = {"key": key, "upload_id": created["UploadId"], "parts": []}
-        body = "".join(self._buffer).encode()
-        number = len(self._upload["parts"]) + 1
-        response = self._client.upload_part(
-            Bucket=self._sink.bucket,
-            Key=self._upload["key"],
-            UploadId=self._upload["upload_id"],
-            PartNumber=number,
-            Body=body,
-        )
-        self._upload["parts"].append({"PartNumber": number, "ETag": response["ETag"]})
-        self._buffer = []
-        self._buffered = 0
+        try:
+            result = call(**kwargs)
+        except Exception as exc:
+            if is_transient(exc):
+                self._retry_at = time.monotonic() + self._pause
+                self._pause = min(self._pause * 2, 8.0)
+                raise TransientSinkError(
+                    f"S3JsonLines sink {self._ctx.step!r}: {self._sink.uri} unreachable: {exc}"
+                ) from exc
+            raise
+        self._pause = 1.0
+        return result
+
+    def _upload_parts(self, *, final: bool) -> None:
+        """Upload whole parts from the spill file (and the rest, if ``final``)."""
+        part = self._sink.part_bytes
+        end = self._spill.tell()
+        while end - self._uploaded >= part or (final and end > self._uploaded):
+            if self._upload is None:
+                name = (
+                    f"part-{self._ctx.partition:05d}-{self._after:010d}-"
+                    f"{self._ctx.run_id or 'r'}-{uuid.uuid4().hex[:8]}.jsonl"
+                )
+                key = self._sink._key(name)
+                created = self._s3(
+                    self._client.create_multipart_upload, Bucket=self._sink.bucket, Key=key
+                )
+                self._upload = {"key": key, "upload_id": created["UploadId"], "parts": []}
+            size = min(part, end - self._uploaded) if final else part
+            self._spill.seek(self._uploaded)
+            body = self._spill.read(size)
+            self._spill.seek(end)
+            number = len(self._upload["parts"]) + 1
+            response = self._s3(
+                self._client.upload_part,
+                Bucket=self._sink.bucket,
+                Key=self._upload["key"],
+                UploadId=self._upload["upload_id"],
+                PartNumber=number,
+                Body=body,
+            )
+            self._upload["parts"].append({"PartNumber": number, "ETag": response["ETag"]})
+            self._uploaded += len(body)
 
     def prepare_commit(self, checkpoint_id: int) -> Any:
-        self._upload_part()  # the last part may be smaller than 5 MiB
+        self._upload_parts(final=True)  # TransientSinkError: declined, all kept for the next
         upload, self._upload = self._upload, None
+        self._spill.seek(0)
+        self._spill.truncate()
+        self._uploaded = 0
         self._after = checkpoint_id
         if upload is None:
             return None
@@ -423,18 +506,23 @@ class _S3JsonLinesWriter(SinkWriter):
     def commit(self, committable: Any) -> None:
         if committable is None:
             return
+        from botocore.exceptions import ClientError
+
         try:
-            self._client.complete_multipart_upload(
+            self._s3(
+                self._client.complete_multipart_upload,
                 Bucket=committable["bucket"],
                 Key=committable["key"],
                 UploadId=committable["upload_id"],
                 MultipartUpload={"Parts": committable["parts"]},
             )
-        except Exception as exc:
+        except ClientError as exc:
             # Completed before (a re-issued commit): then the object exists.
             try:
-                self._client.head_object(Bucket=committable["bucket"], Key=committable["key"])
-            except Exception:
+                self._s3(
+                    self._client.head_object, Bucket=committable["bucket"], Key=committable["key"]
+                )
+            except ClientError:
                 raise exc from None
 
     def abort(self, committable: Any) -> None:
@@ -450,6 +538,9 @@ class _S3JsonLinesWriter(SinkWriter):
         if self._upload is not None:  # staged but never to be committed
             self.abort({**self._upload, "bucket": self._sink.bucket})
             self._upload = None
+        with contextlib.suppress(OSError):
+            self._spill.close()
+            os.remove(self._spill_path)
 
 
 class _JsonLinesWriter(SinkWriter):

@@ -51,7 +51,9 @@ class SourceReader(ABC):
     def backlog(self) -> int | None:
         """Records available but not read yet (a log's lag), or None if unknown.
 
-        The ``backlog_growing`` alert watches it.
+        The ``backlog_growing`` alert watches it. It is called from another
+        thread than ``read`` (the metrics are answered while reading goes on):
+        read plain attributes, do not change any.
         """
         return None
 

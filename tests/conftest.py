@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT / "infra"))
 
 import local_s3  # noqa: E402
 
+from tests.support.fault_proxy import FaultProxy  # noqa: E402
+
 # Set before Ray is imported anywhere: Ray reads them at import and init.
 _RAY_TMP = tempfile.mkdtemp(prefix="rf-ray-", dir="/tmp")
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -43,6 +45,10 @@ _S3 = local_s3.LocalS3(
     secret_key="rayflow-test-secret",
 )
 os.environ.update(_S3.env())
+# rayflow reaches the server through a proxy that tests can make slow or flaky
+# (tests/support/fault_proxy.py); by default it passes everything through.
+_PROXY = FaultProxy(_S3.port)
+os.environ["AWS_ENDPOINT_URL"] = _PROXY.endpoint
 # Tests stop the server on purpose: fail fast instead of retrying for a minute.
 os.environ["RAYFLOW_S3_CONNECT_TIMEOUT"] = "1"
 os.environ["RAYFLOW_S3_READ_TIMEOUT"] = "5"
@@ -63,10 +69,22 @@ def ray_session() -> Iterator[None]:
 def s3_server() -> Iterator[local_s3.LocalS3]:
     _S3.start()
     _S3.create_bucket(S3_BUCKET)
+    _PROXY.start()
     try:
         yield _S3
     finally:
+        _PROXY.stop()
         _S3.stop()
+
+
+@pytest.fixture
+def s3_proxy(s3_server: local_s3.LocalS3) -> Iterator[FaultProxy]:
+    """The proxy between rayflow and the S3 server; back to pass-through afterwards."""
+    _PROXY.clear()
+    try:
+        yield _PROXY
+    finally:
+        _PROXY.clear()
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -16,16 +16,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import rayflow as rf
 from tests.chaos.flows import check_exactly_once, collect_streams
-
-
-def _wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
-        time.sleep(0.1)
+from tests.support import wait_for
 
 
 def _head(handle: rf.JobHandle, step: str) -> dict[str, Any]:
@@ -62,21 +53,21 @@ def test_credits_follow_a_step_whose_speed_changes(tmp_path: Path) -> None:
     # 0.5 s of work over 8 batches in flight: ~300 records a batch at 0.2 ms, ~30 at 2 ms.
     handle = rf.start(flow, runtime=rf.RuntimeConfig(target_inflight_s=0.5))
     try:
-        fast = _wait_for(
+        fast = wait_for(
             lambda: (m := _head(handle, "enrich"))["batch_hint"] >= 120 and m,
             what="batches sized for a 0.2 ms step",
         )
         pace.set(0.002)  # ten times slower
-        slow = _wait_for(
+        slow = wait_for(
             lambda: (m := _head(handle, "enrich"))["batch_hint"] <= 60 and m,
             what="smaller batches once the step is slow",
         )
         # Once what was queued before the change is worked off, about the target is queued.
-        _wait_for(
+        wait_for(
             lambda: _head(handle, "enrich")["inflight_s"] < 1.5, 60, "in-flight data near 0.5 s"
         )
         pace.set(0.0002)
-        _wait_for(lambda: _head(handle, "enrich")["batch_hint"] >= 120, 60, "larger batches again")
+        wait_for(lambda: _head(handle, "enrich")["batch_hint"] >= 120, 60, "larger batches again")
     finally:
         pace.set(0.0)
         handle.stop(timeout=60)
@@ -110,7 +101,7 @@ def test_control_is_answered_while_a_function_is_stuck_and_the_stall_alert_fires
     handle = rf.start(flow, checkpoint=config, runtime=runtime)
     try:
         actor = ray.get_actor("rayflow/stuck/call/0", namespace="rayflow")
-        inside = _wait_for(
+        inside = wait_for(
             lambda: (
                 (m := ray.get(actor.metrics.remote(), timeout=5)[0])["in_user_code_s"] > 0.5 and m
             ),
@@ -121,7 +112,7 @@ def test_control_is_answered_while_a_function_is_stuck_and_the_stall_alert_fires
         started = time.monotonic()
         ray.get(actor.metrics.remote(), timeout=5)
         assert time.monotonic() - started < 2.0
-        alert = _wait_for(
+        alert = wait_for(
             lambda: [a for a in handle.alerts() if a["kind"] == "stalled"], 20, "the stalled alert"
         )[0]
         assert alert["step"] == "call" and alert["partition"] == 0
@@ -135,7 +126,7 @@ def test_control_is_answered_while_a_function_is_stuck_and_the_stall_alert_fires
         (tmp_path / "released").write_text("go")
         asker.join(30)
         assert result.get("id", 0) > 0
-        _wait_for(lambda: not handle.alerts(), 20, "the alert to clear")
+        wait_for(lambda: not handle.alerts(), 20, "the alert to clear")
     finally:
         (tmp_path / "released").write_text("go")
         stopped_at = time.monotonic()
@@ -172,7 +163,7 @@ def test_unaligned_checkpoints_restore_in_flight_data_exactly_once(tmp_path: Pat
             and (handle.checkpoint_stats() or {}).get("completed", 0) >= 2
         )
 
-    _wait_for(captured, what="unaligned checkpoints of the slow step")
+    wait_for(captured, what="unaligned checkpoints of the slow step")
     ray.kill(ray.get_actor("rayflow/unaligned/count/1", namespace="rayflow"))
     result = handle.wait(timeout=180)
     assert result.restarts == 1
@@ -200,13 +191,13 @@ def test_the_automatic_interval_grows_with_the_state(tmp_path: Path) -> None:
     )
     handle = rf.start(flow, checkpoint=config)
     try:
-        _wait_for(lambda: (handle.checkpoint_stats() or {})["completed"] >= 5)
+        wait_for(lambda: (handle.checkpoint_stats() or {})["completed"] >= 5)
         small = handle.checkpoint_stats()
         assert small["interval_auto"] and small["interval_bound"].startswith("overhead")
         keys.set(10_000)  # 100x the keys: 20 MB of state instead of 200 KB
-        _wait_for(lambda: _head(handle, "state").get("state_keys", 0) >= 9_000, 60)
+        wait_for(lambda: _head(handle, "state").get("state_keys", 0) >= 9_000, 60)
         done = small["completed"]
-        _wait_for(lambda: handle.checkpoint_stats()["completed"] >= done + 4, 120)
+        wait_for(lambda: handle.checkpoint_stats()["completed"] >= done + 4, 120)
         large = handle.checkpoint_stats()
     finally:
         handle.stop(timeout=120)
@@ -221,12 +212,12 @@ def test_backlog_growing_fires_and_clears(tmp_path: Path) -> None:
     src.map("slow", pace).sink("out", rf.testing.Discard())
     handle = rf.start(flow, runtime=rf.RuntimeConfig(backlog_window_s=2.0, target_inflight_s=0.2))
     try:
-        alert = _wait_for(
+        alert = wait_for(
             lambda: [a for a in handle.alerts() if a["kind"] == "backlog_growing"], 30, "backlog"
         )[0]
         assert alert["step"] == "events" and "grew from" in alert["message"]
         pace.set(0.0)  # it catches up: the backlog shrinks, the alert clears
-        _wait_for(lambda: not handle.alerts(), 30, "the backlog alert to clear")
+        wait_for(lambda: not handle.alerts(), 30, "the backlog alert to clear")
     finally:
         pace.set(0.0)
         handle.stop(timeout=60)
@@ -247,13 +238,13 @@ def test_hot_key_fires_with_the_key_and_clears(tmp_path: Path) -> None:
     )
     handle = rf.start(flow)
     try:
-        alert = _wait_for(
+        alert = wait_for(
             lambda: [a for a in handle.alerts() if a["kind"] == "hot_key"], 60, "hot key"
         )[0]
         assert alert["step"] == "count" and "'hot-user'" in alert["message"]
         assert "key group" in alert["message"]
         skew.set(0)
-        _wait_for(lambda: not handle.alerts(), 60, "the hot key alert to clear")
+        wait_for(lambda: not handle.alerts(), 60, "the hot key alert to clear")
     finally:
         handle.stop(timeout=60)
 
@@ -275,14 +266,14 @@ def test_checkpoint_failing_fires_with_the_cause_and_clears(tmp_path: Path) -> N
     )
     blocked = storage / "failing" / "checkpoints"
     try:
-        _wait_for(lambda: (handle.checkpoint_stats() or {})["completed"] >= 1)
+        wait_for(lambda: (handle.checkpoint_stats() or {})["completed"] >= 1)
         # A file where the checkpoint folders go: every snapshot write fails.
-        _wait_for(lambda: blocked.exists())
+        wait_for(lambda: blocked.exists())
         import shutil
 
         shutil.rmtree(blocked)
         blocked.write_text("in the way")
-        alert = _wait_for(
+        alert = wait_for(
             lambda: [a for a in handle.alerts() if a["kind"] == "checkpoint_failing"], 30, "alert"
         )[0]
         assert alert["step"] is None and "Not a directory" in alert["message"]
@@ -300,7 +291,7 @@ def test_checkpoint_failing_fires_with_the_cause_and_clears(tmp_path: Path) -> N
             exported
         )
         blocked.unlink()
-        _wait_for(lambda: not handle.alerts(), 30, "the alert to clear")
+        wait_for(lambda: not handle.alerts(), 30, "the alert to clear")
     finally:
         if blocked.is_file():
             blocked.unlink()

@@ -36,16 +36,10 @@ from tests.chaos.flows import (
     expected_counts,
     json_lines_streams,
 )
+from tests.support import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DISCARD: dict[str, rf.sinks.Sink] = {"out": rf.testing.Discard()}
-
-
-def _wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
-        time.sleep(0.05)
 
 
 def test_r1_a_kill_while_a_manifest_is_written_restores_that_checkpoint(tmp_path: Path) -> None:
@@ -75,7 +69,7 @@ def test_r2_a_savepoint_before_a_failure_commits_nothing_twice(tmp_path: Path) -
     flow = counting_flow(job, per_partition=15_000, rate=6_000, sinks=sinks)
     config = rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=60)
     handle = rf.start(flow, checkpoint=config)
-    _wait_for(lambda: sum(e["records_in"] for e in handle.metrics()["count"]) > 3000)
+    wait_for(lambda: sum(e["records_in"] for e in handle.metrics()["count"]) > 3000)
     checkpoint = handle.checkpoint()
     time.sleep(0.4)
     savepoint = handle.savepoint(tmp_path / "sp")
@@ -154,7 +148,7 @@ def test_r5_a_second_driver_on_another_ray_cluster_is_refused_and_a_takeover_fen
     handle = rf.start(flow, checkpoint=rf.Checkpointing(storage=storage, interval_s=0.3, lease_s=3))
     env: dict[str, str] = {}
     try:
-        _wait_for(lambda: len(list_checkpoint_ids(storage, "r5-lease")) >= 2)
+        wait_for(lambda: len(list_checkpoint_ids(storage, "r5-lease")) >= 2)
         # Driver B: another process with a Ray cluster of its own, same job, same storage.
         script = f"""
 import sys, ray, rayflow as rf
@@ -221,7 +215,7 @@ def test_user_classes_in_state_committables_and_records_checkpoint_and_restore(
         "out", rf.testing.Collect()
     )
     handle = rf.start(flow, checkpoint=rf.Checkpointing(storage=str(tmp_path), interval_s=0.2))
-    _wait_for(lambda: (handle.checkpoint_stats() or {})["completed"] >= 3, what="3 checkpoints")
+    wait_for(lambda: (handle.checkpoint_stats() or {})["completed"] >= 3, what="3 checkpoints")
     ray.kill(ray.get_actor("rayflow/user-types/tally/0", namespace="rayflow"))
     result = handle.wait(timeout=120)
     assert result.checkpoints is not None and result.checkpoints["failed"] == 0
@@ -265,7 +259,7 @@ def test_a_job_nobody_waits_for_leaves_nothing_behind(tmp_path: Path) -> None:
         return f
 
     handle = rf.start(flow(), checkpoint=rf.Checkpointing(storage=str(storage), interval_s=0.1))
-    _wait_for(lambda: handle.status().terminal, what="the end of the job")
+    wait_for(lambda: handle.status().terminal, what="the end of the job")
 
     def gone(name: str) -> bool:
         try:
@@ -274,7 +268,7 @@ def test_a_job_nobody_waits_for_leaves_nothing_behind(tmp_path: Path) -> None:
             return True
         return False
 
-    _wait_for(lambda: gone("rayflow/leaky/coordinator") and gone("rayflow/leaky/collect"), 10)
+    wait_for(lambda: gone("rayflow/leaky/coordinator") and gone("rayflow/leaky/collect"), 10)
     assert not stale.exists()  # a killed upload's leftover, collected by retention
     lease = leases.current(open_storage(storage), "leaky")
     assert lease is not None and lease.released
@@ -294,7 +288,7 @@ def test_a_coordinator_that_dies_again_while_it_restarts_is_retried(tmp_path: Pa
         flow, checkpoint=rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.2)
     )
     name = f"rayflow/{job}/coordinator"
-    _wait_for(lambda: (handle.checkpoint_stats() or {})["completed"] >= 2)
+    wait_for(lambda: (handle.checkpoint_stats() or {})["completed"] >= 2)
     first = ray.get_actor(name, namespace="rayflow")
     first_id = first._actor_id.hex()
     ray.kill(first)
@@ -306,7 +300,7 @@ def test_a_coordinator_that_dies_again_while_it_restarts_is_retried(tmp_path: Pa
             return None
         return actor if actor._actor_id.hex() != first_id else None
 
-    _wait_for(lambda: replacement() is not None, 30, "a new coordinator")
+    wait_for(lambda: replacement() is not None, 30, "a new coordinator")
     ray.kill(replacement())  # while it deploys and restores
     result = handle.wait(timeout=120)
     # The second death was one more failure, retried by the restart strategy.

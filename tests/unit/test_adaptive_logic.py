@@ -120,3 +120,86 @@ def test_config_checks_the_new_options() -> None:
     with pytest.raises(rf.ConfigError, match="target_inflight_s"):
         rf.RuntimeConfig(target_inflight_s=-1)
     assert rf.Checkpointing(interval_s="auto").interval_s == "auto"
+
+
+class _FlakyCommits(rf.sinks.Sink):
+    """Commits fail twice as if the destination were away, then go through."""
+
+    def __init__(self) -> None:
+        self.commits: list[Any] = []
+        self.attempts = 0
+
+    def open(self, ctx: rf.sinks.SinkContext) -> rf.sinks.SinkWriter:
+        sink = self
+
+        class Writer(rf.sinks.SinkWriter):
+            def __init__(self) -> None:
+                self.rows: list[Any] = []
+
+            def write(self, items: list[Any]) -> None:
+                self.rows.extend(items)
+
+            def prepare_commit(self, checkpoint_id: int) -> Any:
+                staged, self.rows = self.rows, []
+                return staged
+
+            def commit(self, committable: Any) -> None:
+                sink.attempts += 1
+                if sink.attempts <= 2:
+                    raise rf.sinks.TransientSinkError("destination unreachable")
+                sink.commits.append(committable)
+
+        return Writer()
+
+
+def test_commits_that_cannot_reach_their_destination_are_retried_beside_processing(
+    tmp_path: Any,
+) -> None:
+    import asyncio
+
+    from rayflow._internal.checkpoint.snapshot import BarrierInfo
+    from rayflow._internal.plan import build_plan
+    from rayflow._internal.runtime import task as task_module
+    from rayflow._internal.runtime.task import StageTask
+
+    sink = _FlakyCommits()
+    flow = rf.Dataflow("j")
+    flow.source("src", rf.testing.from_items(range(10))).sink("out", sink)
+    plan = build_plan(flow.spec())
+
+    class Acks:
+        def __init__(self) -> None:
+            self.acks: list[int] = []
+
+        def acknowledge(self, checkpoint_id: int, snapshot: Any) -> None:
+            self.acks.append(checkpoint_id)
+
+        def decline(self, checkpoint_id: int, reason: str) -> None:
+            raise AssertionError(reason)
+
+        def source_done(self, epoch: int) -> None:
+            pass
+
+    async def scenario() -> None:
+        task_module.COMMIT_RETRY_S = 0.01  # a unit test need not wait 0.2 s a try
+        acks = Acks()
+        task = StageTask(plan, "src", 0, job="j", config=rf.RuntimeConfig(), full_every=10)
+        task.connect({}, acks)
+        run = asyncio.create_task(task.run())
+        await asyncio.sleep(0.2)  # everything read, written to the sink
+        task.trigger_checkpoint(BarrierInfo(1, "checkpoint", str(tmp_path), 0, "j/cp/1/", "r1"))
+        for _ in range(100):
+            if acks.acks:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(task.notify_complete(1, 0), 5)  # returns once committed
+        task.finish()
+        outcome = await asyncio.wait_for(run, 5)
+        assert outcome.ok, outcome.failure
+
+    pause = task_module.COMMIT_RETRY_S
+    try:
+        asyncio.run(scenario())
+    finally:
+        task_module.COMMIT_RETRY_S = pause
+    assert sink.attempts == 3 and sink.commits == [list(range(10))]

@@ -203,7 +203,40 @@ def test_consecutive_failures_over_the_limit_are_fatal(tmp_path: Path) -> None:
         return fatal
 
     reasons = asyncio.run(scenario())
-    assert len(reasons) == 2 and all("disk full" in r for r in reasons)
+    assert len(reasons) == 1 and "2 checkpoints failed in a row" in reasons[0]
+    assert "max_consecutive_failures=2" in reasons[0] and "disk full" in reasons[0]
+
+
+def test_the_job_fails_only_when_no_checkpoint_completed_for_the_gap() -> None:
+    from rayflow._internal.checkpoint.failures import CheckpointFailureManager
+
+    manager = CheckpointFailureManager(max_gap_s=60.0, now=0.0)
+    assert manager.failed("storage down", now=30.0) is None  # 100 failures, 59 s: fine
+    for t in range(31, 59):
+        assert manager.failed("storage down", now=float(t)) is None
+    verdict = manager.failed("storage down", now=61.0)
+    assert verdict is not None and "no checkpoint completed for 61 s" in verdict
+    manager.succeeded(now=100.0)
+    assert manager.failed("again", now=150.0) is None  # the gap counts from the success
+    never = CheckpointFailureManager(max_gap_s=None, now=0.0)
+    assert never.failed("down", now=10**6) is None
+
+
+def test_failed_checkpoints_back_off_exponentially_up_to_a_cap() -> None:
+    from rayflow._internal.checkpoint.policy import TriggerPolicy
+
+    policy = TriggerPolicy(1.0, 0.0, now=0.0)
+    waits = []
+    for failures in range(1, 8):
+        policy.backoff(failures, max_backoff_s=30.0)
+        waits.append(policy.backoff_s)
+    assert 0.8 <= waits[0] <= 1.0 and 1.6 <= waits[1] <= 2.0 and 3.2 <= waits[2] <= 4.0
+    assert all(24.0 <= w <= 30.0 for w in waits[5:])  # capped
+    policy.started(0.0)
+    policy.ended(1.0)
+    assert policy.next_due(1.0) >= 1.0 + waits[-1]
+    policy.backoff(0, max_backoff_s=30.0)
+    assert policy.next_due(1.0) == 1.0  # a success: the plain interval again
 
 
 def test_a_manifest_that_exists_is_never_overwritten(tmp_path: Path) -> None:

@@ -65,6 +65,8 @@ log = logging.getLogger("rayflow")
 
 #: Leftovers of killed uploads older than this are deleted by retention.
 TEMPORARY_MAX_AGE_S = 600.0
+#: While backing off for longer than this, ask the storage this often whether it is back.
+PROBE_S = 2.0
 
 
 class CheckpointFailed(RayflowError):
@@ -149,7 +151,9 @@ class CheckpointCoordinator:
         else:
             interval = float(config.interval_s)
         self.policy = TriggerPolicy(interval, config.min_pause_s)
-        self.failures = CheckpointFailureManager(config.max_consecutive_failures)
+        self.failures = CheckpointFailureManager(
+            config.max_consecutive_failures, config.max_checkpoint_gap_s
+        )
         self.next_id = next_id
         # The newest *checkpoint* (not savepoint) of this job's chain.
         self.last_checkpoint_id = last_completed.checkpoint_id if last_completed else 0
@@ -247,6 +251,7 @@ class CheckpointCoordinator:
         """The job restarted from ``restored``: checkpoints go on from there."""
         if restored is not None and restored.kind == CHECKPOINT:
             self.last_checkpoint_id = restored.checkpoint_id
+        self.failures.restarted()
         self.periodic = True
         self.suspended = False
         self.policy.started(time.monotonic())
@@ -287,8 +292,9 @@ class CheckpointCoordinator:
                 except CheckpointFailed as exc:
                     if not request.future.done():
                         request.future.set_exception(exc)
-                    if self._register_failure(exc):
-                        on_fatal([str(exc)] if exc.fatal else list(self.failures.reasons))
+                    verdict = self._register_failure(exc)
+                    if verdict is not None:
+                        on_fatal([verdict])
                 else:
                     if not request.future.done():
                         request.future.set_result(manifest)
@@ -298,25 +304,35 @@ class CheckpointCoordinator:
                 try:
                     await self._perform(CHECKPOINT, None, False)
                 except CheckpointFailed as exc:
-                    if self._register_failure(exc):
-                        on_fatal([str(exc)] if exc.fatal else list(self.failures.reasons))
+                    verdict = self._register_failure(exc)
+                    if verdict is not None:
+                        on_fatal([verdict])
                 continue
             self._wake.clear()
             timeout = max(0.0, due - now) if self.periodic else None
+            probing = self.periodic and self.policy.backoff_s > PROBE_S
+            if probing:
+                timeout = min(timeout or PROBE_S, PROBE_S)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except asyncio.TimeoutError:
-                pass
+                if probing and await self._storage_answers():
+                    # Backing off after failures, and the storage answers again: try now
+                    # rather than at the end of a long backoff.
+                    self.policy.backoff_s = 0.0
 
-    def _register_failure(self, exc: CheckpointFailed) -> bool:
+    def _register_failure(self, exc: CheckpointFailed) -> str | None:
+        """Count a failure and back off; the reason to fail the job, if it must."""
         reason = str(exc)
         log.warning("job %s: %s", self.job, reason)
         self.last_failure = {"reason": reason, "time": time.time()}
         if exc.fatal:
-            return True
+            return reason
         if self._closed or self.suspended or not exc.counts:
-            return False  # given up for a restart or the end: not the storage's fault
-        return self.failures.failed(reason)
+            return None  # given up for a restart or the end: not the storage's fault
+        verdict = self.failures.failed(reason)
+        self.policy.backoff(self.failures.consecutive, self.config.max_backoff_s)
+        return verdict
 
     async def _perform(self, kind: str, location: str | None, final: bool) -> Manifest:
         checkpoint_id = self.next_id
@@ -430,6 +446,7 @@ class CheckpointCoordinator:
             self.last_checkpoint_id = cid
         self.store.add(manifest)
         self.failures.succeeded()
+        self.policy.backoff(0, self.config.max_backoff_s)
         if self.chooser is not None and kind == CHECKPOINT:
             self.policy.interval_s = self.chooser.checkpoint_took(manifest.duration_ms / 1000.0)
         self.on_completed(manifest)
@@ -485,8 +502,10 @@ class CheckpointCoordinator:
                 raise CheckpointFailed(FailureReason.LEASE.format(id=cid, reason=exc)) from exc
         data = manifest.to_json()
         try:
+            # While the storage cannot say whether the manifest was created, keep
+            # asking (R6), as long as the job may go without a checkpoint.
             ours = await asyncio.to_thread(
-                create_once, storage, key, data, resolve_s=max(10.0, self.config.timeout_s)
+                create_once, storage, key, data, resolve_s=self._resolve_s()
             )
         except StorageError as exc:
             # Every try failed: the manifest may or may not have been created.
@@ -504,6 +523,18 @@ class CheckpointCoordinator:
         if self.chooser is not None:
             self.policy.interval_s = self.chooser.load(busy_fraction)
 
+    async def _storage_answers(self) -> bool:
+        """A cheap question to the checkpoint storage: is it back?"""
+        try:
+            await asyncio.to_thread(self.storage.list, leases.lease_prefix(self.job))
+        except (StorageError, OSError):
+            return False
+        return True
+
+    def _resolve_s(self) -> float:
+        gap = self.config.max_checkpoint_gap_s
+        return max(10.0, self.config.timeout_s, gap if gap is not None else 3600.0)
+
     # -- observation -----------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -512,6 +543,8 @@ class CheckpointCoordinator:
             "unaligned_completed": self.unaligned_completed,
             "failed": self.failures.total,
             "consecutive_failures": self.failures.consecutive,
+            "seconds_since_completed": time.monotonic() - self.failures.last_success,
+            "backoff_s": self.policy.backoff_s,
             "in_progress": self.pending.checkpoint_id if self.pending else None,
             "last": self.last,
             "last_failure": self.last_failure,

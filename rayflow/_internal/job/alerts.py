@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 KINDS = ("backlog_growing", "stalled", "checkpoint_failing", "hot_key")
+#: A backlog must grow by at least this many records to count as growing.
+BACKLOG_MIN_GROWTH = 100
 
 
 @dataclass
@@ -144,7 +146,9 @@ class AlertMonitor:
         first = samples[0][1]
         recent = [v for t, v in samples if t >= now - self.backlog_window_s / 2]
         last = samples[-1][1]
-        if not (last > first * 1.2 + 10 and min(recent) > first):
+        # Grown by half at least, and by more than a read's worth of noise, and
+        # still above where the window began (not a spike that came back down).
+        if not (last >= first * 1.5 and last - first >= BACKLOG_MIN_GROWTH and min(recent) > first):
             return None
         rate = (last - first) / max(1e-9, now - samples[0][0])
         message = (

@@ -139,6 +139,7 @@ class JobCoordinator:
                 align=not (cp and cp.mode == AT_LEAST_ONCE),
                 run_id=self.run_id,
                 final_checkpoint_id=self._start.first_checkpoint_id,
+                max_uncommitted=cp.max_uncommitted_records if cp else None,
             )
             point = self._recovery_point
             if cp is not None:
@@ -414,16 +415,7 @@ class JobCoordinator:
                 await asyncio.sleep(FINAL_RETRY_S)
 
     def _checkpoints_fatal(self, reasons: list[str]) -> None:
-        if len(reasons) > 1:
-            message = (
-                f"{len(reasons)} checkpoints failed in a row (the limit is "
-                f"Checkpointing.max_consecutive_failures); the last: {reasons[-1]}"
-            )
-        else:
-            message = reasons[-1]
-        self._fatal.append(
-            Failure(kind="checkpoint", message=message, traceback="\n".join(reasons))
-        )
+        self._fatal.append(Failure(kind="checkpoint", message=reasons[-1]))
         assert self._wake is not None
         self._wake.set()
 
@@ -577,6 +569,11 @@ class JobCoordinator:
         self._report.status = status
 
     def _end(self, status: JobStatus, failures: list[Failure]) -> None:
+        if status is not JobStatus.FAILED:
+            # Ended well: nothing is stalled or failing any more (a last look clears it).
+            self.alerts.observe(
+                time.time(), {}, self.checkpoints.stats() if self.checkpoints else None
+            )
         self._report.alerts = self.alerts.active()
         self._set_status(status)
         self._report.failures = failures

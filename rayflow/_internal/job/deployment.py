@@ -44,6 +44,7 @@ class Deployment:
         *,
         run_id: str = "",
         final_checkpoint_id: int = 1,
+        max_uncommitted: int | None = None,
     ):
         self.job = job
         self.plan = plan
@@ -52,6 +53,7 @@ class Deployment:
         self.align = align
         self.run_id = run_id
         self.final_checkpoint_id = final_checkpoint_id
+        self.max_uncommitted = max_uncommitted
         self.epoch = 0
         self.handles: dict[ActorKey, Any] = {}
         self._plan_ref: Any = None
@@ -91,6 +93,7 @@ class Deployment:
                 self.epoch,
                 self.run_id,
                 self.final_checkpoint_id,
+                self.max_uncommitted,
             )
 
     async def replace(self, keys: Iterable[ActorKey], timeout_s: float = 10.0) -> None:

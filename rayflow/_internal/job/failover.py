@@ -34,10 +34,10 @@ from rayflow._internal.checkpoint.snapshot import CorruptSnapshot
 from rayflow._internal.job.deployment import ActorKey, Deployment
 from rayflow._internal.plan import Plan
 from rayflow._internal.spec import StepKind
-from rayflow._internal.storage.base import ObjectNotFound
+from rayflow._internal.storage.base import ObjectNotFound, StorageError
 from rayflow.config import Checkpointing
 from rayflow.errors import Failure
-from rayflow.sinks import Sink
+from rayflow.sinks import Sink, TransientSinkError
 
 log = logging.getLogger("rayflow")
 
@@ -90,7 +90,7 @@ class Failover:
         candidate = point
         for i, candidate in enumerate(candidates):
             try:
-                await self._restore(candidate)
+                await self._restore_when_reachable(candidate)
                 break
             except Exception as exc:
                 if i + 1 == len(candidates) or not _unusable_checkpoint(exc):
@@ -111,6 +111,32 @@ class Failover:
                 await dep.reset(list(dep.handles), None)
         await dep.connect(self._handle)
         return candidate
+
+    async def _restore_when_reachable(self, point: RestorePoint | None) -> None:
+        """Restore ``point``; while the storage (or a sink's destination) cannot be
+        reached, start over with backoff, for as long as the job may go without a
+        checkpoint (an outage is not a new failure each time)."""
+        gap = self.checkpointing.max_checkpoint_gap_s if self.checkpointing else None
+        deadline = time.monotonic() + (gap if gap is not None else 3600.0)
+        pause = 0.5
+        while True:
+            try:
+                await self._restore(point)
+                return
+            except Exception as exc:
+                if not _unreachable(exc) or time.monotonic() + pause > deadline:
+                    raise
+                log.warning(
+                    "job %s: restoring waits for the storage (%s); trying again in %.1f s",
+                    self.job,
+                    _first_line(exc),
+                    pause,
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 10.0)
+            dep = self.deployment
+            dep.epoch += 1  # start the operators over before the next try
+            await dep.reset(list(dep.handles), None)
 
     async def _restore(self, point: RestorePoint | None) -> None:
         restored_id = point.manifest.checkpoint_id if point else None
@@ -179,6 +205,27 @@ def setup_sink(sink: Sink, job: str, step: str, run_id: str, restored: int | Non
     else:
         kwargs = {k: v for k, v in offered.items() if k in params}
     sink.setup(job, **kwargs)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    for _ in range(10):  # Ray wraps causes; follow a few links
+        if current is None:
+            break
+        seen.append(current)
+        current = getattr(current, "cause", None) or current.__cause__
+    return seen
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A restore that failed because the storage or a sink could not be reached now."""
+    for cause in _causes(exc):
+        if isinstance(cause, (CorruptSnapshot, ObjectNotFound)):
+            return False
+        if isinstance(cause, (StorageError, TransientSinkError)):
+            return True
+    return False
 
 
 def _unusable_checkpoint(exc: BaseException) -> bool:

@@ -62,6 +62,7 @@ class OperatorActor:
         epoch: int = 0,
         run_id: str = "",
         final_checkpoint_id: int = 1,
+        max_uncommitted: int | None = None,
     ) -> None:
         # Streams allocate many short-lived tuples; the default gen-0 threshold
         # (700) makes the collector run thousands of times per second.
@@ -80,6 +81,7 @@ class OperatorActor:
                 epoch=epoch,
                 run_id=run_id,
                 final_checkpoint_id=final_checkpoint_id,
+                max_uncommitted=max_uncommitted,
             )
 
         self._make = make

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -84,12 +85,13 @@ from rayflow._internal.runtime.operators import (
     short_repr,
 )
 from rayflow._internal.runtime.pacing import CostMeter, Debloater
-from rayflow._internal.runtime.timing import BUSY, IDLE, RateWindow, TimeAccount
+from rayflow._internal.runtime.timing import BACKPRESSURED, BUSY, IDLE, RateWindow, TimeAccount
 from rayflow._internal.spec import StepKind
 from rayflow._internal.storage import Storage, open_storage
 from rayflow._internal.storage.base import create_once
 from rayflow.config import RuntimeConfig
 from rayflow.errors import Failure
+from rayflow.sinks import TransientSinkError
 from rayflow.sources import SourceReader
 
 #: How long an idle source waits before polling an unbounded reader again.
@@ -97,6 +99,13 @@ SOURCE_POLL_S = 0.005
 #: How long a caught-up source (its last reads were short) waits before reading
 #: again: polling at once would spin a core that the operators need.
 CAUGHT_UP_POLL_S = 0.0025
+#: A commit that could not reach its destination is tried again after this, doubling.
+COMMIT_RETRY_S = 0.2
+COMMIT_RETRY_MAX_S = 10.0
+#: Snapshots being written at once (one may outlive its checkpoint on a slow storage).
+MAX_UPLOADS = 2
+
+log = logging.getLogger("rayflow")
 
 
 class Coordination(Protocol):
@@ -134,6 +143,7 @@ class StageTask:
         coordination: Coordination | None = None,
         final_checkpoint_id: int = 1,
         run_id: str = "",
+        max_uncommitted: int | None = None,
     ):
         """``full_every`` is set when the job checkpoints (it enables barriers).
 
@@ -172,6 +182,8 @@ class StageTask:
         self._tracker = snap.IncrementalTracker(full_every) if full_every else None
         self._sinks = [op for op in self.ops.values() if isinstance(op, SinkOp)]
         self._committables: dict[str, list[tuple[int, Any]]] = {s.name: [] for s in self._sinks}
+        # Per sink: records taken in when each checkpoint staged (for uncommitted_records).
+        self._staged_at: dict[str, dict[int, int]] = {s.name: {} for s in self._sinks}
 
         self.mailbox = Mailbox(
             plan.input_channels(stage, partition), config.mailbox_batches, config.mailbox_bytes
@@ -215,6 +227,20 @@ class StageTask:
         self._align_started = 0.0
         # Uploads run in threads so that processing goes on meanwhile.
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rayflow-io")
+        # Checkpoints whose snapshot is being written. While the storage is slow, an
+        # upload can outlive its checkpoint; two at most hold their bytes in memory.
+        self._uploading: set[int] = set()
+        # Commits (sinks): the committer task works up to the newest notified checkpoint.
+        self._commit_target = 0
+        self._committed_to = 0
+        self._committer: asyncio.Task[None] | None = None
+        self._commit_wake = asyncio.Event()
+        self._commit_done = asyncio.Event()
+        self._commit_failure: UserCodeError | None = None
+        # Sources: records emitted when the last completed checkpoint was taken, and
+        # the bound on what a restart would replay (Checkpointing.max_uncommitted_records).
+        self._committed_emitted = 0
+        self._max_uncommitted = max_uncommitted
         # User code runs in slices, long ones in this thread: the event loop stays
         # free to answer metrics, checkpoint triggers, stop and cancel meanwhile.
         self._user = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayflow-user")
@@ -516,15 +542,11 @@ class StageTask:
             self.mailbox.unblock_all()
         if self._capture is not None:  # an older capture never completed: given up
             self._capture = None
-        try:
-            doc, mode, sources = self._snapshot(barrier)
-            state = snap.dumps_value(doc)
-        except UserCodeError:
-            raise
-        except Exception as exc:
-            self._decline(cid, f"taking the snapshot failed: {type(exc).__name__}: {exc}")
+        taken = self._snapshot_or_decline(barrier, snap.dumps_value)
+        if taken is None:
             self.outputs.send_priority(BARRIER, barrier)
             return
+        state, mode, sources = taken
         outflight = self.outputs.unsent()
         capture = InflightCapture(cid, list(self.mailbox.channels))
         arrived = self._barrier_seqs.pop(cid, {})
@@ -565,17 +587,47 @@ class StageTask:
         """
         if self._ended or (epoch is not None and epoch != self.epoch):
             return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.is_source:
+            # What a restart would replay starts at this checkpoint now (R: bounded).
+            emitted = self._emitted_at_barrier.get(checkpoint_id)
+            if emitted is not None:
+                self._committed_emitted = max(self._committed_emitted, emitted)
+            for old in [c for c in self._emitted_at_barrier if c < checkpoint_id]:
+                del self._emitted_at_barrier[old]
+            self.mailbox.poke()  # a source paused on the bound may go on
+        if not self._sinks:
+            return
+        # Commits run beside the processing (an outage must not stop it): the
+        # committer publishes in order and retries what cannot be reached now.
+        self._commit_target = max(self._commit_target, checkpoint_id)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.get_running_loop().create_task(self._commit_loop())
+        self._commit_wake.set()
+        while self._committed_to < checkpoint_id and not self._ended:
+            if self._committer.done():
+                self._committer.result()  # raises what stopped it
+                return
+            self._commit_done.clear()
+            await self._commit_done.wait()
 
-        async def commit() -> None:
-            try:
-                await self._commit_up_to(checkpoint_id)
-            finally:
-                if not done.done():
-                    done.set_result(None)
-
-        self._enqueue(commit)
-        await done
+    async def _commit_loop(self) -> None:
+        try:
+            while not self._ended:
+                target = self._commit_target
+                await self._commit_up_to(target)
+                self._committed_to = max(self._committed_to, target)
+                for staged in self._staged_at.values():
+                    for old in [c for c in staged if c < self._committed_to]:
+                        del staged[old]
+                self._commit_done.set()
+                if self._commit_target == target:
+                    self._commit_wake.clear()
+                    await self._commit_wake.wait()
+        except UserCodeError as exc:
+            self._commit_failure = exc
+            self._commit_done.set()
+            self.mailbox.poke()  # the main loop raises it
+            raise
 
     async def _run_control(self) -> None:
         while self._control:
@@ -689,6 +741,8 @@ class StageTask:
         while self._open:
             if self._control:
                 await self._run_control()
+            if self._commit_failure is not None:
+                raise self._commit_failure
             env = mailbox.pop()
             if env is None:
                 await outputs.flush()
@@ -738,6 +792,17 @@ class StageTask:
                     assert self._coordination is not None
                     self._coordination.source_done(self.epoch)
                 await self._idle(None)
+                continue
+            if self._commit_failure is not None:
+                raise self._commit_failure
+            limit = self._max_uncommitted
+            if limit is not None and head.records_out - self._committed_emitted >= limit:
+                # Checkpoints are not completing (the storage is down?): what a restart
+                # would replay, and what sinks stage, must not grow without bound.
+                self.clock.switch(BACKPRESSURED)
+                self.mailbox.clear_ready()
+                await self.mailbox.wait(SOURCE_POLL_S * 20)
+                self.clock.switch(BUSY)
                 continue
             progressed = False
             caught_up = True  # every read returned less than it was asked for
@@ -851,21 +916,36 @@ class StageTask:
         cid = barrier.checkpoint_id
         self._last_barrier = max(self._last_barrier, cid)
         # Step 1. Snapshot synchronously: the state matches the barrier's position.
-        try:
-            doc, mode, sources = self._snapshot(barrier)
-            data = snap.encode(doc)
-        except UserCodeError:
-            raise
-        except Exception as exc:
-            self._decline(cid, f"taking the snapshot failed: {type(exc).__name__}: {exc}")
+        taken = self._snapshot_or_decline(barrier, snap.encode)
+        if taken is None:
             await self.outputs.send_control(BARRIER, barrier)
             return
+        data, mode, sources = taken
         # Step 2. Forward the barrier behind everything already emitted.
         await self.outputs.send_control(BARRIER, barrier)
         # Step 3. Upload while processing goes on; acknowledge when written.
         task = asyncio.get_running_loop().create_task(self._upload(barrier, data, mode, sources))
         self._uploads.add(task)
         task.add_done_callback(self._uploads.discard)
+
+    def _snapshot_or_decline(
+        self, barrier: snap.BarrierInfo, encode: Callable[[dict[str, Any]], bytes]
+    ) -> tuple[bytes, str, dict[str, dict[str, dict[str, Any]]]] | None:
+        """The encoded snapshot, or None after declining the checkpoint (the caller
+        still forwards the barrier, so that the operators downstream are not held up)."""
+        cid = barrier.checkpoint_id
+        if len(self._uploading) >= MAX_UPLOADS:
+            # The storage is slow or down: a bounded number of snapshots in memory.
+            self._decline(cid, self._still_uploading())
+            return None
+        try:
+            doc, mode, sources = self._snapshot(barrier)
+            return encode(doc), mode, sources
+        except UserCodeError:
+            raise
+        except Exception as exc:
+            self._decline(cid, f"taking the snapshot failed: {type(exc).__name__}: {exc}")
+            return None
 
     def _snapshot(
         self, barrier: snap.BarrierInfo
@@ -878,7 +958,7 @@ class StageTask:
             "checkpoint_id": cid,
             "sources": {},
             "keyed": None,
-            "sinks": {},
+            "sinks": self._stage_sinks(barrier),
         }
         sources: dict[str, dict[str, dict[str, Any]]] = {}
         if self.is_source:
@@ -908,15 +988,25 @@ class StageTask:
                 keyed = {"mode": "full", "values": values, "deleted": []}
             doc["keyed"] = {"step": self._keyed.name, **keyed}
             mode = keyed["mode"]
+        return doc, mode, sources
+
+    def _stage_sinks(self, barrier: snap.BarrierInfo) -> dict[str, list[tuple[int, Any]]]:
+        """Sinks stage what they got (first: a sink that cannot reach its destination
+        declines the checkpoint before any state was touched)."""
+        cid = barrier.checkpoint_id
+        staged: dict[str, list[tuple[int, Any]]] = {}
         for op in self._sinks:
             if barrier.kind == CHECKPOINT:  # a savepoint stages nothing (see above)
                 try:
                     committable = op.writer.prepare_commit(cid)
+                except TransientSinkError:
+                    raise  # declined; what it holds stays for the next checkpoint
                 except Exception as exc:
                     raise _sink_error(op, exc) from exc
                 self._committables[op.name].append((cid, committable))
-            doc["sinks"][op.name] = list(self._committables[op.name])
-        return doc, mode, sources
+                self._staged_at[op.name][cid] = op.records_in
+            staged[op.name] = list(self._committables[op.name])
+        return staged
 
     async def _upload(
         self,
@@ -930,6 +1020,7 @@ class StageTask:
         cid = barrier.checkpoint_id
         key = barrier.object_key(self.stage.name, self.partition)
         started = time.monotonic()
+        self._uploading.add(cid)
         try:
             storage = open_storage(barrier.storage)
             digest = await asyncio.get_running_loop().run_in_executor(
@@ -938,6 +1029,8 @@ class StageTask:
         except Exception as exc:
             self._decline(cid, f"writing {key} to {barrier.storage} failed: {exc}")
             return
+        finally:
+            self._uploading.discard(cid)
         obj = ObjectInfo(key=key, size=len(data), sha256=digest, checkpoint_id=cid, mode=mode)
         chain: tuple[ObjectInfo, ...] = ()
         key_groups = None
@@ -975,21 +1068,41 @@ class StageTask:
                 ),
             )
 
+    def _still_uploading(self) -> str:
+        return (
+            f"the snapshots of checkpoints {sorted(self._uploading)} are still being written "
+            "(the storage is slow or unreachable); this one is skipped"
+        )
+
     def _decline(self, checkpoint_id: int, reason: str) -> None:
         if self._coordination is not None:
             self._coordination.decline(checkpoint_id, reason)
 
     async def _commit(self, op: SinkOp, committable: Any) -> None:
-        """Run one commit in a thread; a reset waits for it rather than abandoning it."""
-        future = asyncio.ensure_future(asyncio.to_thread(op.writer.commit, committable))
-        self._commits.add(future)
-        future.add_done_callback(self._commits.discard)
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise _sink_error(op, exc) from exc
+        """Run one commit in a thread; a reset waits for it rather than abandoning it.
+
+        A commit that cannot reach its destination now (``TransientSinkError``)
+        is tried again with backoff (commits are idempotent) until it goes
+        through or the task is reset; any other error fails the job.
+        """
+        pause = COMMIT_RETRY_S
+        while True:
+            future = asyncio.ensure_future(asyncio.to_thread(op.writer.commit, committable))
+            self._commits.add(future)
+            future.add_done_callback(self._commits.discard)
+            try:
+                await asyncio.shield(future)
+                return
+            except asyncio.CancelledError:
+                raise
+            except TransientSinkError as exc:
+                log.warning(
+                    "sink %s: commit deferred (%s); retrying in %.1f s", op.name, exc, pause
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, COMMIT_RETRY_MAX_S)
+            except Exception as exc:
+                raise _sink_error(op, exc) from exc
 
     async def _commit_up_to(self, checkpoint_id: int) -> None:
         """Publish every staged committable of checkpoints up to ``checkpoint_id``, in order."""
@@ -1013,6 +1126,8 @@ class StageTask:
         if main is not None and not main.done() and main is not asyncio.current_task():
             main.cancel()
             await asyncio.wait([main], timeout=10)
+        if self._committer is not None and not self._committer.done():
+            self._committer.cancel()
         if self._commits:
             await asyncio.wait(list(self._commits), timeout=60)
         self.mailbox.clear()
@@ -1080,6 +1195,9 @@ class StageTask:
                 restored.append((cid, step, committable))
         for _, step, committable in sorted(restored, key=lambda r: r[0]):
             await self._commit(sinks[step], committable)
+        self._committed_to = assignment.checkpoint_id
+        for name in self._staged_at:
+            self._staged_at[name] = {assignment.checkpoint_id: 0}
 
     def _load_inflight(self, assignment: Assignment, docs: dict[str, dict[str, Any]]) -> None:
         """This partition's share of the in-flight data of unaligned snapshots.
@@ -1185,8 +1303,20 @@ class StageTask:
                         self.partition, self.plan.flow.max_parallelism, self.stage.parallelism
                     )
                 )
+            if isinstance(op, SinkOp):
+                # Taken in, not committed yet (staged, or still in the writer).
+                staged = dict(self._staged_at[name])  # one C-level copy: the loop changes it
+                committed = staged.get(self._committed_to)
+                if committed is None:
+                    done = [n for c, n in staged.items() if c <= self._committed_to]
+                    committed = max(done) if done else 0
+                entry["uncommitted_records"] = op.records_in - committed
+                spilled = getattr(op._writer, "spilled_bytes", None)
+                if spilled is not None:
+                    entry["spilled_bytes"] = spilled
             if head and self.is_source:
-                backlogs = [_reader_backlog_of(r) for r in self._readers.values()]
+                entry["uncommitted_records"] = op.records_out - self._committed_emitted
+                backlogs = [_reader_backlog_of(r) for r in list(self._readers.values())]
                 known = [b for b in backlogs if b is not None]
                 entry["source_backlog"] = sum(known) if known else None
             if self.checkpointing and head:

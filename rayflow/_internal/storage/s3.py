@@ -19,17 +19,53 @@ from botocore.exceptions import BotoCoreError, ClientError
 from rayflow._internal.storage.base import ObjectNotFound, Storage, StorageError
 
 
-def s3_client() -> Any:
+def s3_client(attempts: int | None = None) -> Any:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     style = os.environ.get("RAYFLOW_S3_ADDRESSING_STYLE", "path" if endpoint else "auto")
     config = Config(
         s3={"addressing_style": style},
-        retries={"max_attempts": 3, "mode": "standard"},
+        # Adaptive: retries throttling (SlowDown, 503) and timeouts with backoff and
+        # jitter, and slows its own request rate while the server says so.
+        retries={
+            "max_attempts": attempts or int(os.environ.get("RAYFLOW_S3_ATTEMPTS", "5")),
+            "mode": "adaptive",
+        },
         connect_timeout=float(os.environ.get("RAYFLOW_S3_CONNECT_TIMEOUT", "3")),
         read_timeout=float(os.environ.get("RAYFLOW_S3_READ_TIMEOUT", "20")),
     )
     session = boto3.session.Session()
     return session.client("s3", endpoint_url=endpoint or None, config=config)
+
+
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "RequestTimeout",
+    "ServiceUnavailable",
+    "InternalError",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeTooSkewed",
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An S3 error that goes away by itself: unreachable, timed out, throttled, 5xx."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(
+        exc, (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)
+    ):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = exc.response.get("Error", {}).get("Code")
+        return int(status) >= 500 or code in _TRANSIENT_CODES
+    return isinstance(exc, (BotoCoreError, ConnectionError, TimeoutError))
 
 
 class S3Storage(Storage):
