@@ -7,6 +7,7 @@ session, and deletes it when the session ends. Input is JSON Lines files of
 ``--generate N`` writes N synthetic events first).
 
     python jobs/clickstream.py [--input GLOB] [--output DIR] [--generate N]
+    rayflow run jobs/clickstream.py [--output DIR]
     ray job submit --working-dir . -- python jobs/clickstream.py --output /shared/sessions
 """
 
@@ -17,6 +18,7 @@ import glob
 import json
 import os
 import random
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,7 +89,7 @@ def generate(folder: str, count: int, files: int = 4, seed: int = 1) -> str:
     return os.path.join(folder, "*.jsonl")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--input",
@@ -106,13 +108,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--parallelism", type=int, default=2)
     parser.add_argument("--gap", type=float, default=1800.0, help="session gap, seconds")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def build_from(args: argparse.Namespace) -> rf.Dataflow:
     pattern = args.input
     if args.generate:
         pattern = generate(
             os.path.join(os.path.dirname(args.output) or ".", "clicks"), args.generate
         )
-    result = rf.run(build(pattern, args.output, args.parallelism, args.gap))
+    return build(pattern, args.output, args.parallelism, args.gap)
+
+
+def flow() -> rf.Dataflow:
+    """The flow with the options in ``sys.argv`` (what ``rayflow run`` calls)."""
+    return build_from(options(sys.argv[1:]))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = options(argv)
+    result = rf.run(build_from(args))
     sessions = [
         json.loads(line)
         for path in glob.glob(os.path.join(args.output, "part-*.jsonl"))

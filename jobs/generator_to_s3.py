@@ -11,6 +11,7 @@ Storage comes from the arguments, else the environment: ``RAYFLOW_S3``
 for an S3-compatible server such as ``python infra/local_s3.py start``).
 
     python jobs/generator_to_s3.py --seconds 30
+    rayflow run jobs/generator_to_s3.py --checkpoint s3://rayflow/generator/checkpoints
     ray job submit --working-dir . -- python jobs/generator_to_s3.py --seconds 600
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections.abc import Sequence
 
@@ -34,9 +36,13 @@ def view(partition: int, offset: int) -> dict[str, object]:
     }
 
 
-def build(s3: str, rate: float, partitions: int, parallelism: int) -> rf.Dataflow:
+def build(
+    s3: str, rate: float, partitions: int, parallelism: int, limit: int | None = None
+) -> rf.Dataflow:
     flow = rf.Dataflow("generator-to-s3", parallelism=parallelism)
-    views = flow.source("views", rf.sources.Generator(view, partitions=partitions, rate=rate))
+    views = flow.source(
+        "views", rf.sources.Generator(view, partitions=partitions, rate=rate, limit=limit)
+    )
     counts = views.key_by("by_user", lambda v: v["user"]).reduce(
         "views_per_user", lambda acc, v: acc + 1, initial=0
     )
@@ -46,7 +52,7 @@ def build(s3: str, rate: float, partitions: int, parallelism: int) -> rf.Dataflo
     return flow
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--s3",
@@ -65,16 +71,30 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=float(os.environ.get("GENERATOR_RATE", "5000")),
         help="events per second, all partitions together",
     )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="end after this many events per partition"
+    )
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--parallelism", type=int, default=2)
     parser.add_argument("--interval", type=float, default=2.0, help="checkpoint interval, s")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--savepoint", default=None, help="stop with a savepoint here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def flow() -> rf.Dataflow:
+    """The flow with the options in ``sys.argv`` (what ``rayflow run`` calls: it runs
+    until Ctrl-C, or ``--limit`` events; checkpoints go where ``--checkpoint`` says)."""
+    args = options(sys.argv[1:])
+    return build(args.s3.rstrip("/"), args.rate, args.partitions, args.parallelism, args.limit)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = options(argv)
     s3 = args.s3.rstrip("/")
-    flow = build(s3, args.rate, args.partitions, args.parallelism)
+    dataflow = build(s3, args.rate, args.partitions, args.parallelism, args.limit)
     checkpoint = rf.Checkpointing(storage=f"{s3}/generator/checkpoints", interval_s=args.interval)
-    handle = rf.start(flow, checkpoint=checkpoint, resume=args.resume)
+    handle = rf.start(dataflow, checkpoint=checkpoint, resume=args.resume)
     print(f"job {handle.job} running; checkpoints in {checkpoint.storage}", flush=True)
     deadline = time.monotonic() + args.seconds
     while time.monotonic() < deadline:

@@ -4,6 +4,7 @@ Runs as it is on a laptop (a local Ray, a sample text shipped in
 ``jobs/data``, output in ``out/wordcount``) and unchanged on a cluster:
 
     python jobs/wordcount.py
+    rayflow run jobs/wordcount.py [--output DIR]
     ray job submit --working-dir . -- python jobs/wordcount.py
 
 Options (or environment variables) choose the input, output and parallelism.
@@ -15,6 +16,7 @@ import argparse
 import glob
 import json
 import os
+import sys
 from collections.abc import Sequence
 
 import rayflow as rf
@@ -35,7 +37,7 @@ def build(pattern: str, output: str, parallelism: int) -> rf.Dataflow:
     return flow
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--input",
@@ -50,8 +52,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--parallelism", type=int, default=int(os.environ.get("WORDCOUNT_PARALLELISM", "2"))
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def flow() -> rf.Dataflow:
+    """The flow with the options in ``sys.argv`` (what ``rayflow run`` calls)."""
+    args = options(sys.argv[1:])
+    return build(args.input, args.output, args.parallelism)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = options(argv)
     result = rf.run(build(args.input, args.output, args.parallelism))
 
     # reduce emits (word, count) on every update; the last count of a word is its total.

@@ -5,12 +5,13 @@ Build a :class:`Dataflow`, then ``rf.run(flow)`` (blocking) or
 """
 
 from rayflow import errors, sinks, sources, testing
+from rayflow._version import package_version
 from rayflow.config import Checkpointing, RestartStrategy, RuntimeConfig
 from rayflow.dataflow import Dataflow, KeyedStream, Stream
 from rayflow.errors import BuildError, ConfigError, JobFailedError, RayflowError
 from rayflow.job import CheckpointError, JobHandle, JobResult, JobStatus, run, start
 
-__version__ = "0.1.0"
+__version__ = package_version("rayflow")
 
 __all__ = [
     "BuildError",

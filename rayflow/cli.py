@@ -1,235 +1,200 @@
-"""The ``rayflow`` command: run flows, watch and stop jobs, inspect checkpoints.
+"""The ``rayflow`` command: run flows, list, watch and stop jobs, inspect checkpoints.
 
-Exit codes (stable, for scripts):
-
-- 0: done (a job finished or was stopped; a command succeeded)
-- 1: the job failed, or the checkpoint/savepoint asked for failed
-- 2: bad usage or bad input (no flow in the file, an unknown URI scheme, ...)
-- 3: not found (no running job of that name, no checkpoint at that URI)
-
-Every command takes ``--json`` for machine-readable output on stdout.
+Exit codes (stable, for scripts): 0 done; 1 the job or the checkpoint asked
+for failed; 2 bad usage or input; 3 not found (job, file, checkpoint);
+4 cannot reach Ray or the storage; 130 interrupted. Every command takes
+``--json`` for machine-readable output on stdout (errors too:
+``{"error": ..., "exit_code": ...}``). ``RAYFLOW_DEBUG=1`` adds tracebacks.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
+import contextlib
+import inspect
 import os
 import runpy
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
-from datetime import datetime, timezone
+import traceback
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
+import click
 
+from rayflow._internal.cli import connect as ray_connect
+from rayflow._internal.cli.output import (
+    EXIT_CODES_HELP,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    CliError,
+    cli_words,
+    emit,
+    emit_error,
+    table,
+    when,
+)
+from rayflow._internal.cli.progress import (
+    ProgressLine,
+    render_status,
+    step_rows,
+    summary,
+)
 
-class CliError(Exception):
-    def __init__(self, message: str, code: int = EXIT_USAGE):
-        super().__init__(message)
-        self.code = code
+__all__ = ["CliError", "load_flow", "main"]
+
+_ARGV: list[str] = []  # this invocation's arguments, to forward through Ray Jobs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    """Run the command line; return its exit code (the console script exits with it)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = args
+    as_json = "--json" in args
     try:
-        result = args.handler(args)
+        code = cli.main(args=args, prog_name="rayflow", standalone_mode=False)
+        return int(code or 0)
+    except click.UsageError as exc:
+        hint = f"\n{exc.ctx.get_usage()}\nTry 'rayflow --help'." if exc.ctx else ""
+        emit_error(as_json, exc.format_message() + ("" if as_json else hint), EXIT_USAGE)
+        return EXIT_USAGE
+    except (click.Abort, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
     except CliError as exc:
-        _emit_error(args, str(exc), exc.code)
+        emit_error(as_json, cli_words(str(exc)), exc.code)
+        if exc.hard_exit:
+            sys.stdout.flush()
+            os._exit(exc.code)
         return exc.code
-    except KeyboardInterrupt:
-        return 130
-    return int(result or 0)
+    except Exception as exc:
+        message, code = _explain(exc)
+        if os.environ.get("RAYFLOW_DEBUG"):
+            traceback.print_exc()
+        emit_error(as_json, cli_words(message), code)
+        return code
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rayflow",
-        description="Run rayflow dataflows on Ray, watch and stop running jobs, and inspect "
-        "checkpoints.",
-        epilog="Exit codes: 0 done, 1 job or checkpoint failed, 2 bad usage or input, "
-        "3 not found. Add --json to any command for machine-readable output.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _explain(exc: BaseException) -> tuple[str, int]:
+    """One line and an exit code for an error the commands did not expect."""
+    import rayflow as rf
+    from rayflow._internal.storage import StorageError
+    from rayflow.errors import JobAlreadyRunningError
 
-    def common(p: argparse.ArgumentParser, ray_address: bool = True) -> None:
-        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        if ray_address:
-            p.add_argument(
-                "--address",
-                default=None,
-                help="Ray cluster to use (default: RAY_ADDRESS, else the local "
-                "one, else start one)",
+    chain = list(_causes(exc))
+    for err in chain:
+        name = type(err).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            return (
+                "no AWS credentials for the S3 storage: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or use an instance role)",
+                EXIT_UNAVAILABLE,
             )
-
-    run = sub.add_parser(
-        "run",
-        help="run the flow defined in a Python file",
-        description="Run a flow defined in FILE: a module-level Dataflow (or a function "
-        "named 'flow' that returns one). Blocks until the job ends.",
+        if name == "ClientError":
+            info = getattr(err, "response", {}).get("Error", {})
+            code = info.get("Code", "")
+            if code in ("NoSuchBucket", "NoSuchKey", "404"):
+                return f"not found in the storage: {info.get('Message') or code}", EXIT_NOT_FOUND
+            return (
+                f"the S3 storage refused the request: {code} {info.get('Message', '')}".strip()
+                + " (check the credentials and the bucket's permissions)",
+                EXIT_UNAVAILABLE,
+            )
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
+            return f"cannot reach the storage: {err}", EXIT_UNAVAILABLE
+    if isinstance(exc, (rf.ConfigError, rf.BuildError, JobAlreadyRunningError)):
+        return str(exc), EXIT_USAGE
+    if isinstance(exc, StorageError):
+        return f"cannot use the storage: {exc}", EXIT_UNAVAILABLE
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return f"cannot reach Ray: {exc}", EXIT_UNAVAILABLE
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (
+        f"unexpected error: {type(exc).__name__}: {first} (RAYFLOW_DEBUG=1 shows the traceback)",
+        EXIT_FAILED,
     )
-    run.add_argument("file")
-    _run_options(run)
-    common(run)
-    run.set_defaults(handler=_cmd_run)
-
-    resume = sub.add_parser(
-        "resume",
-        help="continue a job from the latest checkpoint in a storage",
-        description="Run the flow in FILE from the latest complete checkpoint of its job "
-        "in the checkpoint storage URI (the job's name is the flow's, or --job-name).",
-    )
-    resume.add_argument("uri", help="checkpoint storage: a folder or s3://bucket/prefix")
-    resume.add_argument("file")
-    _run_options(resume, storage=False)
-    common(resume)
-    resume.set_defaults(handler=_cmd_resume)
-
-    status = sub.add_parser("status", help="show a running job's status and metrics")
-    status.add_argument("job")
-    common(status)
-    status.set_defaults(handler=_cmd_status)
-
-    stop = sub.add_parser(
-        "stop", help="stop a running job (drain, final checkpoint) and wait for its end"
-    )
-    stop.add_argument("job")
-    stop.add_argument("--savepoint", default=None, help="end with a savepoint at this URI")
-    stop.add_argument("--timeout", type=float, default=300.0, help="seconds to wait")
-    common(stop)
-    stop.set_defaults(handler=_cmd_stop)
-
-    savepoint = sub.add_parser("savepoint", help="write a savepoint of a running job")
-    savepoint.add_argument("job")
-    savepoint.add_argument("uri", help="where: a folder or s3://bucket/prefix")
-    common(savepoint)
-    savepoint.set_defaults(handler=_cmd_savepoint)
-
-    checkpoints = sub.add_parser("checkpoints", help="list, show or delete checkpoints")
-    cp_sub = checkpoints.add_subparsers(dest="action", required=True, metavar="ACTION")
-    cp_list = cp_sub.add_parser(
-        "list",
-        help="the complete checkpoints in a storage",
-        description="List the complete checkpoints (those with a manifest) of every job in "
-        "the checkpoint storage URI, or of --job only.",
-    )
-    cp_list.add_argument("uri")
-    cp_list.add_argument("--job", default=None)
-    common(cp_list, ray_address=False)
-    cp_list.set_defaults(handler=_cmd_cp_list)
-    cp_show = cp_sub.add_parser(
-        "show",
-        help="one checkpoint's manifest",
-        description="Show a checkpoint (URI = <storage>/<job>/checkpoints/<id>) or a "
-        "savepoint folder: steps, parallelism, source offsets and objects.",
-    )
-    cp_show.add_argument("uri")
-    common(cp_show, ray_address=False)
-    cp_show.set_defaults(handler=_cmd_cp_show)
-    cp_delete = cp_sub.add_parser(
-        "delete",
-        help="delete a checkpoint or a savepoint",
-        description="Delete a savepoint folder, or one checkpoint (its manifest and the "
-        "objects no other checkpoint of the job needs).",
-    )
-    cp_delete.add_argument("uri")
-    common(cp_delete, ray_address=False)
-    cp_delete.set_defaults(handler=_cmd_cp_delete)
-    return parser
 
 
-def _run_options(p: argparse.ArgumentParser, storage: bool = True) -> None:
-    p.add_argument("--job-name", default=None, help="job name (default: the flow's name)")
-    if storage:
-        p.add_argument(
-            "--checkpoint",
-            default=None,
-            metavar="URI",
-            help="take checkpoints into this folder or s3://bucket/prefix",
-        )
-        p.add_argument(
-            "--resume",
-            action="store_true",
-            help="continue from the latest checkpoint in --checkpoint",
-        )
-        p.add_argument(
-            "--restore-from", default=None, metavar="URI", help="start from this savepoint"
-        )
-    p.add_argument("--interval", type=float, default=5.0, help="checkpoint interval, s")
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
-# -- output ------------------------------------------------------------------
+# -- options shared by commands -------------------------------------------------
+
+_json = click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+_address = click.option(
+    "--address",
+    default=None,
+    metavar="ADDRESS",
+    help="Ray to use: HOST:PORT of the head (default port 6379), auto, or "
+    "http://HOST:8265 to run through Ray Jobs (default: RAY_ADDRESS; for run, the Ray "
+    "on this machine or a new local one)",
+)
 
 
-def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    if args.json:
-        print(json.dumps(data, indent=1, default=str))
-    else:
-        print(text)
+def _version() -> str:
+    import rayflow
+
+    return str(getattr(rayflow, "__version__", "unknown"))
 
 
-def _emit_error(args: argparse.Namespace, message: str, code: int) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps({"error": message, "exit_code": code}))
-    print(f"rayflow: {message}", file=sys.stderr)
-
-
-def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A plain text table with a header; numbers right-aligned."""
-    if not rows:
-        return "(none)"
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    numeric = [all(isinstance(r.get(c), (int, float)) for r in rows) for c in columns]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
-    for row in cells:
-        lines.append(
-            "  ".join(
-                v.rjust(w) if num else v.ljust(w)
-                for v, w, num in zip(row, widths, numeric, strict=True)
-            ).rstrip()
-        )
-    return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.1f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EXIT_CODES_HELP + " Add --json to any command for machine-readable output.",
+)
+@click.version_option(_version(), "--version", "-V", prog_name="rayflow")
+def cli() -> None:
+    """Run rayflow dataflows on Ray, list, watch and stop running jobs, and inspect
+    checkpoints."""
 
 
 # -- running flows -------------------------------------------------------------
 
 
-def load_flow(path: str) -> Any:
-    """The Dataflow that ``path`` defines (a module-level one, or ``flow()``)."""
+def load_flow(path: str, argv: Sequence[str] = ()) -> Any:
+    """The Dataflow that the Python file ``path`` defines.
+
+    A module-level ``rf.Dataflow``; else a function ``flow()`` (or ``build()``)
+    that can be called without arguments and returns one. While the file
+    loads, ``sys.argv`` is ``[path, *argv]``, as with ``python path ARGS``.
+    """
     import rayflow as rf
 
     if not os.path.isfile(path):
         raise CliError(f"no such file: {path}", EXIT_NOT_FOUND)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    folder = os.path.dirname(os.path.abspath(path))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    saved = sys.argv
+    sys.argv = [path, *argv]
     try:
         namespace = runpy.run_path(path, run_name="__rayflow__")
+        flows = [v for v in namespace.values() if isinstance(v, rf.Dataflow)]
+        if not flows:
+            for name in ("flow", "build"):
+                maker = namespace.get(name)
+                if callable(maker) and _callable_without_arguments(maker):
+                    made = maker()
+                    if isinstance(made, rf.Dataflow):
+                        flows = [made]
+                        break
+    except SystemExit as exc:  # the file parsed its arguments and exited (e.g. --help)
+        raise CliError(f"{path} exited while loading (code {exc.code})") from None
+    except (rf.BuildError, rf.ConfigError) as exc:
+        raise CliError(f"{path}: {exc}") from None
     except Exception as exc:
         raise CliError(f"{path} failed while loading: {type(exc).__name__}: {exc}") from None
-    flows = [v for v in namespace.values() if isinstance(v, rf.Dataflow)]
-    if not flows and callable(namespace.get("flow")):
-        made = namespace["flow"]()
-        flows = [made] if isinstance(made, rf.Dataflow) else []
+    finally:
+        sys.argv = saved
     if len(flows) != 1:
         found = "no Dataflow" if not flows else f"{len(flows)} Dataflows"
         raise CliError(
@@ -239,33 +204,172 @@ def load_flow(path: str) -> Any:
     return flows[0]
 
 
-def _run_flow(args: argparse.Namespace, storage: str | None, resume: bool) -> int:
+def _callable_without_arguments(fn: Any) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(
+        p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params
+    )
+
+
+def _run_options(storage: bool) -> Any:
+    def decorate(f: Any) -> Any:
+        options = [
+            click.option("--job-name", default=None, help="job name (default: the flow's name)"),
+            click.option(
+                "--interval",
+                type=float,
+                default=5.0,
+                show_default=True,
+                help="checkpoint interval in seconds",
+            ),
+            click.option(
+                "--progress-every",
+                type=float,
+                default=10.0,
+                show_default=True,
+                help="when the output is not a terminal, a progress line every this many "
+                "seconds (0: none)",
+            ),
+            click.option("--quiet", "-q", is_flag=True, help="no progress line"),
+        ]
+        if storage:
+            options += [
+                click.option(
+                    "--checkpoint",
+                    "storage",
+                    default=None,
+                    metavar="URI",
+                    help="take checkpoints into this folder or s3://bucket/prefix",
+                ),
+                click.option(
+                    "--resume",
+                    is_flag=True,
+                    help="continue from the latest checkpoint in --checkpoint",
+                ),
+                click.option(
+                    "--restore-from", default=None, metavar="URI", help="start from this savepoint"
+                ),
+            ]
+        for option in reversed(options):
+            f = option(f)
+        return _address(_json(f))
+
+    return decorate
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@_run_options(storage=True)
+def run(file: str, args: tuple[str, ...], storage: str | None, **options: Any) -> int:
+    """Run the flow that FILE defines, until it ends or Ctrl-C (which stops it with a
+    final checkpoint; a second Ctrl-C cancels).
+
+    FILE defines a module-level rf.Dataflow, or a function flow() that returns one;
+    ARGS after FILE are passed to it as sys.argv. On a terminal a live line shows
+    records, rates, backpressure and the last checkpoint.
+    """
+    return _run_flow(file, args, storage, **options)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("uri")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@_run_options(storage=False)
+def resume(uri: str, file: str, args: tuple[str, ...], **options: Any) -> int:
+    """Continue a job from the latest complete checkpoint in the storage URI (a folder
+    or s3://bucket/prefix), running the flow FILE defines."""
+    return _run_flow(file, args, uri, resume=True, **options)
+
+
+def _run_flow(
+    file: str,
+    args: tuple[str, ...],
+    storage: str | None,
+    *,
+    job_name: str | None,
+    interval: float,
+    progress_every: float,
+    quiet: bool,
+    as_json: bool,
+    address: str | None,
+    resume: bool = False,
+    restore_from: str | None = None,
+) -> int:
     import rayflow as rf
 
-    flow = load_flow(args.file)
-    _connect(args.address)
-    checkpoint = rf.Checkpointing(storage=storage, interval_s=args.interval) if storage else None
-    try:
-        result = rf.run(
-            flow,
-            job_name=args.job_name,
-            checkpoint=checkpoint,
-            resume=resume,
-            restore_from=getattr(args, "restore_from", None),
+    where = ray_connect.resolve(address, start_local=True)
+    if where.kind == "jobs":
+        assert where.value is not None
+        if not os.path.isfile(file):
+            raise CliError(f"no such file: {file}", EXIT_NOT_FOUND)
+        forwarded = [os.path.basename(file) if a == file else a for a in _without_address()]
+        return ray_connect.through_jobs(
+            where.value, forwarded, os.path.dirname(os.path.abspath(file))
         )
-    except rf.JobFailedError as exc:
-        _emit(args, {"job": exc.job, "status": "FAILED", "error": str(exc)}, str(exc))
-        return EXIT_FAILED
-    except (rf.ConfigError, rf.BuildError) as exc:
-        raise CliError(str(exc)) from None
+    flow = load_flow(file, args)
+    ray_connect.connect(where, show_worker_output=True)
+    checkpoint = rf.Checkpointing(storage=storage, interval_s=interval) if storage else None
+    handle = rf.start(
+        flow, job_name=job_name, checkpoint=checkpoint, resume=resume, restore_from=restore_from
+    )
+    kinds = {s.name: s.kind.value for s in handle.plan.flow.steps}
+    sources = [s for s, k in kinds.items() if k == "source"]
+    sinks = [s for s, k in kinds.items() if k == "sink"]
+    line = ProgressLine(
+        sys.stderr,
+        tty=sys.stderr.isatty() and not quiet,
+        every_s=progress_every if progress_every > 0 and not quiet else float("inf"),
+    )
+    began = time.monotonic()
+    stopping = False
+    with _sigterm_interrupts():
+        while True:
+            try:
+                try:
+                    result = handle.wait(timeout=min(1.0, max(0.1, progress_every or 1.0)))
+                    break
+                except TimeoutError:
+                    pass
+                except rf.JobFailedError as exc:
+                    line.clear()
+                    emit(as_json, {"job": exc.job, "status": "FAILED", "error": str(exc)}, str(exc))
+                    return EXIT_FAILED
+                text = summary(
+                    handle.job,
+                    handle.status().value,
+                    time.monotonic() - began,
+                    handle.metrics(),
+                    handle.checkpoint_stats(),
+                    sources=sources,
+                    sinks=sinks,
+                )
+                line.update(text)
+            except KeyboardInterrupt:
+                line.clear()
+                if stopping:
+                    raise CliError(
+                        f"job {handle.job} cancelled"
+                        + ("; its last complete checkpoint stays" if checkpoint else ""),
+                        EXIT_INTERRUPTED,
+                    ) from None
+                stopping = True
+                print(
+                    f"rayflow: stopping job {handle.job}: the sources stop, the rest drains"
+                    + (", a final checkpoint commits" if checkpoint else "")
+                    + " (Ctrl-C again to cancel)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                threading.Thread(target=_stop_quietly, args=(handle,), daemon=True).start()
+    line.clear()
     steps = [
-        {
-            "step": step,
-            "partitions": len(entries),
-            "records_in": sum(e["records_in"] for e in entries),
-            "records_out": sum(e["records_out"] for e in entries),
-        }
-        for step, entries in result.metrics.items()
+        {k: r[k] for k in ("step", "partitions", "records_in", "records_out")}
+        for r in step_rows(result.metrics)
     ]
     data = {
         "job": result.job,
@@ -283,164 +387,274 @@ def _run_flow(args: argparse.Namespace, storage: str | None, resume: bool) -> in
         + "\n"
         + table(steps, ["step", "partitions", "records_in", "records_out"])
     )
-    _emit(args, data, text)
+    emit(as_json, data, text)
     return EXIT_OK
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    return _run_flow(args, args.checkpoint, args.resume)
+def _stop_quietly(handle: Any) -> None:
+    with contextlib.suppress(Exception):
+        handle.stop()
 
 
-def _cmd_resume(args: argparse.Namespace) -> int:
-    return _run_flow(args, args.uri, True)
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``ray job stop``, ``kill``, Kubernetes) stops the job like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _without_address() -> list[str]:
+    """This invocation's arguments without ``--address``: the cluster runs it locally."""
+    out: list[str] = []
+    skip = False
+    for arg in _ARGV:
+        if skip:
+            skip = False
+        elif arg == "--address":
+            skip = True
+        elif not arg.startswith("--address="):
+            out.append(arg)
+    return out
 
 
 # -- running jobs ----------------------------------------------------------------
 
 
-def _connect(address: str | None) -> None:
-    import ray
+def _cluster(address: str | None) -> bool:
+    """Connect for a command about running jobs; False when it ran through Ray Jobs."""
+    where = ray_connect.resolve(address, start_local=False)
+    if where.kind == "jobs":
+        return False
+    if where.kind == "local":
+        where = ray_connect.Address("auto", "auto")
+    ray_connect.connect(where)
+    return True
 
-    if not ray.is_initialized():
-        ray.init(
-            address=address or os.environ.get("RAY_ADDRESS") or None,
-            log_to_driver=False,
-            logging_level=logging.ERROR,
-        )
 
-
-def _coordinator(job: str, address: str | None) -> Any:
+def _coordinator(job: str) -> Any:
     import ray
 
     from rayflow._internal import naming
 
-    _connect(address or os.environ.get("RAY_ADDRESS") or "auto")
     try:
         return ray.get_actor(naming.coordinator_actor(job), namespace=naming.NAMESPACE)
     except ValueError:
         raise CliError(
-            f"no job named {job!r} is running on this Ray cluster", EXIT_NOT_FOUND
+            f"no job named {job!r} is running on this Ray cluster (`rayflow list` shows the "
+            "running ones)",
+            EXIT_NOT_FOUND,
         ) from None
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def _remote(address: str | None) -> int | None:
+    """For a Ray Jobs address: run this very command on the cluster."""
+    where = ray_connect.resolve(address, start_local=False)
+    if where.kind != "jobs":
+        return None
+    assert where.value is not None
+    return ray_connect.through_jobs(where.value, _without_address(), None)
+
+
+def _job_state(coordinator: Any, job: str, timeout: float = 10.0) -> dict[str, Any]:
     import ray
 
-    coordinator = _coordinator(args.job, args.address)
-    status = ray.get(coordinator.status.remote())
-    metrics = ray.get(coordinator.metrics.remote())
-    stats = ray.get(coordinator.checkpoint_stats.remote())
-    recoveries = ray.get(coordinator.recoveries.remote())
-    alerts = ray.get(coordinator.alerts_active.remote())
-    rows = [
-        {
-            "step": step,
-            "partitions": len(entries),
-            "records_in": sum(e["records_in"] for e in entries),
-            "records_out": sum(e["records_out"] for e in entries),
-            "out_per_s": sum(e["records_out_per_s"] for e in entries),
-            "busy_ms_s": max(e["busy_ms_per_s"] for e in entries),
-            "backpressured_ms_s": max(e["backpressured_ms_per_s"] for e in entries),
-            "mailbox": sum(e["mailbox_depth"] for e in entries),
-        }
-        for step, entries in metrics.items()
-    ]
-    data = {
-        "job": args.job,
+    status, metrics, stats, recoveries, alerts = ray.get(
+        [
+            coordinator.status.remote(),
+            coordinator.metrics.remote(),
+            coordinator.checkpoint_stats.remote(),
+            coordinator.recoveries.remote(),
+            coordinator.alerts_active.remote(),
+        ],
+        timeout=timeout,
+    )
+    return {
+        "job": job,
         "status": status,
-        "steps": rows,
+        "steps": step_rows(metrics),
         "checkpoints": stats,
         "restarts": len(recoveries),
         "alerts": alerts,
     }
-    lines = [f"job {args.job}: {status}"]
-    for alert in alerts:
-        lines.append(f"ALERT {alert['kind']}: {alert['message']}")
-    if stats:
-        last = stats.get("last") or {}
-        lines.append(
-            f"checkpoints: {stats['completed']} completed, {stats['failed']} failed, "
-            f"interval {stats.get('interval_s', 0):g} s"
-            + (
-                f"; last {last['id']} ({last['duration_ms']:.0f} ms, "
-                f"{last['written_bytes']:,} bytes)"
-                if last
-                else ""
-            )
-        )
-    if recoveries:
-        lines.append(f"restarts: {len(recoveries)}")
-    lines.append(
-        table(
-            rows,
-            [
-                "step",
-                "partitions",
-                "records_in",
-                "records_out",
-                "out_per_s",
-                "busy_ms_s",
-                "backpressured_ms_s",
-                "mailbox",
-            ],
-        )
+
+
+@cli.command("list")
+@_json
+@_address
+def list_jobs(as_json: bool, address: str | None) -> int:
+    """List the rayflow jobs running on the Ray cluster."""
+    import ray
+
+    from rayflow._internal import naming
+
+    if (code := _remote(address)) is not None:
+        return code
+    _cluster(address)
+    prefix, suffix = "rayflow/", "/coordinator"
+    names = sorted(
+        entry["name"][len(prefix) : -len(suffix)]
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry.get("namespace") == naming.NAMESPACE
+        and entry["name"].startswith(prefix)
+        and entry["name"].endswith(suffix)
     )
-    _emit(args, data, "\n".join(lines))
+    rows = []
+    for job in names:
+        row: dict[str, Any] = {"job": job}
+        try:
+            state = _job_state(_coordinator(job), job, timeout=5.0)
+        except CliError:
+            continue  # ended meanwhile
+        except Exception as exc:
+            row["status"] = f"unknown ({type(exc).__name__})"
+        else:
+            stats = state["checkpoints"] or {}
+            last = stats.get("last") or {}
+            row.update(
+                status=state["status"],
+                steps=len(state["steps"]),
+                partitions=sum(s["partitions"] for s in state["steps"]),
+                records_out=sum(s["records_out"] for s in state["steps"]),
+                last_checkpoint=last.get("id"),
+                restarts=state["restarts"],
+                alerts=len(state["alerts"]),
+            )
+        rows.append(row)
+    columns = [
+        "job",
+        "status",
+        "steps",
+        "partitions",
+        "records_out",
+        "last_checkpoint",
+        "restarts",
+        "alerts",
+    ]
+    emit(as_json, rows, table(rows, columns) if rows else "no rayflow jobs are running")
     return EXIT_OK
 
 
-def _cmd_stop(args: argparse.Namespace) -> int:
+@cli.command()
+@click.argument("job")
+@click.option("--watch", "-w", is_flag=True, help="refresh until the job ends (Ctrl-C leaves)")
+@click.option(
+    "--interval", type=float, default=2.0, show_default=True, help="seconds between refreshes"
+)
+@_json
+@_address
+def status(job: str, watch: bool, interval: float, as_json: bool, address: str | None) -> int:
+    """Show a running job's status, checkpoints, alerts and per-step metrics."""
+    import ray
+
+    if (code := _remote(address)) is not None:
+        return code
+    _cluster(address)
+    coordinator = _coordinator(job)
+    tty = sys.stdout.isatty() and not as_json
+    while True:
+        try:
+            data = _job_state(coordinator, job)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            if not watch:
+                raise CliError(
+                    f"job {job!r} did not answer (it may be ending)", EXIT_FAILED
+                ) from None
+            emit(as_json, {"job": job, "status": "ENDED"}, f"job {job}: no longer running")
+            return EXIT_OK
+        if tty and watch:
+            click.clear()
+        emit(as_json, data, render_status(job, data))
+        if not watch or data["status"] in ("FINISHED", "STOPPED", "FAILED"):
+            return EXIT_FAILED if data["status"] == "FAILED" else EXIT_OK
+        time.sleep(interval)
+
+
+@cli.command()
+@click.argument("job")
+@click.option("--savepoint", default=None, metavar="URI", help="end with a savepoint at URI")
+@click.option(
+    "--timeout", type=float, default=300.0, show_default=True, help="seconds to wait for the end"
+)
+@_json
+@_address
+def stop(
+    job: str, savepoint: str | None, timeout: float, as_json: bool, address: str | None
+) -> int:
+    """Stop a running job (the sources stop, the rest drains, a final checkpoint commits)
+    and wait for its end."""
     import ray
 
     from rayflow._internal.storage.base import normalize_uri
 
-    coordinator = _coordinator(args.job, args.address)
-    savepoint = normalize_uri(args.savepoint) if args.savepoint else None
+    if (code := _remote(address)) is not None:
+        return code
+    _cluster(address)
+    coordinator = _coordinator(job)
+    location = normalize_uri(savepoint) if savepoint else None
     try:
-        ray.get(coordinator.stop.remote(savepoint))
+        ray.get(coordinator.stop.remote(location), timeout=60)
     except ray.exceptions.RayTaskError as exc:  # the savepoint location was refused
         raise CliError(
             f"the job was not stopped: {str(exc.cause or exc).strip()}", EXIT_USAGE
         ) from None
-    deadline = time.monotonic() + args.timeout
-    status = "STOPPING"
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    state = "STOPPING"
+    while True:
+        if time.monotonic() > deadline:
+            raise CliError(f"job {job!r} did not stop within {timeout:.0f} s", EXIT_FAILED)
         try:
             report = ray.get(coordinator.wait.remote(), timeout=1.0)
         except ray.exceptions.GetTimeoutError:
             continue
         except ray.exceptions.RayActorError:
-            status = "STOPPED"  # its driver collected the result and cleaned up
+            state = "STOPPED"  # its driver collected the result and cleaned up
             break
-        status = report.status.value
+        state = report.status.value
         break
-    else:
-        raise CliError(f"job {args.job!r} did not stop within {args.timeout:.0f} s", EXIT_FAILED)
-    _emit(
-        args,
-        {"job": args.job, "status": status, "savepoint": savepoint},
-        f"job {args.job}: {status}" + (f"; savepoint at {savepoint}" if savepoint else ""),
+    emit(
+        as_json,
+        {"job": job, "status": state, "savepoint": location},
+        f"job {job}: {state}" + (f"; savepoint at {location}" if location else ""),
     )
-    return EXIT_OK if status != "FAILED" else EXIT_FAILED
+    return EXIT_OK if state != "FAILED" else EXIT_FAILED
 
 
-def _cmd_savepoint(args: argparse.Namespace) -> int:
+@cli.command()
+@click.argument("job")
+@click.argument("uri")
+@_json
+@_address
+def savepoint(job: str, uri: str, as_json: bool, address: str | None) -> int:
+    """Write a savepoint of a running job to URI (an empty folder or s3:// prefix)."""
     import ray
 
     from rayflow._internal.storage.base import normalize_uri
 
-    coordinator = _coordinator(args.job, args.address)
-    uri = normalize_uri(args.uri)
+    if (code := _remote(address)) is not None:
+        return code
+    _cluster(address)
+    coordinator = _coordinator(job)
+    location = normalize_uri(uri)
     try:
-        info = ray.get(coordinator.checkpoint.remote(uri))
+        info = ray.get(coordinator.checkpoint.remote(location))
     except ray.exceptions.RayTaskError as exc:
         raise CliError(
             f"the savepoint failed: {str(exc.cause or exc).strip()}", EXIT_FAILED
         ) from None
-    _emit(
-        args,
-        {"job": args.job, "savepoint": uri, **info},
-        f"savepoint {info['id']} of job {args.job} written to {uri} "
+    emit(
+        as_json,
+        {"job": job, "savepoint": location, **info},
+        f"savepoint {info['id']} of job {job} written to {location} "
         f"({info['written_bytes']:,} bytes, {info['duration_ms']:.0f} ms)",
     )
     return EXIT_OK
@@ -449,35 +663,50 @@ def _cmd_savepoint(args: argparse.Namespace) -> int:
 # -- checkpoints -------------------------------------------------------------------
 
 
-def _cmd_cp_list(args: argparse.Namespace) -> int:
+@cli.group()
+def checkpoints() -> None:
+    """List, show or delete checkpoints and savepoints (reads the storage directly)."""
+
+
+@checkpoints.command("list")
+@click.argument("uri")
+@click.option("--job", default=None, help="only this job's checkpoints")
+@_json
+def checkpoints_list(uri: str, job: str | None, as_json: bool) -> int:
+    """List the complete checkpoints (those with a manifest) of every job in the
+    storage URI, or of --job only."""
     from rayflow._internal.checkpoint import catalog
 
     try:
-        rows = catalog.list_checkpoints(args.uri, args.job)
+        rows = catalog.list_checkpoints(uri, job)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    _emit(
-        args,
-        rows,
+    text = (
         table(
-            [{**r, "time": _when(r["time"])} for r in rows],
+            [{**r, "time": when(r["time"])} for r in rows],
             ["job", "id", "kind", "time", "state_bytes", "written_bytes", "steps", "uri"],
         )
         if rows
-        else f"no complete checkpoints in {args.uri}",
+        else f"no complete checkpoints in {uri}"
     )
+    emit(as_json, rows, text)
     return EXIT_OK if rows else EXIT_NOT_FOUND
 
 
-def _cmd_cp_show(args: argparse.Namespace) -> int:
+@checkpoints.command("show")
+@click.argument("uri")
+@_json
+def checkpoints_show(uri: str, as_json: bool) -> int:
+    """Show a checkpoint (URI = <storage>/<job>/checkpoints/<id>) or a savepoint
+    folder: steps, parallelism, source offsets and objects."""
     from rayflow._internal.checkpoint import catalog
 
     try:
-        info = catalog.describe(args.uri)
+        info = catalog.describe(uri)
     except LookupError as exc:
         raise CliError(str(exc), EXIT_NOT_FOUND) from None
     lines = [
-        f"{info['kind']} {info['id']} of job {info['job']} ({_when(info['time'])}), "
+        f"{info['kind']} {info['id']} of job {info['job']} ({when(info['time'])}), "
         f"{info['state_bytes']:,} bytes of state, written in {info['duration_ms']:.0f} ms",
         table(info["steps"], ["step", "kind", "parallelism", "stage"]),
         "source offsets:",
@@ -485,18 +714,23 @@ def _cmd_cp_show(args: argparse.Namespace) -> int:
         "objects:",
         table(info["objects"], ["stage", "partition", "key", "size", "mode", "sha256"]),
     ]
-    _emit(args, info, "\n".join(lines))
+    emit(as_json, info, "\n".join(lines))
     return EXIT_OK
 
 
-def _cmd_cp_delete(args: argparse.Namespace) -> int:
+@checkpoints.command("delete")
+@click.argument("uri")
+@_json
+def checkpoints_delete(uri: str, as_json: bool) -> int:
+    """Delete a savepoint folder, or one checkpoint (its manifest and the objects no
+    other checkpoint of the job needs)."""
     from rayflow._internal.checkpoint import catalog
 
     try:
-        deleted = catalog.delete(args.uri)
+        deleted = catalog.delete(uri)
     except LookupError as exc:
         raise CliError(str(exc), EXIT_NOT_FOUND) from None
-    _emit(args, {"deleted": deleted}, f"deleted {len(deleted)} object(s) of {args.uri}")
+    emit(as_json, {"deleted": deleted}, f"deleted {len(deleted)} object(s) of {uri}")
     return EXIT_OK
 
 

@@ -37,6 +37,14 @@ class RuntimeConfig:
       ``backlog_growing``.
     - ``hot_key_share``: a key group taking this share of a partition's
       records raises ``hot_key``.
+    - ``operator_cpus``: the CPUs each operator actor asks Ray for when its
+      step sets no ``num_cpus``. ``"fit"`` (the default): an equal share of
+      half the CPUs the cluster can offer (its autoscaling maximum, else what
+      is free now), at most 1 — so a job runs on a 2-core laptop, leaves room
+      for a second job and for recovery after a node loss, and on an
+      autoscaling cluster whose head has no CPUs the autoscaler adds workers
+      for it. A number asks for exactly that (``1.0`` makes a job's demand
+      grow the cluster as far as its size; ``0`` packs everything anywhere).
     """
 
     batch_size: int = 8192
@@ -49,11 +57,17 @@ class RuntimeConfig:
     stall_after_s: float = 30.0
     backlog_window_s: float = 10.0
     hot_key_share: float = 0.5
+    operator_cpus: float | str = "fit"
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in (
+            if f.name == "operator_cpus":
+                ok = value == "fit" or (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+                )
+                need = '"fit" or a number of CPUs >= 0'
+            elif f.name in (
                 "linger_s",
                 "metrics_interval_s",
                 "target_inflight_s",
@@ -76,6 +90,11 @@ class RuntimeConfig:
                 f"RuntimeConfig.hot_key_share is a share of records, 0 < share <= 1; "
                 f"got {self.hot_key_share!r}"
             )
+
+    @property
+    def operator_cpus_value(self) -> float:
+        """The CPUs per operator once ``"fit"`` was resolved at start (0 before)."""
+        return 0.0 if isinstance(self.operator_cpus, str) else float(self.operator_cpus)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,37 @@ class Dataflow:
     def __repr__(self) -> str:
         return f"Dataflow({self.name!r}, steps={list(self._steps)})"
 
+    # -- a picture of the flow -------------------------------------------------
+
+    def to_mermaid(self) -> str:
+        """The flow as a Mermaid ``flowchart LR``: a node per step, an edge per input.
+
+        Nodes show each step's name, kind and parallelism; edges say how
+        records cross them (``forward``, ``hash`` after a ``key_by``,
+        ``rebalance`` where the parallelism changes). Paste it into any
+        Mermaid viewer, or a Markdown file as a ``mermaid`` code block.
+        """
+        from rayflow._internal import flowchart
+
+        return flowchart.to_mermaid(self.spec())
+
+    def _repr_html_(self) -> str:
+        """The flow as a Mermaid diagram in a notebook, with its edges as text beneath."""
+        from rayflow._internal import flowchart
+
+        return flowchart.to_html(self.spec())
+
+    def show(self) -> None:
+        """Show the flow's picture: drawn in a notebook, its Mermaid text elsewhere."""
+        from rayflow._internal.notebook import in_notebook
+
+        if in_notebook():
+            from IPython.display import HTML, display
+
+            display(HTML(self._repr_html_()))
+        else:
+            print(self.to_mermaid(), end="")
+
     # -- internals used by Stream -------------------------------------------
 
     def _check_new_name(self, name: str) -> None:
@@ -355,4 +386,4 @@ def _resources(
                 f"like {{'GPU': 1}}; got {resources!r}"
             )
         custom = tuple(sorted((k, float(v)) for k, v in resources.items()))
-    return Resources(float(num_cpus or 0.0), memory, custom)
+    return Resources(None if num_cpus is None else float(num_cpus), memory, custom)

@@ -14,14 +14,23 @@ import ray
 from rayflow._internal import naming
 from rayflow._internal.checkpoint import lease as leases
 from rayflow._internal.checkpoint.start import StartDecision, decide_start
-from rayflow._internal.job import launcher
+from rayflow._internal.history import MetricsHistory
+from rayflow._internal.job import launcher, resources
+from rayflow._internal.job.journal import JobJournal, default_log_handler
 from rayflow._internal.job.report import JobReport, JobStatus
 from rayflow._internal.job.restarts import RestartTracker
-from rayflow._internal.notebook import LiveDisplay, in_notebook, render
+from rayflow._internal.notebook import (
+    FINAL_COLUMNS,
+    LiveDisplay,
+    in_notebook,
+    plot_history,
+    render,
+)
 from rayflow._internal.plan import Plan, build_plan
 from rayflow._internal.storage import open_storage
 from rayflow._internal.storage.base import normalize_uri
 from rayflow._internal.telemetry import Telemetry
+from rayflow._internal.telemetry_config import prepare_telemetry
 from rayflow.config import Checkpointing, RestartStrategy, RuntimeConfig
 from rayflow.dataflow import Dataflow
 from rayflow.errors import ConfigError, Failure, JobFailedError, RayflowError
@@ -51,11 +60,43 @@ class JobResult:
     outputs: dict[str, list[Any]] = field(default_factory=dict, repr=False)
     partitioned_outputs: dict[str, dict[int, list[Any]]] = field(default_factory=dict, repr=False)
     alerts: list[dict[str, Any]] = field(default_factory=list)  # active when the job ended
+    # The metrics the handle polled over the job's life: see history().
+    _history: MetricsHistory | None = field(default=None, repr=False, compare=False)
 
     @property
     def restarts(self) -> int:
         """How many times the job restarted from a checkpoint."""
         return len(self.recoveries)
+
+    def history(self) -> Any:
+        """The job's metrics over its life as a pandas DataFrame (see ``JobHandle.history``)."""
+        return self._polled().frame()
+
+    def plot(self) -> Any:
+        """Throughput, busy and back-pressured time per step over the job's life (a Figure)."""
+        return plot_history(self.history(), f"rayflow job {self.job}")
+
+    def _polled(self) -> MetricsHistory:
+        if self._history is None:
+            raise RayflowError(
+                f"this JobResult of job {self.job!r} carries no metrics history (it was not "
+                "made by rf.run or JobHandle.stop/wait); use the result a handle returned"
+            )
+        return self._history
+
+    def _repr_html_(self) -> str:
+        """The finished job for notebooks: status, duration, checkpoints and each step's records."""
+        data = {
+            "status": self.status.value,
+            "duration_s": self.duration_s,
+            "metrics": self.metrics,
+            "checkpoints": self.checkpoints,
+            "final_checkpoint": self.final_checkpoint,
+            "savepoint": self.savepoint,
+            "restarts": self.restarts,
+            "alerts": self.alerts,
+        }
+        return render(self.job, data, FINAL_COLUMNS)
 
     def output(self, step: str) -> list[Any]:
         """The committed records of the ``rf.testing.Collect`` sink named ``step``."""
@@ -134,12 +175,32 @@ class JobHandle:
         self._recovering = False
         self._coordinator_recoveries: list[dict[str, Any]] = []
         self._restarts = RestartTracker(launch.restart if launch.checkpoint else None)
+        # Filled by the telemetry poll (no call of its own), closed with the final metrics.
+        self._history = MetricsHistory(
+            origin=time.time(), kinds={s.name: s.kind.value for s in self.plan.flow.steps}
+        )
+        self._journal = JobJournal(self.job)
         self._watcher = threading.Thread(
             target=self._watch, name=f"rayflow-watch-{self.job}", daemon=True
         )
 
     def _begin(self) -> None:
-        """Start watching (once the handle is complete: the watcher may end it at once)."""
+        """Start watching (once the handle is complete: the watcher may end it at once).
+
+        Every telemetry poll of the coordinator is also kept in the history,
+        before it reaches the live display (if any).
+        """
+        publisher = self._publisher
+        if publisher is not None:
+            display = publisher.on_poll
+
+            def observe(data: dict[str, Any]) -> None:
+                self._history.record(time.time(), data)
+                self._journal.update(data)
+                if display is not None:
+                    display(data)
+
+            publisher.on_poll = observe
         self._watcher.start()
 
     def __repr__(self) -> str:
@@ -148,16 +209,17 @@ class JobHandle:
     def _repr_html_(self) -> str:
         """A table of the job's status, checkpoints and steps (for notebooks)."""
         if self._result is not None:
-            r = self._result
+            return self._result._repr_html_()
+        if self._done.is_set():  # it failed: no coordinator left to ask
+            report = self._report
+            failure = str(self._error or "").strip().splitlines() or ["unknown failure"]
             data = {
-                "status": r.status.value,
-                "metrics": r.metrics,
-                "checkpoints": r.checkpoints,
-                "restarts": r.restarts,
+                "status": JobStatus.FAILED.value,
+                "metrics": report.metrics if report else {},
+                "alerts": [{"kind": "failed", "message": failure[0]}],
             }
-        else:
-            data = self._call("telemetry", 2**62)
-        return render(self.job, data)
+            return render(self.job, data, FINAL_COLUMNS)
+        return render(self.job, self._call("telemetry", 2**62))
 
     def __reduce__(self) -> NoReturn:
         raise TypeError(
@@ -227,6 +289,35 @@ class JobHandle:
             return self._result.recoveries
         current: list[dict[str, Any]] = self._call("recoveries")
         return [*self._coordinator_recoveries, *current]
+
+    def history(self) -> Any:
+        """The metrics polled over the job's life, as a pandas DataFrame.
+
+        One row per (poll, step, partition): ``time`` (UTC), ``elapsed_s``
+        (since ``rf.start`` returned), ``step``, ``kind`` (``source``, ``map``,
+        ..., ``sink``), ``partition``, the figures of
+        ``metrics()`` (``records_in``, ``records_out``, their rates,
+        ``busy_ms_per_s``, ``idle_ms_per_s``, ``backpressured_ms_per_s``,
+        ``mailbox_depth``, ``mailbox_bytes``, ``inflight_records``,
+        ``inflight_s``, ``state_keys``; missing where a partition does not
+        report one) and the job's ``status``, ``restarts``,
+        ``checkpoints_completed``, ``checkpoints_failed`` and
+        ``last_checkpoint``. Polled once per ``RuntimeConfig.metrics_interval_s``
+        (1 s) by the poll that feeds telemetry; the last 3,600 polls are kept
+        (at most 500,000 rows), and the job's final metrics are the last rows.
+        Counters start again at a restart. Needs pandas
+        (``pip install 'rayflow[notebook]'``).
+        """
+        return self._history.frame()
+
+    def plot(self) -> Any:
+        """Records out per second, busy and back-pressured time of every step over time.
+
+        Returns a ``matplotlib.figure.Figure`` with one axis per quantity
+        (drawn from :meth:`history`), which a notebook shows as an image.
+        Needs matplotlib and pandas (``pip install 'rayflow[notebook]'``).
+        """
+        return plot_history(self.history(), f"rayflow job {self.job}")
 
     # -- control -------------------------------------------------------------
 
@@ -417,6 +508,13 @@ class JobHandle:
 
     def _conclude(self, report: JobReport) -> None:
         """Collect the result and end the job's actors (in the watcher thread)."""
+        final = {
+            "status": report.status.value,
+            "metrics": report.metrics,
+            "checkpoints": report.checkpoints,
+            "restarts": len(report.recoveries) + len(self._coordinator_recoveries),
+        }
+        self._history.close(report.ended_at or time.time(), final)
         outputs: dict[str, list[Any]] = {}
         partitioned: dict[str, dict[int, list[Any]]] = {}
         try:
@@ -426,10 +524,11 @@ class JobHandle:
                     partitioned[step] = ray.get(self._collector.by_partition.remote(step))
         finally:
             self._cleanup(report)
+        ended_at = report.ended_at or time.time()
+        self._journal.ended(report, ended_at - report.started_at)
         if report.status is JobStatus.FAILED:
             self._error = JobFailedError(self.job, report.failures)
             return
-        ended_at = report.ended_at or time.time()
         self._result = JobResult(
             job=self.job,
             status=report.status,
@@ -446,6 +545,7 @@ class JobHandle:
             outputs=outputs,
             partitioned_outputs=partitioned,
             alerts=list(report.alerts),
+            _history=self._history,
         )
 
     def _cleanup(self, report: JobReport) -> None:
@@ -512,10 +612,14 @@ def start(
         )
     if faults is not None and not isinstance(faults, Faults):
         raise ConfigError(f"faults must be a rf.testing.Faults; got {faults!r}")
+    # Before any actor: a bad OTEL_* value is a ConfigError while the caller can still fix it.
+    telemetry = prepare_telemetry(meter_provider, tracer_provider)
     plan = build_plan(flow.spec())
     launcher.check_picklable(plan)
+    default_log_handler()
     launcher.ensure_ray()
     launcher.check_not_running(job)
+    runtime = resources.resolve(runtime, plan)
     # Where the run starts, its run id, its lease and its first checkpoint id: one decision.
     decision = decide_start(
         job,
@@ -552,12 +656,14 @@ def start(
     handle._publisher = Telemetry(
         job,
         lambda since: ray.get(handle._coordinator.telemetry.remote(since)),  # fails in restarts
-        meter_provider=meter_provider,
-        tracer_provider=tracer_provider,
+        telemetry,
         interval_s=runtime.metrics_interval_s,
     )
     if in_notebook():
         handle._publisher.on_poll = LiveDisplay(job).update
+    handle._journal.started(
+        sum(stage.parallelism for stage in plan.stages), report.restored_checkpoint
+    )
     handle._begin()
     return handle
 

@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import IO, Any
 
+from rayflow._internal.extras import require_installed
 from rayflow.errors import ConfigError, RayflowError
 
 __all__ = [
@@ -293,6 +294,8 @@ class S3JsonLines(Sink):
                 f"S3JsonLines part_bytes must be at least 5 MiB (S3's minimum part size); "
                 f"got {part_bytes}"
             )
+        # Here, not in the operators: a missing extra is a mistake to name at once.
+        require_installed("boto3", "rf.sinks.S3JsonLines", "s3")
         self.bucket, _, prefix = uri[5:].partition("/")
         self.prefix = prefix.strip("/")
         self.part_bytes = part_bytes

@@ -50,14 +50,18 @@ MISSING: Any = _Missing()
 
 @dataclass(frozen=True)
 class Resources:
-    """What one operator actor asks Ray for. Fused steps must agree on it."""
+    """What one operator actor asks Ray for. Fused steps must agree on it.
 
-    num_cpus: float = 0.0
+    ``num_cpus=None``: the job's default (``RuntimeConfig.operator_cpus``).
+    """
+
+    num_cpus: float | None = None
     memory: int | None = None
     custom: tuple[tuple[str, float], ...] = ()
 
-    def ray_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"num_cpus": self.num_cpus}
+    def ray_options(self, default_cpus: float = 0.0) -> dict[str, Any]:
+        cpus = default_cpus if self.num_cpus is None else self.num_cpus
+        opts: dict[str, Any] = {"num_cpus": cpus}
         if self.memory is not None:
             opts["memory"] = self.memory
         if self.custom:

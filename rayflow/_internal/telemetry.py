@@ -3,157 +3,200 @@
 The driver polls the coordinator every ``interval_s`` (one call returns the
 operators' metrics, the checkpoint figures and the checkpoints and
 recoveries that finished since the last poll). OpenTelemetry's observable
-instruments read the latest poll, and every finished checkpoint or recovery
+instruments read the latest poll; every finished checkpoint or recovery
 becomes a span with a child span per phase, stamped with the times the
-coordinator recorded. So exporting costs the operators nothing beyond
-answering the poll, and everything goes through the providers of the
-driver, where users configure them.
+coordinator recorded, and its durations go into histograms. So exporting
+costs the operators nothing beyond answering the poll, and everything goes
+through the providers of the driver, where users configure them.
 
-Providers, in order: the ones passed to ``rf.start``; else the global ones
-if an SDK provider was installed; else, if ``OTEL_METRICS_EXPORTER`` /
-``OTEL_TRACES_EXPORTER`` is set (``console``, ``otlp``), providers built
-from the environment as the OpenTelemetry SDK documents it (the OTLP
-exporter needs ``pip install opentelemetry-exporter-otlp``).
+Names and units follow OpenTelemetry's semantic conventions: attributes
+``rayflow.job``, ``rayflow.step``, ``rayflow.partition`` (never a bare
+``job``, which Prometheus uses for its scrape job), durations as histograms
+in seconds, shares of time as utilization with unit ``1``, counts with
+annotations such as ``{record}``. :data:`INSTRUMENTS` is the list (the
+README's table shows it; a unit test keeps the two the same).
+
+Which providers are used is decided before the job starts, by
+:func:`~rayflow._internal.telemetry_config.prepare_telemetry`; OpenTelemetry
+is imported only when telemetry is on, so it is an optional dependency.
+The same operator metrics also reach Ray's Prometheus export, from the
+coordinator (``_internal/job/ray_metrics.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import metrics as otel_metrics
-from opentelemetry import trace as otel_trace
-from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
-from opentelemetry.trace import Status, StatusCode, TracerProvider
-
-from rayflow.errors import ConfigError
+from rayflow._internal.telemetry_config import TelemetrySetup
 
 log = logging.getLogger("rayflow")
 
 Poll = Callable[[int], dict[str, Any]]
+Read = Callable[[dict[str, Any]], Any]
 
-# (instrument name, kind, unit, description, field in the per-partition metrics)
-_OPERATOR_INSTRUMENTS = [
-    ("rayflow.records_in", "counter", "{record}", "Records taken in by a step partition",
-     "records_in"),
-    ("rayflow.records_out", "counter", "{record}", "Records put out by a step partition",
-     "records_out"),
-    ("rayflow.records_in_rate", "gauge", "{record}/s", "Records taken in per second",
-     "records_in_per_s"),
-    ("rayflow.records_out_rate", "gauge", "{record}/s", "Records put out per second",
-     "records_out_per_s"),
-    ("rayflow.mailbox.depth", "gauge", "{batch}", "Batches waiting in the mailbox",
-     "mailbox_depth"),
-    ("rayflow.mailbox.bytes", "gauge", "By", "Bytes waiting in the mailbox", "mailbox_bytes"),
-    ("rayflow.busy_time", "gauge", "ms/s", "Milliseconds per second spent working",
-     "busy_ms_per_s"),
-    ("rayflow.idle_time", "gauge", "ms/s", "Milliseconds per second spent waiting for input",
-     "idle_ms_per_s"),
-    ("rayflow.backpressured_time", "gauge", "ms/s",
-     "Milliseconds per second spent waiting for downstream credits", "backpressured_ms_per_s"),
+#: Bucket boundaries (seconds) of the duration histograms: the semantic
+#: conventions' advice for durations, extended to minutes for checkpoints.
+DURATION_BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Instrument:
+    """One published metric: its name, kind, unit, meaning and attributes."""
+
+    name: str
+    kind: str  # "counter", "gauge" (observed at each export) or "histogram" (recorded)
+    unit: str
+    description: str
+    attributes: tuple[str, ...]
+
+
+_PARTITION = ("rayflow.job", "rayflow.step", "rayflow.partition")
+_JOB = ("rayflow.job",)
+
+
+def _utilization(field: str) -> Read:
+    """A share of time, 0..1, from the operators' milliseconds per second."""
+    return lambda e: min(1.0, max(0.0, (e.get(field) or 0.0) / 1000.0))
+
+
+def _field(field: str) -> Read:
+    return lambda e: e.get(field)
+
+
+# Per step partition, observed from the latest poll: (instrument, how to read an entry).
+_OPERATOR: list[tuple[Instrument, Read]] = [
+    (Instrument("rayflow.records_in", "counter", "{record}",
+                "Records taken in by a step partition", _PARTITION), _field("records_in")),
+    (Instrument("rayflow.records_out", "counter", "{record}",
+                "Records put out by a step partition", _PARTITION), _field("records_out")),
+    (Instrument("rayflow.records_in_rate", "gauge", "{record}/s",
+                "Records taken in per second", _PARTITION), _field("records_in_per_s")),
+    (Instrument("rayflow.records_out_rate", "gauge", "{record}/s",
+                "Records put out per second", _PARTITION), _field("records_out_per_s")),
+    (Instrument("rayflow.mailbox.depth", "gauge", "{batch}",
+                "Batches waiting in the mailbox (of a chain's first step)", _PARTITION),
+     _field("mailbox_depth")),
+    (Instrument("rayflow.mailbox.size", "gauge", "By",
+                "Bytes waiting in the mailbox (of a chain's first step)", _PARTITION),
+     _field("mailbox_bytes")),
+    (Instrument("rayflow.busy.utilization", "gauge", "1",
+                "Share of time spent working (0..1)", _PARTITION),
+     _utilization("busy_ms_per_s")),
+    (Instrument("rayflow.idle.utilization", "gauge", "1",
+                "Share of time spent waiting for input (0..1)", _PARTITION),
+     _utilization("idle_ms_per_s")),
+    (Instrument("rayflow.backpressured.utilization", "gauge", "1",
+                "Share of time spent waiting for downstream credits (0..1)", _PARTITION),
+     _utilization("backpressured_ms_per_s")),
+    (Instrument("rayflow.inflight", "gauge", "s",
+                "Seconds of work queued for a chain's first step (in-flight data by time)",
+                _PARTITION), _field("inflight_s")),
+    (Instrument("rayflow.records_uncommitted", "gauge", "{record}",
+                "Records a source emitted or a sink took in since the last committed "
+                "checkpoint", _PARTITION), _field("uncommitted_records")),
 ]  # fmt: skip
 
+
+def _last(key: str) -> Read:
+    return lambda c: (c.get("last") or {}).get(key)
+
+
+def _age(stats: dict[str, Any]) -> float | None:
+    last = stats.get("last")
+    return time.time() - last["time"] if last else None
+
+
+# Per job, observed from the latest checkpoint statistics.
+_CHECKPOINTS: list[tuple[Instrument, Read]] = [
+    (Instrument("rayflow.checkpoints.completed", "counter", "{checkpoint}",
+                "Checkpoints (and savepoints) completed", _JOB), _field("completed")),
+    (Instrument("rayflow.checkpoints.failed", "counter", "{checkpoint}",
+                "Checkpoints (and savepoints) that failed", _JOB), _field("failed")),
+    (Instrument("rayflow.checkpoint.size", "gauge", "By",
+                "Bytes the last completed checkpoint wrote", _JOB), _last("written_bytes")),
+    (Instrument("rayflow.checkpoint.state.size", "gauge", "By",
+                "Bytes of state the last completed checkpoint needs", _JOB),
+     _last("state_bytes")),
+    (Instrument("rayflow.checkpoint.age", "gauge", "s",
+                "Seconds since the last completed checkpoint", _JOB), _age),
+    (Instrument("rayflow.checkpoint.interval", "gauge", "s",
+                "The checkpoint interval in force", _JOB), _field("interval_s")),
+]  # fmt: skip
+
+RESTARTS = Instrument(
+    "rayflow.restarts", "counter", "{restart}", "Times the job restarted from a checkpoint", _JOB
+)
+ALERTS = Instrument(
+    "rayflow.alerts", "gauge", "{alert}",
+    "Active alerts, 1 each (rayflow.step and rayflow.partition when the alert has them)",
+    ("rayflow.job", "rayflow.alert.kind", "rayflow.step", "rayflow.partition"),
+)  # fmt: skip
+CHECKPOINT_DURATION = Instrument(
+    "rayflow.checkpoint.duration", "histogram", "s",
+    "Duration of a checkpoint, from the trigger to the sinks notified (or the failure)",
+    ("rayflow.job", "rayflow.checkpoint.kind", "rayflow.checkpoint.outcome"),
+)  # fmt: skip
+PHASE_DURATION = Instrument(
+    "rayflow.checkpoint.phase.duration", "histogram", "s",
+    "Duration of one phase of a checkpoint (trigger, acknowledge, manifest, notify)",
+    ("rayflow.job", "rayflow.checkpoint.phase"),
+)  # fmt: skip
+ALIGNMENT_DURATION = Instrument(
+    "rayflow.checkpoint.alignment.duration", "histogram", "s",
+    "Time a step partition waited for the barrier on all its inputs (one value per "
+    "checkpoint seen at a poll)", _PARTITION,
+)  # fmt: skip
+RECOVERY_DURATION = Instrument(
+    "rayflow.recovery.duration", "histogram", "s",
+    "Duration of a recovery, from the failure to the first record processed again", _JOB,
+)  # fmt: skip
+
+#: Every instrument published (the README's table shows them).
+INSTRUMENTS: tuple[Instrument, ...] = (
+    *(i for i, _ in _OPERATOR),
+    ALIGNMENT_DURATION,
+    *(i for i, _ in _CHECKPOINTS),
+    CHECKPOINT_DURATION,
+    PHASE_DURATION,
+    RESTARTS,
+    RECOVERY_DURATION,
+    ALERTS,
+)
+
+# Phases of the spans: (time stamp that ends the phase, span name, histogram label).
 _PHASES = {
     "checkpoint": [
-        ("triggered", "trigger the sources"),
-        ("acknowledged", "snapshot and acknowledge"),
-        ("manifest_written", "write the manifest"),
-        ("sinks_notified", "notify the sinks"),
+        ("triggered", "trigger the sources", "trigger"),
+        ("acknowledged", "snapshot and acknowledge", "acknowledge"),
+        ("manifest_written", "write the manifest", "manifest"),
+        ("sinks_notified", "notify the sinks", "notify"),
     ],
     "recovery": [
-        ("backoff", "back off"),
-        ("reset_living", "reset the living operators"),
-        ("replaced_dead", "replace the dead operators"),
-        ("restored_and_running", "restore the checkpoint and start"),
-        ("first_record", "until the first record"),
+        ("backoff", "back off", "backoff"),
+        ("reset_living", "reset the living operators", "reset"),
+        ("replaced_dead", "replace the dead operators", "replace"),
+        ("restored_and_running", "restore the checkpoint and start", "restore"),
+        ("first_record", "until the first record", "first_record"),
     ],
 }
 
 
-def _exporter_names(variable: str) -> list[str]:
-    value = os.environ.get(variable, "").strip().lower()
-    return [n.strip() for n in value.split(",") if n.strip() and n.strip() != "none"]
-
-
-def meter_provider_from_env() -> MeterProvider | None:
-    names = _exporter_names("OTEL_METRICS_EXPORTER")
-    if not names:
-        return None
-    from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
-    from opentelemetry.sdk.metrics.export import (
-        ConsoleMetricExporter,
-        PeriodicExportingMetricReader,
-    )
-    from opentelemetry.sdk.resources import Resource
-
-    readers = []
-    for name in names:
-        if name == "console":
-            exporter: Any = ConsoleMetricExporter()
-        elif name == "otlp":
-            exporter = _otlp("metric_exporter", "OTLPMetricExporter")
-        else:
-            raise ConfigError(
-                f"OTEL_METRICS_EXPORTER={name!r} is not supported: use console or otlp"
-            )
-        readers.append(PeriodicExportingMetricReader(exporter))
-    return SdkMeterProvider(metric_readers=readers, resource=Resource.create())
-
-
-def tracer_provider_from_env() -> TracerProvider | None:
-    names = _exporter_names("OTEL_TRACES_EXPORTER")
-    if not names:
-        return None
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-
-    provider = SdkTracerProvider(resource=Resource.create())
-    for name in names:
-        if name == "console":
-            exporter: Any = ConsoleSpanExporter()
-        elif name == "otlp":
-            exporter = _otlp("trace_exporter", "OTLPSpanExporter")
-        else:
-            raise ConfigError(
-                f"OTEL_TRACES_EXPORTER={name!r} is not supported: use console or otlp"
-            )
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
-
-
-def _otlp(module: str, cls: str) -> Any:
-    protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-    package = "grpc" if protocol == "grpc" else "http"
-    try:
-        mod = __import__(f"opentelemetry.exporter.otlp.proto.{package}.{module}", fromlist=[cls])
-    except ImportError:
-        raise ConfigError(
-            "the OTLP exporter is not installed: pip install opentelemetry-exporter-otlp"
-        ) from None
-    return getattr(mod, cls)()
-
-
-def _sdk_global(provider: Any, sdk_type: str) -> bool:
-    return type(provider).__module__.startswith("opentelemetry.sdk") and (
-        type(provider).__name__ == sdk_type
-    )
-
-
 class Telemetry:
-    def __init__(
-        self,
-        job: str,
-        poll: Poll,
-        *,
-        meter_provider: MeterProvider | None,
-        tracer_provider: TracerProvider | None,
-        interval_s: float,
-    ):
+    """Polls the job's coordinator and publishes what it says through OpenTelemetry.
+
+    With ``setup.enabled`` False it still polls (the notebook display and
+    the driver's alert log read the polls) but publishes nothing.
+    """
+
+    def __init__(self, job: str, poll: Poll, setup: TelemetrySetup, *, interval_s: float):
         self.job = job
         self._poll = poll
         self._interval_s = interval_s
@@ -162,104 +205,132 @@ class Telemetry:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._owned: list[Any] = []  # providers built here from the environment
-        self.on_poll: Callable[[dict[str, Any]], None] | None = None
-
-        if meter_provider is None:
-            meter_provider = otel_metrics.get_meter_provider()
-            if not _sdk_global(meter_provider, "MeterProvider"):
-                meter_provider = meter_provider_from_env() or meter_provider
-                if meter_provider is not otel_metrics.get_meter_provider():
-                    self._owned.append(meter_provider)
-        if tracer_provider is None:
-            tracer_provider = otel_trace.get_tracer_provider()
-            if not _sdk_global(tracer_provider, "TracerProvider"):
-                tracer_provider = tracer_provider_from_env() or tracer_provider
-                if tracer_provider is not otel_trace.get_tracer_provider():
-                    self._owned.append(tracer_provider)
-        self._tracer = tracer_provider.get_tracer("rayflow")
-        meter = meter_provider.get_meter("rayflow")
-        for name, kind, unit, description, key in _OPERATOR_INSTRUMENTS:
-            self._instrument(meter, name, kind, unit, description, self._per_partition(key))
-        for name, kind, unit, description, read in [
-            ("rayflow.checkpoints.completed", "counter", "{checkpoint}",
-             "Checkpoints completed", lambda c: c.get("completed")),
-            ("rayflow.checkpoints.failed", "counter", "{checkpoint}",
-             "Checkpoints that failed", lambda c: c.get("failed")),
-            ("rayflow.checkpoint.duration", "gauge", "ms",
-             "Duration of the last completed checkpoint", lambda c: _last(c, "duration_ms")),
-            ("rayflow.checkpoint.size", "gauge", "By",
-             "Bytes the last completed checkpoint wrote", lambda c: _last(c, "written_bytes")),
-            ("rayflow.checkpoint.state_size", "gauge", "By",
-             "Bytes of state the last completed checkpoint needs",
-             lambda c: _last(c, "state_bytes")),
-            ("rayflow.checkpoint.age", "gauge", "s", "Seconds since the last completed checkpoint",
-             lambda c: time.time() - c["last"]["time"] if c.get("last") else None),
-        ]:  # fmt: skip
-            self._instrument(meter, name, kind, unit, description, self._job_level(read))
-        self._instrument(
-            meter, "rayflow.restarts", "counter", "{restart}",
-            "Times the job restarted from a checkpoint",
-            self._job_level(lambda _: self._latest.get("restarts")),
-        )  # fmt: skip
-        self._instrument(
-            meter, "rayflow.alerts", "gauge", "{alert}",
-            "Active alerts (1 per alert; attributes kind, step, partition)", self._alerts,
-        )  # fmt: skip
-        self._instrument(
-            meter, "rayflow.checkpoint.interval", "gauge", "s",
-            "The checkpoint interval in force",
-            self._job_level(lambda c: c.get("interval_s")),
-        )  # fmt: skip
-        self._instrument(
-            meter, "rayflow.inflight", "gauge", "s",
-            "Seconds of a partition's work queued for it (in-flight data by time)",
-            self._per_partition("inflight_s"),
-        )  # fmt: skip
+        self._tracer: Any = None
+        self._histograms: dict[str, Any] = {}
+        self._aligned: dict[tuple[str, int], Any] = {}  # last checkpoint id seen per partition
         self._alerted: set[tuple[str, str, str]] = set()
+        self.on_poll: Callable[[dict[str, Any]], None] | None = None
+        if setup.enabled:
+            self._publish_through(setup)
         self._thread = threading.Thread(
             target=self._run, name=f"rayflow-telemetry-{job}", daemon=True
         )
         self._thread.start()
 
+    def _publish_through(self, setup: TelemetrySetup) -> None:
+        """Build the providers the setup asks for; create every instrument."""
+        meter_provider, tracer_provider = setup.meter_provider, setup.tracer_provider
+        if setup.metric_exporters:
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            readers = [PeriodicExportingMetricReader(e) for e in setup.metric_exporters]
+            meter_provider = MeterProvider(metric_readers=readers, resource=setup.resource)
+            self._owned.append(meter_provider)
+        if setup.span_exporters:
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            tracer_provider = TracerProvider(resource=setup.resource)
+            for exporter in setup.span_exporters:
+                tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+            self._owned.append(tracer_provider)
+        self._tracer = tracer_provider.get_tracer("rayflow")
+        meter = meter_provider.get_meter("rayflow")
+        for instrument, read in _OPERATOR:
+            self._observe(meter, instrument, self._per_partition(read))
+        for instrument, read in _CHECKPOINTS:
+            self._observe(meter, instrument, self._job_level(read))
+        self._observe(meter, RESTARTS, self._restarts)
+        self._observe(meter, ALERTS, self._alerts)
+        for instrument in INSTRUMENTS:
+            if instrument.kind == "histogram":
+                self._histograms[instrument.name] = meter.create_histogram(
+                    instrument.name,
+                    unit=instrument.unit,
+                    description=instrument.description,
+                    explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS_S),
+                )
+
     # -- metrics -------------------------------------------------------------
 
     @staticmethod
-    def _instrument(meter: Any, name: str, kind: str, unit: str, description: str,
-                    callback: Any) -> None:  # fmt: skip
-        if kind == "counter":
-            meter.create_observable_counter(name, [callback], unit=unit, description=description)
-        else:
-            meter.create_observable_gauge(name, [callback], unit=unit, description=description)
+    def _observe(meter: Any, instrument: Instrument, callback: Any) -> None:
+        create = (
+            meter.create_observable_counter
+            if instrument.kind == "counter"
+            else meter.create_observable_gauge
+        )
+        create(
+            instrument.name, [callback], unit=instrument.unit, description=instrument.description
+        )
 
-    def _per_partition(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
+    def _per_partition(self, read: Read) -> Callable[[Any], Iterable[Any]]:
+        from opentelemetry.metrics import Observation
+
+        def observe(options: Any) -> Iterable[Any]:
             for step, partitions in (self._latest.get("metrics") or {}).items():
                 for entry in partitions:
-                    attributes = {"job": self.job, "step": step, "partition": entry["partition"]}
-                    yield Observation(entry.get(key, 0), attributes)
+                    value = read(entry)
+                    if value is not None:
+                        yield Observation(value, self._attributes(step, entry["partition"]))
 
         return observe
 
-    def _job_level(self, read: Callable[[dict[str, Any]], Any]) -> Any:
-        def observe(options: CallbackOptions) -> Iterable[Observation]:
+    def _job_level(self, read: Read) -> Callable[[Any], Iterable[Any]]:
+        from opentelemetry.metrics import Observation
+
+        def observe(options: Any) -> Iterable[Any]:
             stats = self._latest.get("checkpoints")
-            if stats is None:
-                return
-            value = read(stats)
+            value = read(stats) if stats is not None else None
             if value is not None:
-                yield Observation(value, {"job": self.job})
+                yield Observation(value, {"rayflow.job": self.job})
 
         return observe
 
-    def _alerts(self, options: CallbackOptions) -> Iterable[Observation]:
+    def _restarts(self, options: Any) -> Iterable[Any]:
+        from opentelemetry.metrics import Observation
+
+        if self._latest.get("restarts") is not None:
+            yield Observation(self._latest["restarts"], {"rayflow.job": self.job})
+
+    def _alerts(self, options: Any) -> Iterable[Any]:
+        from opentelemetry.metrics import Observation
+
         for alert in self._latest.get("alerts") or []:
-            attributes = {
-                "job": self.job,
-                "kind": alert["kind"],
-                "step": alert["step"] or "",
-                "partition": -1 if alert["partition"] is None else alert["partition"],
+            attributes: dict[str, Any] = {
+                "rayflow.job": self.job,
+                "rayflow.alert.kind": alert["kind"],
             }
+            if alert["step"] is not None:
+                attributes["rayflow.step"] = alert["step"]
+            if alert["partition"] is not None:
+                attributes["rayflow.partition"] = alert["partition"]
             yield Observation(1, attributes)
+
+    def _attributes(self, step: str, partition: int) -> dict[str, Any]:
+        return {"rayflow.job": self.job, "rayflow.step": step, "rayflow.partition": partition}
+
+    def _record(self, instrument: Instrument, seconds: float, attributes: dict[str, Any]) -> None:
+        histogram = self._histograms.get(instrument.name)
+        if histogram is not None and seconds >= 0:
+            histogram.record(seconds, attributes)
+
+    def _record_alignments(self, metrics: dict[str, list[dict[str, Any]]]) -> None:
+        """Each partition's alignment, once per checkpoint it snapshotted (seen at a poll)."""
+        for step, entries in metrics.items():
+            for entry in entries:
+                snapshot = entry.get("last_snapshot") or {}
+                checkpoint_id = snapshot.get("checkpoint_id")
+                key = (step, entry["partition"])
+                if checkpoint_id is None or self._aligned.get(key) == checkpoint_id:
+                    continue
+                self._aligned[key] = checkpoint_id
+                self._record(
+                    ALIGNMENT_DURATION,
+                    (entry.get("alignment_ms") or 0.0) / 1000.0,
+                    self._attributes(step, entry["partition"]),
+                )
 
     @property
     def latest(self) -> dict[str, Any]:
@@ -282,7 +353,8 @@ class Telemetry:
     def update(self, data: dict[str, Any]) -> None:
         with self._lock:
             self._latest = data
-            self._emit_spans(data.get("events", []))
+            self._finished(data.get("events", []))
+            self._record_alignments(data.get("metrics") or {})
             self._log_alerts(data.get("alerts") or [])
         if self.on_poll is not None:
             try:
@@ -299,14 +371,43 @@ class Telemetry:
             log.info("job %s: alert %s cleared (step %s)", self.job, key[0], key[1])
         self._alerted = set(current)
 
-    def _emit_spans(self, events: list[dict[str, Any]]) -> None:
+    def _finished(self, events: list[dict[str, Any]]) -> None:
+        """Each checkpoint or recovery that finished since the last poll: histograms, a span."""
         for event in events:
             if event["seq"] <= self._seen:
                 continue
             self._seen = event["seq"]
-            self._span(event)
+            self._durations(event)
+            if self._tracer is not None:
+                self._span(event)
+
+    def _durations(self, event: dict[str, Any]) -> None:
+        total = event["ended"] - event["started"]
+        if event["type"] == "recovery":
+            self._record(RECOVERY_DURATION, total, {"rayflow.job": self.job})
+            return
+        self._record(
+            CHECKPOINT_DURATION,
+            total,
+            {
+                "rayflow.job": self.job,
+                "rayflow.checkpoint.kind": event["kind"],
+                "rayflow.checkpoint.outcome": event["outcome"],
+            },
+        )
+        begin = event["started"]
+        for phase, _, label in _PHASES["checkpoint"]:
+            end = event["phases"].get(phase)
+            if end is None:
+                continue
+            attributes = {"rayflow.job": self.job, "rayflow.checkpoint.phase": label}
+            self._record(PHASE_DURATION, end - begin, attributes)
+            begin = end
 
     def _span(self, event: dict[str, Any]) -> None:
+        from opentelemetry import trace as otel_trace
+        from opentelemetry.trace import Status, StatusCode
+
         kind = event["type"]
         if kind == "checkpoint":
             name = f"{event['kind']} {event['id']}"
@@ -334,7 +435,7 @@ class Telemetry:
         )
         context = otel_trace.set_span_in_context(span)
         begin = event["started"]
-        for phase, label in _PHASES[kind]:
+        for phase, label, _ in _PHASES[kind]:
             end = event["phases"].get(phase)
             if end is None:
                 continue
@@ -356,11 +457,6 @@ class Telemetry:
                 provider.shutdown()
             except Exception as exc:
                 log.debug("flushing telemetry of %s failed: %s", self.job, exc)
-
-
-def _last(stats: dict[str, Any], key: str) -> Any:
-    last = stats.get("last")
-    return last.get(key) if last else None
 
 
 def _ns(seconds: float) -> int:

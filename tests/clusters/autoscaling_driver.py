@@ -1,6 +1,7 @@
-"""Run by test_autoscaling.py against the autoscaling head: the keyed step needs
-more CPUs than the head has (it has none), so the Ray autoscaler must add
-(fake) worker nodes before the job can run. Prints one JSON line."""
+"""Run by test_autoscaling.py against the autoscaling head: the head has no CPUs
+and no step sets num_cpus, so the operators' default CPU request
+(RuntimeConfig.operator_cpus="fit") must make the Ray autoscaler add (fake)
+worker nodes before the job can run. Prints one JSON line."""
 
 from __future__ import annotations
 
@@ -35,8 +36,7 @@ def main() -> None:
         per_partition=PER_PARTITION,
         rate=None,
         sinks={"out": rf.testing.Collect()},
-        count_options={"num_cpus": 1},
-    )
+    )  # no num_cpus anywhere: the default ("fit") must make the cluster grow
     started = time.monotonic()
     result = rf.run(flow)
     stop.set()

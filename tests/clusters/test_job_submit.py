@@ -1,50 +1,31 @@
-"""``ray job submit`` of jobs/wordcount.py to a Ray head started for this test."""
+"""Every job in jobs/ through ``ray job submit``, and ``rayflow`` with a Ray Jobs address,
+against one Ray head started for this test (with its dashboard)."""
 
 from __future__ import annotations
 
 import json
+import sys
+import uuid
 from collections import Counter
 from pathlib import Path
 
 from tests.clusters.head import HeadNode
 
+S3_BUCKET = "rayflow-test"  # the session's S3 server (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_ray_job_submit_runs_the_word_count(tmp_path: Path) -> None:
-    head = HeadNode(num_cpus=2, dashboard=True)
-    try:
-        head.wait_ready(dashboard=True)
-        out = tmp_path / "out"
-        submitted = head.run(
-            "ray",
-            "job",
-            "submit",
-            "--address",
-            head.dashboard,
-            "--working-dir",
-            ".",
-            "--",
-            "python",
-            "jobs/wordcount.py",
-            "--output",
-            str(out),
-            "--parallelism",
-            "2",
-            cwd=ROOT,
-        )
-        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-        assert "job wordcount FINISHED" in submitted.stdout
-        assert "succeeded" in submitted.stdout
-    finally:
-        head.stop()
+def _final_counts(folder: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for part in sorted(out.glob("part-*.jsonl")):
+    for part in sorted(folder.glob("part-*.jsonl")):
         for line in part.read_text().splitlines():
             word, n = json.loads(line)
             counts[word] = max(counts.get(word, 0), n)
-    import sys
+    return counts
 
+
+def _expected_words() -> dict[str, int]:
     sys.path.insert(0, str(ROOT / "jobs"))
     from wordcount import tokenize
 
@@ -52,4 +33,62 @@ def test_ray_job_submit_runs_the_word_count(tmp_path: Path) -> None:
     for path in sorted((ROOT / "jobs" / "data").glob("*.txt")):
         for line in path.read_text().splitlines():
             expected.update(tokenize(line))
-    assert counts == dict(expected)
+    return dict(expected)
+
+
+def test_every_job_runs_with_ray_job_submit_and_rayflow_takes_a_jobs_address(
+    tmp_path: Path, s3_server: object
+) -> None:
+    head = HeadNode(num_cpus=2, dashboard=True)
+    prefix = f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:8]}"
+    try:
+        head.wait_ready(dashboard=True)
+
+        def submit(*entrypoint: str) -> str:
+            done = head.run(
+                "ray",
+                "job",
+                "submit",
+                "--address",
+                head.dashboard,
+                "--working-dir",
+                ".",
+                "--",
+                *entrypoint,
+                cwd=ROOT,
+            )
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            assert "succeeded" in done.stdout
+            return done.stdout
+
+        words = tmp_path / "words"
+        out = submit("python", "jobs/wordcount.py", "--output", str(words), "--parallelism", "2")
+        assert "job wordcount FINISHED" in out
+        assert "rayflow INFO: job wordcount started" in out  # the driver's log reaches Ray Jobs
+
+        out = submit("python", "jobs/clickstream.py", "--output", str(tmp_path / "sessions"))
+        assert "job clickstream FINISHED" in out
+
+        out = submit(
+            *("python", "jobs/generator_to_s3.py", "--s3", prefix, "--seconds", "3"),
+            *("--interval", "0.5", "--rate", "2000"),
+        )
+        assert "job generator-to-s3 STOPPED: final checkpoint" in out
+
+        # rayflow itself with the dashboard address: the flow file's folder is uploaded and
+        # the command runs on the cluster; its output streams back.
+        again = tmp_path / "again"
+        run = head.run(
+            *("rayflow", "run", "jobs/wordcount.py", "--output", str(again)),
+            *("--address", head.dashboard),
+            cwd=ROOT,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "submitted as Ray job" in run.stderr and "job wordcount FINISHED" in run.stdout
+        listed = head.run("rayflow", "list", "--json", "--address", head.dashboard, cwd=ROOT)
+        assert listed.returncode == 0, listed.stderr[-3000:]
+        assert "[]" in listed.stdout  # nothing runs any more
+    finally:
+        head.stop()
+    assert _final_counts(words) == _expected_words()
+    assert _final_counts(again) == _expected_words()

@@ -287,9 +287,7 @@ def test_checkpoint_failing_fires_with_the_cause_and_clears(tmp_path: Path) -> N
             if m.name == "rayflow.alerts"
             for p in m.data.data_points
         ]
-        assert {"job": "failing", "kind": "checkpoint_failing", "step": "", "partition": -1} in (
-            exported
-        )
+        assert {"rayflow.job": "failing", "rayflow.alert.kind": "checkpoint_failing"} in exported
         blocked.unlink()
         wait_for(lambda: not handle.alerts(), 30, "the alert to clear")
     finally:

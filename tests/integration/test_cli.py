@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -14,9 +18,23 @@ import ray
 import rayflow as rf
 
 
-def rayflow(*args: str, address: bool = True) -> subprocess.CompletedProcess[str]:
+def rayflow(
+    *args: str, address: bool = True, env: dict[str, str | None] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the command (its ``--address`` the session's Ray unless ``address=False``).
+
+    The timeout is a guard against hanging, not a measurement.
+    """
     extra = ["--address", ray.get_runtime_context().gcs_address] if address else []
-    return subprocess.run(["rayflow", *args, *extra], capture_output=True, text=True, timeout=180)
+    environ = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            environ.pop(key, None)
+        else:
+            environ[key] = value
+    return subprocess.run(
+        ["rayflow", *args, *extra], capture_output=True, text=True, timeout=180, env=environ
+    )
 
 
 FLOW_FILE = textwrap.dedent("""
@@ -32,13 +50,64 @@ FLOW_FILE = textwrap.dedent("""
 """)
 
 
-def test_help_lists_the_commands_and_usage_errors_exit_2() -> None:
+def test_help_version_and_usage_errors() -> None:
     out = rayflow("--help", address=False)
     assert out.returncode == 0
-    for command in ("run", "resume", "status", "stop", "savepoint", "checkpoints"):
+    for command in ("run", "resume", "list", "status", "stop", "savepoint", "checkpoints"):
         assert command in out.stdout
     assert "Exit codes" in out.stdout
-    assert rayflow("frobnicate", address=False).returncode == 2
+    version = rayflow("--version", address=False)
+    assert version.returncode == 0 and rf.__version__ in version.stdout
+    module = subprocess.run(
+        [sys.executable, "-m", "rayflow", "--version"], capture_output=True, text=True
+    )
+    assert module.returncode == 0 and module.stdout == version.stdout
+    unknown = rayflow("frobnicate", address=False)
+    assert unknown.returncode == 2 and "No such command" in unknown.stderr
+    bad_json = rayflow("status", "--json", address=False)  # the job name is missing
+    assert bad_json.returncode == 2 and json.loads(bad_json.stdout)["exit_code"] == 2
+
+
+def test_an_unreachable_ray_fails_in_seconds_with_exit_code_4() -> None:
+    refused = rayflow("status", "x", "--address", "127.0.0.1:1", "--json", address=False)
+    assert refused.returncode == 4
+    assert json.loads(refused.stdout)["error"].startswith("cannot reach Ray at 127.0.0.1:1")
+    assert "Traceback" not in refused.stderr
+    # Something listens, but it is not Ray: ray.init would retry for minutes.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        silent = rayflow("list", "--address", f"127.0.0.1:{port}", address=False)
+    assert silent.returncode == 4 and "does not answer as Ray's GCS" in silent.stderr
+    client = rayflow("list", address=False, env={"RAY_ADDRESS": "ray://127.0.0.1:10001"})
+    assert client.returncode == 2 and "http://HOST:8265" in client.stderr
+    jobs = rayflow("status", "x", address=False, env={"RAY_ADDRESS": "http://127.0.0.1:1"})
+    assert jobs.returncode == 4 and "cannot reach Ray Jobs at http://127.0.0.1:1" in jobs.stderr
+
+
+def test_s3_errors_are_one_line_with_their_exit_code(s3_server: Any) -> None:
+    no_credentials = {
+        "AWS_ACCESS_KEY_ID": None,
+        "AWS_SECRET_ACCESS_KEY": None,
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    out = rayflow(
+        "checkpoints", "list", "s3://rayflow-test/x", "--json", address=False, env=no_credentials
+    )
+    assert out.returncode == 4, out.stderr
+    assert "no AWS credentials" in json.loads(out.stdout)["error"]
+    assert "Traceback" not in out.stderr
+    wrong = rayflow(
+        "checkpoints",
+        "list",
+        "s3://rayflow-test/x",
+        address=False,
+        env={"AWS_SECRET_ACCESS_KEY": "wrong"},
+    )
+    assert wrong.returncode == 4 and "refused" in wrong.stderr, wrong.stderr
 
 
 def test_run_a_flow_file_with_checkpoints_then_list_show_and_delete(tmp_path: Path) -> None:
@@ -132,10 +201,159 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path: Path) -> None:
     storage = str(tmp_path / "checkpoints")
     assert rayflow("run", str(script), "--checkpoint", storage, "--interval", "0.2").returncode == 0
     again = rayflow("run", str(script), "--checkpoint", storage, "--json")
-    assert again.returncode == 2 and "resume=True" in json.loads(again.stdout)["error"]
+    # The API's words become the flags a command-line user types.
+    error = json.loads(again.stdout)["error"]
+    assert again.returncode == 2 and "--resume" in error and "resume=True" not in error
     resumed = rayflow("resume", storage, str(script), "--json")
     assert resumed.returncode == 0, resumed.stderr
     data = json.loads(resumed.stdout)
     assert data["status"] == "FINISHED" and data["restored_checkpoint"] is not None
     # Everything was read before: the resumed run reads nothing again.
     assert {s["step"]: s["records_out"] for s in data["steps"]}["nums"] == 0
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _final_counts(folder: Path) -> dict[Any, int]:
+    """reduce emits (key, count) per update: the last count of a key is its total."""
+    totals: dict[Any, int] = {}
+    for part in sorted(folder.glob("part-*.jsonl")):
+        for line in part.read_text().splitlines():
+            key, count = json.loads(line)
+            totals[key] = max(totals.get(key, 0), count)
+    return totals
+
+
+def test_every_job_in_jobs_runs_with_rayflow_run(tmp_path: Path, s3_server: Any) -> None:
+    from collections import Counter
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from wordcount import tokenize
+
+    out = tmp_path / "wc"
+    wordcount = rayflow(
+        "run", str(ROOT / "jobs" / "wordcount.py"), "--output", str(out), "--progress-every", "0"
+    )
+    assert wordcount.returncode == 0, wordcount.stderr
+    assert "job wordcount FINISHED" in wordcount.stdout
+    assert "rayflow INFO: job wordcount started" in wordcount.stderr
+    expected: Counter[str] = Counter()
+    for path in sorted((ROOT / "jobs" / "data").glob("*.txt")):
+        for line in path.read_text().splitlines():
+            expected.update(tokenize(line))
+    assert _final_counts(out) == dict(expected)
+
+    sessions = rayflow(
+        "run", str(ROOT / "jobs" / "clickstream.py"), "--output", str(tmp_path / "s"), "--json"
+    )
+    assert sessions.returncode == 0, sessions.stderr
+    steps = {s["step"]: s for s in json.loads(sessions.stdout)["steps"]}
+    events = sum(
+        len(p.read_text().splitlines()) for p in (ROOT / "jobs" / "data" / "clicks").glob("*")
+    )
+    assert steps["events"]["records_out"] == events
+
+    prefix = f"s3://rayflow-test/{tmp_path.name}"
+    generated = rayflow(
+        "run",
+        str(ROOT / "jobs" / "generator_to_s3.py"),
+        "--s3",
+        prefix,
+        "--limit",
+        "3000",
+        "--rate",
+        "20000",
+        "--checkpoint",
+        f"{prefix}/checkpoints",
+        "--interval",
+        "0.3",
+        "--json",
+    )
+    assert generated.returncode == 0, generated.stderr
+    result = json.loads(generated.stdout)
+    assert result["status"] == "FINISHED" and result["final_checkpoint"] is not None
+    assert {s["step"]: s for s in result["steps"]}["views"]["records_out"] == 6000
+    assert "checkpoint 1 completed" in generated.stderr
+
+
+def test_print_output_and_progress_lines_reach_the_terminal(tmp_path: Path) -> None:
+    script = tmp_path / "printer.py"
+    script.write_text(
+        textwrap.dedent("""
+            import rayflow as rf
+
+            def flow():
+                f = rf.Dataflow("printer", parallelism=1)
+                nums = f.source("n", rf.sources.Generator(lambda p, i: i, rate=400, limit=1000))
+                nums.filter("big", lambda x: x >= 995).map("sq", lambda x: x * x).sink(
+                    "p", rf.sinks.Print(prefix="square="))
+                return f
+        """)
+    )
+    out = rayflow("run", str(script), "--progress-every", "0.5")
+    assert out.returncode == 0, out.stderr
+    printed = out.stdout + out.stderr  # Ray forwards the operators' output
+    for x in range(995, 1000):
+        assert f"square={x * x}" in printed
+    progress = [line for line in out.stderr.splitlines() if line.startswith("printer RUNNING")]
+    assert len(progress) >= 2, out.stderr  # ~2.5 s of running, a line every 0.5 s
+    assert "read " in progress[-1] and "written " in progress[-1]
+    assert "rayflow INFO: job printer FINISHED" in out.stderr
+
+
+def test_list_watch_and_sigterm_stop_a_running_job(tmp_path: Path) -> None:
+    script = tmp_path / "endless.py"
+    script.write_text(
+        textwrap.dedent("""
+            import rayflow as rf
+
+            flow = rf.Dataflow("cli-endless", parallelism=1)
+            src = flow.source("gen", rf.sources.Generator(lambda p, i: (i % 7, 1), rate=2000))
+            src.key_by("k", lambda r: r[0]).reduce("count", lambda a, r: a + 1, initial=0).sink(
+                "out", rf.testing.Discard())
+        """)
+    )
+    storage = tmp_path / "cp"
+    command = ["rayflow", "run", str(script), "--checkpoint", str(storage), "--interval", "0.3"]
+    command += ["--json", "--address", ray.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        listed: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            out = rayflow("list", "--json")
+            assert out.returncode == 0, out.stderr
+            listed = [r for r in json.loads(out.stdout) if r["job"] == "cli-endless"]
+            if listed and listed[0]["status"] == "RUNNING" and listed[0]["last_checkpoint"]:
+                break
+            time.sleep(0.5)
+        assert listed and listed[0]["status"] == "RUNNING" and listed[0]["steps"] == 4
+        assert "cli-endless" in rayflow("list").stdout
+
+        # status --watch refreshes until the job ends; SIGTERM (what `ray job stop` and
+        # Kubernetes send) stops it like Ctrl-C: drain, final checkpoint, exit 0.
+        watch = subprocess.Popen(
+            [
+                *("rayflow", "status", "cli-endless", "--watch", "--interval", "0.3", "--json"),
+                *("--address", ray.get_runtime_context().gcs_address),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+        watched, _ = watch.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    result = json.loads(stdout)
+    assert result["status"] == "STOPPED" and result["final_checkpoint"] is not None
+    assert "stopping job cli-endless" in stderr
+    assert watch.returncode == 0
+    snapshots = [json.loads(chunk) for chunk in watched.replace("}\n{", "}\x00{").split("\x00")]
+    assert len(snapshots) >= 3 and snapshots[0]["status"] == "RUNNING"
+    assert snapshots[-1]["status"] in ("STOPPING", "STOPPED", "ENDED")

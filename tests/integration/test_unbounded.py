@@ -88,12 +88,12 @@ def test_unbounded_generator_job_runs_until_stopped() -> None:
     }
     assert {
         "rayflow.records_in",
-        "rayflow.busy_time",
+        "rayflow.busy.utilization",
         "rayflow.mailbox.depth",
-        "rayflow.backpressured_time",
+        "rayflow.backpressured.utilization",
     } <= set(names)
     points = {
-        (p.attributes["step"], p.attributes["partition"]): p.value
+        (p.attributes["rayflow.step"], p.attributes["rayflow.partition"]): p.value
         for p in names["rayflow.records_out"].data.data_points
     }
     assert points[("events", 0)] > 0 and points[("events", 1)] > 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -51,15 +50,14 @@ def test_put_if_absent_lets_exactly_one_writer_win(storage_uri: str) -> None:
     assert winner >= 0
 
 
-def test_an_unreachable_s3_fails_fast_naming_the_object(
+@pytest.mark.timeout(90)  # gives up after its bounded, backed-off retries; never hangs
+def test_an_unreachable_s3_gives_up_naming_the_object(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     storage = S3Storage("s3://bucket/prefix")
-    started = time.monotonic()
     with pytest.raises(StorageError, match=r"S3 put of s3://bucket/prefix/x failed"):
         storage.put("x", b"1")
-    assert time.monotonic() - started < 15
 
 
 def test_wrong_s3_credentials_are_refused(

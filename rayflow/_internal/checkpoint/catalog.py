@@ -14,7 +14,7 @@ from rayflow._internal.checkpoint.manifest import (
 )
 from rayflow._internal.checkpoint.restore import RestorePoint, open_restore_point
 from rayflow._internal.storage import StorageError, open_storage
-from rayflow._internal.storage.base import normalize_uri
+from rayflow._internal.storage.base import ObjectNotFound, normalize_uri
 from rayflow.errors import ConfigError
 
 
@@ -40,7 +40,7 @@ def list_checkpoints(uri: str, job: str | None = None) -> list[dict[str, Any]]:
     storage = open_storage(root)
     try:
         single = Manifest.from_json(storage.get(MANIFEST_NAME))
-    except StorageError:
+    except ObjectNotFound:  # not a savepoint folder (an unreachable storage raises)
         single = None
     if single is not None:
         return [_row(single.job, root, single)]

@@ -63,6 +63,8 @@ from rayflow.errors import RayflowError
 
 log = logging.getLogger("rayflow")
 
+#: How long the end of a job waits for the final checkpoint's retention pass.
+RETENTION_WAIT_S = 60.0
 #: Leftovers of killed uploads older than this are deleted by retention.
 TEMPORARY_MAX_AGE_S = 600.0
 #: While backing off for longer than this, ask the storage this often whether it is back.
@@ -167,6 +169,7 @@ class CheckpointCoordinator:
         self._idle.set()
         self._closed = False
         self._gc_task: asyncio.Task[Any] | None = None
+        self._gc_wanted = False
         # Hooks for the job coordinator.
         self.on_started: Callable[[int], None] = lambda checkpoint_id: None
         self.on_completed: Callable[[Manifest], None] = lambda manifest: None
@@ -472,12 +475,23 @@ class CheckpointCoordinator:
                 log.warning("job %s: notifying checkpoint %d failed: %s", self.job, cid, exc)
             pending.phases["sinks_notified"] = time.time()
             await self.fault(fault_point(kind, final, "after_notify"), cid)
-            # Step 5. Retention, in the background.
+            # Step 5. Retention, in the background. A pass already running goes round
+            # once more rather than skip this checkpoint; the final checkpoint's pass
+            # ends before the job does, so a stopped job leaves only what it retains.
+            self._gc_wanted = True
             if self._gc_task is None or self._gc_task.done():
-                self._gc_task = asyncio.get_running_loop().create_task(
-                    asyncio.to_thread(self._collect_garbage)
-                )
+                self._gc_task = asyncio.get_running_loop().create_task(self._retention())
+            if final:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._gc_task), RETENTION_WAIT_S)
+                except Exception as exc:  # a timeout or a storage error: the next run retries
+                    log.warning("job %s: final checkpoint retention: %r", self.job, exc)
         return manifest
+
+    async def _retention(self) -> None:
+        while self._gc_wanted:
+            self._gc_wanted = False
+            await asyncio.to_thread(self._collect_garbage)
 
     def _collect_garbage(self) -> None:
         self.store.collect_garbage()

@@ -40,6 +40,7 @@ from rayflow._internal.job.alerts import AlertMonitor
 from rayflow._internal.job.deployment import ActorKey, Deployment
 from rayflow._internal.job.failover import Failover
 from rayflow._internal.job.faults import FaultInjector
+from rayflow._internal.job.ray_metrics import RayMetrics
 from rayflow._internal.job.report import JobReport, JobStatus
 from rayflow._internal.job.restarts import RestartTracker
 from rayflow._internal.plan import Plan, decode_plan
@@ -121,6 +122,8 @@ class JobCoordinator:
             backlog_window_s=config.backlog_window_s,
             hot_share=config.hot_key_share,
         )
+        # Ray's Prometheus export: fed by the monitor's poll and the finished events.
+        self.ray_metrics = RayMetrics(job)
 
     # -- life cycle ----------------------------------------------------------
 
@@ -253,6 +256,7 @@ class JobCoordinator:
                     log.warning("job %s: alert %s: %s", self.job, alert.kind, alert.message)
                 else:
                     log.info("job %s: alert %s cleared: %s", self.job, alert.kind, alert.message)
+            self.ray_metrics.update(metrics, self.alerts.active())
             if self.checkpoints is not None:
                 busy = [
                     (e.get("busy_ms_per_s") or 0.0) / 1000.0
@@ -266,6 +270,7 @@ class JobCoordinator:
     def _event(self, record: dict[str, Any]) -> None:
         self._event_seq += 1
         self._events.append({**record, "seq": self._event_seq})
+        self.ray_metrics.finished(record)
         del self._events[:-1000]
         self._report.events = list(self._events)
 
@@ -575,6 +580,7 @@ class JobCoordinator:
                 time.time(), {}, self.checkpoints.stats() if self.checkpoints else None
             )
         self._report.alerts = self.alerts.active()
+        self.ray_metrics.update(self._report.metrics, self._report.alerts)
         self._set_status(status)
         self._report.failures = failures
         self._report.ended_at = time.time()

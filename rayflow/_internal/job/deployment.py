@@ -81,7 +81,7 @@ class Deployment:
                 namespace=naming.NAMESPACE,
                 max_restarts=0,
                 max_concurrency=10_000,
-                **stage.resources.ray_options(),
+                **stage.resources.ray_options(self.config.operator_cpus_value),
             ).remote(
                 self._plan_ref,
                 key[0],
@@ -158,7 +158,12 @@ class Deployment:
                 return
             waited += step
             missing = [self.name(k) for k, r in refs.items() if not r.future().done()]
-            needs = {self.name(k): self.plan.stage(k[0]).resources.ray_options() for k in refs}
+            needs = {
+                self.name(k): self.plan.stage(k[0]).resources.ray_options(
+                    self.config.operator_cpus_value
+                )
+                for k in refs
+            }
             message = (
                 f"{len(missing)} operator actor(s) of job {self.job!r} are not running "
                 f"after {waited:.0f} s: {', '.join(missing[:5])}"

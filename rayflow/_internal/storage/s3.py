@@ -12,11 +12,17 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
-
+from rayflow._internal.extras import missing_extra
 from rayflow._internal.storage.base import ObjectNotFound, Storage, StorageError
+
+# boto3 comes with the [s3] extra; this module is imported only when an s3://
+# storage or an S3 sink is opened, so a missing boto3 is reported then.
+try:
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+except ImportError as exc:
+    raise missing_extra("boto3", "S3 support (s3:// storage, S3JsonLines)", "s3") from exc
 
 
 def s3_client(attempts: int | None = None) -> Any:

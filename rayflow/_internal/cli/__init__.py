@@ -1,0 +1,1 @@
+"""The command line's parts: reaching Ray, output and errors, live progress."""
