@@ -1,9 +1,15 @@
 """Bytewax's side of the peer comparison (run in .venv-bytewax).
 
 ``python peer_bytewax.py WORKLOAD P CHECKPOINT`` prints one JSON line like
-the other peers. Parallelism P runs P processes (Bytewax's way to spread
-Python work over cores), connected with ``cluster_main``; checkpoints are
-Bytewax's recovery snapshots, taken at every 1 s epoch.
+the other peers. Parallelism P runs P processes of one worker each,
+connected with ``cluster_main`` (what ``python -m bytewax.run -i N -a ...``
+starts): Bytewax's documentation recommends processes over ``-w`` worker
+threads for Python work, since the workers of one process contend for the
+GIL ("Workers, processes and GIL contention" in its Performance guide:
+"you should try starting with multiple processes using the -i/--process-id,
+-a/--addresses instead of multiple workers with -w"). On this 2-core
+machine that is 1 process at P=1 and 2 at P=2. Checkpoints are Bytewax's
+recovery snapshots, taken at every 1 s epoch.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 
 class _NumbersPart(StatefulSourcePartition):
-    def __init__(self, partition: int, partitions: int, resume: int | None):
+    def __init__(self, partition: int, partitions: int, records: int, resume: int | None):
         self.p, self.n = partition, partitions
-        self.per = w.SUM_RECORDS // partitions
+        self.per = records // partitions
         self.next = resume or 0
 
     def next_batch(self) -> list[Any]:
@@ -49,23 +55,27 @@ class _NumbersPart(StatefulSourcePartition):
 
 
 class Numbers(FixedPartitionedSource):
-    def __init__(self, partitions: int):
+    def __init__(self, partitions: int, records: int):
         self.partitions = partitions
+        self.records = records
 
     def list_parts(self) -> list[str]:
         return [str(p) for p in range(self.partitions)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: Any) -> _NumbersPart:
-        return _NumbersPart(int(for_part), self.partitions, resume_state)
+        return _NumbersPart(int(for_part), self.partitions, self.records, resume_state)
 
 
 class _StatsPart(StatelessSinkPartition):
-    def __init__(self, path: str):
+    def __init__(self, path: str, stamps: str):
         self.path = path
+        self.stamps = stamps
         self.latest: dict[Any, Any] = {}
         self.count = 0
 
     def write_batch(self, items: list[Any]) -> None:
+        if items and not self.count:
+            w.stamp_first_out(self.stamps)
         self.count += len(items)
         self.latest.update(items)
 
@@ -79,19 +89,22 @@ class Stats(DynamicSink):
         self.folder = folder
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _StatsPart:
-        return _StatsPart(os.path.join(self.folder, f"{os.getpid()}-{worker_index}.json"))
+        path = os.path.join(self.folder, f"{os.getpid()}-{worker_index}.json")
+        return _StatsPart(path, os.environ["PEER_STAMPS"])
 
 
 def build(workload: str, parallelism: int, out: str) -> tuple[Dataflow, int]:
     flow = Dataflow(f"peer_{workload}")
-    if workload == "keyed_sum":
-        nums = op.map("stamp", op.input("numbers", flow, Numbers(parallelism)), w.stamp)
+    if workload in ("keyed_sum", "startup"):
+        records = w.SUM_RECORDS if workload == "keyed_sum" else w.STARTUP_RECORDS
+        source = Numbers(parallelism, records)
+        nums = op.map("stamp", op.input("numbers", flow, source), w.stamp)
         keyed = op.key_on("by_key", nums, lambda r: str(r[0]))
         sums = op.stateful_map(
             "sum", op.map_value("value", keyed, lambda r: r[1]), lambda s, v: ((s or 0) + v,) * 2
         )
         op.output("out", sums, Stats(out))
-        return flow, w.SUM_RECORDS
+        return flow, records
     if workload == "wordcount":
         folder = w.make_text(w.text_megabytes())
         lines = op.map(
@@ -169,7 +182,11 @@ def main() -> None:
     ended = time.time()
     if any(codes):
         raise SystemExit(f"bytewax workers exited with {codes}")
-    w.report(records, started, ended, out)
+    # Bytewax has no runtime apart from the job's processes: its start-up is their
+    # start (interpreter, imports, building the flow) up to the first record out.
+    first = w.first_out(os.environ["PEER_STAMPS"])
+    startup = {"runtime_started": started, "submitted": started, "first_out": first, "ended": ended}
+    w.report(records, started, ended, out, startups=[startup])
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
 """PyFlink's side of the peer comparison (run in .venv-flink; Java 17 on PATH).
 
 ``python peer_flink.py WORKLOAD P CHECKPOINT`` prints one JSON line like the
-other peers. The Python DataStream API in a local mini cluster; Python
-functions run in Flink's Python workers (chained); checkpoints every second
-into a local folder when asked.
+other peers. The Python DataStream API in a local mini cluster, in its
+fastest documented configuration: ``python.execution-mode: thread``, in
+which Python functions run inside the JVM's task threads (through PEMJA)
+instead of in separate Python worker processes fed over gRPC (the default,
+``process``; ``PEER_FLINK_MODE=process`` runs that for comparison). The
+JSON line says where the Python functions actually ran (``python_ran_in``:
+the JVM, or Python worker processes), so a setting that did not take
+effect shows. Checkpoints every second into a local folder when asked.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import site
 import sys
 import tempfile
 import time
@@ -17,6 +23,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import psutil
 import workloads as w
 from pyflink.common import Configuration, Types, WatermarkStrategy
 from pyflink.datastream import RuntimeExecutionMode, StreamExecutionEnvironment
@@ -29,18 +36,23 @@ from pyflink.datastream.functions import (
 )
 from pyflink.datastream.state import ValueStateDescriptor
 
+MODE = os.environ.get("PEER_FLINK_MODE", "thread")
+
 
 class Stats(FlatMapFunction):
     """The sink: counts updates, keeps the latest value per key, writes both at close."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, stamps: str):
         self.folder = folder
+        self.stamps = stamps
 
     def open(self, runtime_context: RuntimeContext) -> None:
         self.latest: dict[Any, Any] = {}
         self.count = 0
 
     def flat_map(self, value: Any) -> Any:
+        if not self.count:
+            w.stamp_first_out(self.stamps)
         self.count += 1
         self.latest[value[0]] = value[1]
         return iter(())
@@ -72,10 +84,28 @@ def files(env: Any, folder: str) -> Any:
     return env.from_source(source, WatermarkStrategy.no_watermarks(), "files")
 
 
+def python_ran_in(stamps: str) -> str:
+    """Where the stamp step and the sink ran: in the JVM (this process's java child)
+    or in Python worker processes (process mode)."""
+    jvms = {p.pid for p in psutil.Process().children(recursive=True) if p.name().startswith("java")}
+    pids = w.stamp_pids(stamps)
+    if pids and pids <= jvms:
+        return "jvm"
+    return "python worker processes" if pids else "unknown"
+
+
 def main() -> None:
     workload, parallelism, checkpoint = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     out = tempfile.mkdtemp(prefix="peer-out-")
+    stamps = os.environ["PEER_STAMPS"]
+    runtime_started = time.time()
     config = Configuration()
+    config.set_string("python.execution-mode", MODE)
+    # Thread mode embeds the interpreter of python.executable in the JVM, which
+    # does not read this venv's pyvenv.cfg: give it the venv's packages (pemja,
+    # pyflink) and this folder (workloads.py) explicitly.
+    paths = [*site.getsitepackages(), os.path.dirname(os.path.abspath(__file__))]
+    config.set_string("python.pythonpath", os.pathsep.join(paths))
     if checkpoint:
         # Flink 2's keys for where checkpoints go (the old setters are gone).
         config.set_string("execution.checkpointing.storage", "filesystem")
@@ -89,8 +119,8 @@ def main() -> None:
     if checkpoint:
         env.enable_checkpointing(1000)
     pair = Types.TUPLE([Types.INT(), Types.INT()])
-    if workload == "keyed_sum":
-        records = w.SUM_RECORDS
+    if workload in ("keyed_sum", "startup"):
+        records = w.SUM_RECORDS if workload == "keyed_sum" else w.STARTUP_RECORDS
         sequence = env.from_source(
             NumberSequenceSource(0, records - 1), WatermarkStrategy.no_watermarks(), "numbers"
         )
@@ -100,7 +130,7 @@ def main() -> None:
         sums = nums.key_by(lambda r: r[0], key_type=Types.INT()).reduce(
             lambda a, b: (a[0], a[1] + b[1])
         )
-        sums.flat_map(Stats(out)).print()
+        sums.flat_map(Stats(out, stamps)).print()
     elif workload == "wordcount":
         folder = w.make_text(w.text_megabytes())
         records = w.count_words(folder)
@@ -110,17 +140,32 @@ def main() -> None:
         counts = ones.key_by(lambda p: p[0], key_type=Types.STRING()).reduce(
             lambda a, b: (a[0], a[1] + b[1])
         )
-        counts.flat_map(Stats(out)).print()
+        counts.flat_map(Stats(out, stamps)).print()
     else:
         folder = w.make_events()
         records = w.SESSION_EVENTS
         events = files(env, folder).map(w.stamp, output_type=Types.STRING()).map(json.loads)
         sessions = events.key_by(lambda e: e["user"], key_type=Types.STRING()).process(Sessionize())
-        sessions.flat_map(Stats(out)).print()
+        sessions.flat_map(Stats(out, stamps)).print()
     started = time.time()
     env.execute(f"peer-{workload}")
     ended = time.time()
-    w.report(records, started, ended, out)
+    w.report(
+        records,
+        started,
+        ended,
+        out,
+        mode=MODE,
+        python_ran_in=python_ran_in(stamps),
+        startups=[
+            {
+                "runtime_started": runtime_started,
+                "submitted": started,
+                "first_out": w.first_out(stamps),
+                "ended": ended,
+            }
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """rayflow's side of the peer comparison: ``python peer_rayflow.py WORKLOAD P CHECKPOINT``.
 
 Prints one JSON line: records, the run's end time, and what the job produced
-(to check it). Ray is started here, privately, before the clock starts.
+(to check it). Ray is started here, privately, before the clock starts. The
+``startup`` workload runs ``PEER_STARTUP_JOBS`` (default 3) tiny jobs one
+after the other on that one Ray: the first right after ``ray.init``, the
+others on a Ray that has run jobs before.
 """
 
 from __future__ import annotations
@@ -23,22 +26,29 @@ import rayflow as rf
 
 
 class LastPerKey(rf.sinks.Sink):
-    """Keeps the latest value per key; the count of updates and the final values go to a file."""
+    """Keeps the latest value per key; the count of updates and the final values go to a file.
 
-    def __init__(self, folder: str):
+    The first record of each partition stamps the time in ``firsts``.
+    """
+
+    def __init__(self, folder: str, firsts: str):
         self.folder = folder
+        self.firsts = firsts
 
     def open(self, ctx: rf.sinks.SinkContext) -> rf.sinks.SinkWriter:
-        return _LastWriter(os.path.join(self.folder, f"{ctx.partition}.json"))
+        return _LastWriter(os.path.join(self.folder, f"{ctx.partition}.json"), self.firsts)
 
 
 class _LastWriter(rf.sinks.SinkWriter):
-    def __init__(self, path: str):
+    def __init__(self, path: str, firsts: str):
         self.path = path
+        self.firsts = firsts
         self.latest: dict[Any, Any] = {}
         self.count = 0
 
     def write(self, items: list[Any]) -> None:
+        if items and not self.count:
+            w.stamp_first_out(self.firsts)
         self.count += len(items)
         self.latest.update(items)
 
@@ -50,10 +60,13 @@ class _LastWriter(rf.sinks.SinkWriter):
             json.dump(committable, f)
 
 
-def build(workload: str, parallelism: int, out: str) -> tuple[rf.Dataflow, int]:
-    flow = rf.Dataflow(f"peer-{workload}", parallelism=parallelism)
-    if workload == "keyed_sum":
-        per = w.SUM_RECORDS // parallelism
+def build(
+    workload: str, parallelism: int, out: str, firsts: str, name: str = ""
+) -> tuple[rf.Dataflow, int]:
+    flow = rf.Dataflow(name or f"peer-{workload}", parallelism=parallelism)
+    if workload in ("keyed_sum", "startup"):
+        records = w.SUM_RECORDS if workload == "keyed_sum" else w.STARTUP_RECORDS
+        per = records // parallelism
         src = flow.source(
             "numbers",
             rf.sources.Generator(
@@ -64,7 +77,7 @@ def build(workload: str, parallelism: int, out: str) -> tuple[rf.Dataflow, int]:
         sums = src.key_by("by_key", lambda r: r[0]).reduce(
             "sum", lambda acc, r: acc + r[1], initial=0
         )
-        sums.sink("out", LastPerKey(out))
+        sums.sink("out", LastPerKey(out, firsts))
         return flow, per * parallelism
     if workload == "wordcount":
         folder = w.make_text(w.text_megabytes())
@@ -73,7 +86,7 @@ def build(workload: str, parallelism: int, out: str) -> tuple[rf.Dataflow, int]:
         counts = words.key_by("by_word", lambda x: x).reduce(
             "count", lambda acc, _: acc + 1, initial=0
         )
-        counts.sink("out", LastPerKey(out))
+        counts.sink("out", LastPerKey(out, firsts))
         return flow, w.count_words(folder)
     folder = w.make_events()
     lines = flow.source("events", rf.sources.TextFiles(os.path.join(folder, "*.jsonl")))
@@ -82,33 +95,47 @@ def build(workload: str, parallelism: int, out: str) -> tuple[rf.Dataflow, int]:
         "sessionize", w.session_step
     )
     sessions.map("pair", lambda kv: (kv[1]["user"] + str(kv[1]["start"]), kv[1]["clicks"])).sink(
-        "out", LastPerKey(out)
+        "out", LastPerKey(out, firsts)
     )
     return flow, w.SESSION_EVENTS
 
 
 def main() -> None:
     workload, parallelism, checkpoint = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
-    out = tempfile.mkdtemp(prefix="peer-out-")
-    stamps = os.environ["PEER_STAMPS"]
-    del stamps
-    flow, records = build(workload, parallelism, out)
+    jobs = int(os.environ.get("PEER_STARTUP_JOBS", "3")) if workload == "startup" else 1
+    runs = []
+    for job in range(jobs):
+        out, firsts = tempfile.mkdtemp(prefix="peer-out-"), tempfile.mkdtemp(prefix="peer-1st-")
+        flow, records = build(workload, parallelism, out, firsts, f"peer-{workload}-{job}")
+        runs.append((flow, out, firsts))
+    runtime_started = time.time()
     start_ray()
-    config = (
-        rf.Checkpointing(storage=tempfile.mkdtemp(prefix="peer-cp-"), interval_s=1.0)
-        if checkpoint
-        else None
-    )
-    started = time.time()
-    result = rf.run(flow, checkpoint=config)
-    ended = time.time()
+    startups = []
+    for flow, _, firsts in runs:
+        config = (
+            rf.Checkpointing(storage=tempfile.mkdtemp(prefix="peer-cp-"), interval_s=1.0)
+            if checkpoint
+            else None
+        )
+        started = time.time()
+        result = rf.run(flow, checkpoint=config)
+        ended = time.time()
+        startups.append(
+            {
+                "runtime_started": runtime_started,
+                "submitted": started,
+                "first_out": w.first_out(firsts),
+                "ended": ended,
+            }
+        )
     w.report(
         records,
         started,
         ended,
-        out,
+        runs[-1][1],  # what the (last) job wrote
         steady_from=result.running_at,
         checkpoints=(result.checkpoints or {}).get("completed", 0),
+        startups=startups,
     )
 
 

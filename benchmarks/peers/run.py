@@ -1,16 +1,34 @@
 """Run rayflow, Bytewax, PyFlink and a pure-Python ceiling on the same workloads.
 
     bash benchmarks/peers/setup_peers.sh        # once: the peers' virtual environments
-    python benchmarks/peers/run.py              # everything (takes a while)
-    python benchmarks/peers/run.py --systems rayflow --repeat 5
+    python benchmarks/peers/run.py              # everything, full size (hours: see below)
+    python benchmarks/peers/run.py --systems rayflow bytewax --workloads keyed_sum startup
+    python benchmarks/peers/run.py --scale 0.02 --repeat 1   # a quick trial (not published)
+
+Every peer runs in its best documented configuration: PyFlink with
+``python.execution-mode: thread`` (each run checks that its Python functions
+really ran inside the JVM), Bytewax with one process per unit of parallelism
+and one worker each (its Performance guide), rayflow with its defaults. All
+systems get the same inputs (``--scale`` shrinks them for all alike).
 
 Each run is a fresh process (tree) whose peak resident memory is sampled.
 Throughput is records divided by the time from the first record at the
-``stamp`` step to the end of the run call (see workloads.py), the median of
-``--repeat`` runs. Results accumulate in ``benchmarks/results/peers.json``
-(a system's new runs replace its old ones); the Markdown table is written
-to ``benchmarks/results/peers.md``, into the README between its
-``peers-table`` markers, and printed.
+``stamp`` step to the end of the run call (see workloads.py); a cell shows
+the median of ``--repeat`` runs and their range. The ``startup`` workload
+times a tiny job from submitting the flow to the first record out at the
+sink (for rayflow: on a running Ray, and including ``ray.init``). Every
+repetition runs all systems in turn, so that a drift of the machine's speed
+hits all of them alike.
+
+Full-size results go to ``benchmarks/results/peers.json`` (a cell's new runs
+replace its old ones) and the Markdown table with its summary to
+``benchmarks/results/peers.md``, into the README between its ``peers-table``
+markers, and to the terminal. A run at another ``--scale`` is a trial: it
+goes to ``peers-trial.json``/``.md`` only.
+
+Duration at full size on 2 cores: PyFlink does 10-50k records/s here, so
+its runs take most of the time (about a minute each, 36 of them with
+``--repeat 3``): about an hour for everything.
 """
 
 from __future__ import annotations
@@ -30,9 +48,11 @@ import psutil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(os.path.dirname(HERE), "results")
-WORKLOADS = ["keyed_sum", "wordcount", "sessions"]
+WORKLOADS = ["keyed_sum", "wordcount", "sessions", "startup"]
+THROUGHPUT = ["keyed_sum", "wordcount", "sessions"]
 SYSTEMS = ["rayflow", "bytewax", "flink", "python"]
 NAMES = {"rayflow": "rayflow", "bytewax": "Bytewax", "flink": "PyFlink", "python": "Python loop"}
+FORMAT = 2  # results of older formats (PyFlink in process mode at 2% of the input) are dropped
 
 
 def interpreter(system: str) -> str:
@@ -42,6 +62,15 @@ def interpreter(system: str) -> str:
     if not os.path.exists(path):
         raise SystemExit(f"{system} is not installed: bash benchmarks/peers/setup_peers.sh")
     return path
+
+
+def version(system: str) -> str:
+    package = {"rayflow": "ray", "bytewax": "bytewax", "flink": "apache-flink"}.get(system)
+    if package is None:
+        return platform.python_version()
+    code = f"import importlib.metadata as m; print(m.version({package!r}))"
+    out = subprocess.run([interpreter(system), "-c", code], capture_output=True, text=True)
+    return out.stdout.strip() or "?"
 
 
 def run_once(system: str, workload: str, parallelism: int, checkpoint: bool,
@@ -80,24 +109,37 @@ def run_once(system: str, workload: str, parallelism: int, checkpoint: bool,
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{system} {workload} p{parallelism} failed:\n{err[-3000:]}")
     data = json.loads(lines[-1])
-    if system == "python":
-        first = data["first_record"]
-    else:
-        from workloads import first_stamp
+    if system == "flink" and data.get("mode") == "thread" and data.get("python_ran_in") != "jvm":
+        raise RuntimeError(
+            f"PyFlink was asked for thread mode but its Python functions ran in "
+            f"{data.get('python_ran_in')}: the setting did not take effect"
+        )
+    if workload != "startup":
+        if system == "python":
+            first = data["first_record"]
+        else:
+            from workloads import first_stamp
 
-        first = first_stamp(stamps)
-    data["rate"] = data["records"] / (data["run_ended"] - first)
-    data["e2e_rate"] = data["records"] / (data["run_ended"] - data["run_started"])
+            first = first_stamp(stamps)
+        data["rate"] = data["records"] / (data["run_ended"] - first)
+        data["e2e_rate"] = data["records"] / (data["run_ended"] - data["run_started"])
     data["peak_mb"] = peak / 2**20
     return data
 
 
-def load() -> dict[str, Any]:
-    path = os.path.join(RESULTS, "peers.json")
+def results_path(scale: float, suffix: str) -> str:
+    name = "peers" if scale == 1 else "peers-trial"
+    return os.path.join(RESULTS, f"{name}.{suffix}")
+
+
+def load(scale: float) -> dict[str, Any]:
+    path = results_path(scale, "json")
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)  # type: ignore[no-any-return]
-    return {"results": {}}
+            data: dict[str, Any] = json.load(f)
+        if data.get("format") == FORMAT:
+            return data
+    return {"format": FORMAT, "results": {}}
 
 
 def key(system: str, workload: str, parallelism: int, checkpoint: bool) -> str:
@@ -118,7 +160,25 @@ def machine() -> str:
     )
 
 
-def table(data: dict[str, Any]) -> str:
+# -- the table -------------------------------------------------------------------
+
+
+def _k(x: float) -> str:
+    """A rate in thousands, 3 significant digits: 809k, 12.4k, 0.79k."""
+    if x >= 100_000:
+        return f"{x / 1000:,.0f}k"
+    if x >= 10_000:
+        return f"{x / 1000:.1f}k"
+    return f"{x / 1000:.2f}k"
+
+
+def _seconds(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
+
+
+def throughput_table(data: dict[str, Any]) -> list[str]:
     res = data["results"]
 
     def get(system: str, workload: str, p: int, cp: bool) -> dict[str, Any] | None:
@@ -127,10 +187,18 @@ def table(data: dict[str, Any]) -> str:
         return res.get(key(system, workload, p, cp))
 
     def rate(entry: dict[str, Any] | None) -> str:
-        return f"{entry['rate']:,.0f}" if entry else "-"
+        if not entry:
+            return "-"
+        rates = entry["rates"]
+        if len(rates) == 1:
+            return _k(rates[0])
+        return f"{_k(entry['rate'])} ({_k(min(rates))}-{_k(max(rates))})"
 
     def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
-        return f"{a['rate'] / b['rate']:.2f}x" if a and b else "-"
+        if not (a and b):
+            return "-"
+        r = a["rate"] / b["rate"]
+        return f"{r:.2f}x" if r < 1 else f"{r:.1f}x"
 
     def mem(entry: dict[str, Any] | None) -> str:
         return f"{entry['peak_mb']:,.0f}" if entry else "-"
@@ -141,7 +209,7 @@ def table(data: dict[str, Any]) -> str:
         "| peak MB rayflow / Bytewax / PyFlink |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for workload in WORKLOADS:
+    for workload in THROUGHPUT:
         for p in (1, 2):
             for cp in (False, True):
                 r, b, f, loop = (get(s, workload, p, cp) for s in SYSTEMS)
@@ -152,24 +220,127 @@ def table(data: dict[str, Any]) -> str:
                     f"{rate(b)} | {rate(f)} | {rate(loop)} | {ratio(r, b)} | {ratio(r, f)} | "
                     f"{ratio(r, loop)} | {mem(r)} / {mem(b)} / {mem(f)} |"
                 )
-    checks = []
-    for workload in WORKLOADS:
-        values = {s: get(s, workload, 1, False) for s in SYSTEMS}
-        full = {s: v["check"] for s, v in values.items() if v and v.get("scale", 1) == 1}
-        if len(set(full.values())) > 1:
-            checks.append(f"- {workload}: the systems' results differ: {full}")
+    return lines
+
+
+def startup_figures(entry: dict[str, Any] | None) -> dict[str, list[float]]:
+    """Start-up times of one system's ``startup`` runs: submit -> first record out
+    (every job), the first job of each run including its runtime's start, and
+    submit -> result."""
+    figures: dict[str, list[float]] = {"first_out": [], "with_runtime": [], "result": []}
+    for run in (entry or {}).get("runs", []):
+        for i, job in enumerate(run["startups"]):
+            if job.get("first_out") is None:
+                continue
+            figures["first_out"].append(job["first_out"] - job["submitted"])
+            figures["result"].append(job["ended"] - job["submitted"])
+            if i == 0:
+                figures["with_runtime"].append(job["first_out"] - job["runtime_started"])
+    return figures
+
+
+STARTUP_HOW = {
+    "rayflow": (
+        "`rf.run` on a running Ray (`ray.init` before the clock); with `ray.init` (a new "
+        "local Ray) for the first job"
+    ),
+    "bytewax": "its processes started (interpreter, import, flow) as `python -m bytewax.run` does",
+    "flink": (
+        "`env.execute()` (a local mini cluster per job); with launching the JVM gateway "
+        "and building the flow"
+    ),
+}
+
+
+def startup_table(data: dict[str, Any]) -> list[str]:
+    res = data["results"]
+    rows = []
+    for system in ("rayflow", "bytewax", "flink"):
+        entry = res.get(key(system, "startup", 1, False))
+        if not entry:
+            continue
+        fig = startup_figures(entry)
+        rows.append(
+            f"| {NAMES[system]} | {STARTUP_HOW[system]} | {_seconds(fig['first_out'])} | "
+            f"{_seconds(fig['with_runtime'])} | {_seconds(fig['result'])} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "Start-up of a tiny job (the keyed sum over 100 records, p=1): median (min-max).",
+        "",
+        "| system | from submitting the flow | submit -> first record out "
+        "| with starting the runtime | submit -> result |",
+        "|---|---|---:|---:|---:|",
+        *rows,
+    ]
+
+
+def summary(data: dict[str, Any]) -> list[str]:
+    """The claims the README makes, computed from the table (so they cannot drift)."""
+    res = data["results"]
+    lines = []
+    for peer in ("bytewax", "flink", "python"):
+        ratios = []
+        for workload in THROUGHPUT:
+            for p in (1, 2):
+                for cp in (False, True):
+                    r = res.get(key("rayflow", workload, p, cp))
+                    cell = (1, False) if peer == "python" else (p, cp)
+                    o = res.get(key(peer, workload, *cell))
+                    if r and o:
+                        ratios.append(r["rate"] / o["rate"])
+        if ratios:
+            lines.append(
+                f"- rayflow's throughput is {min(ratios):.2g}-{max(ratios):.2g}x "
+                f"{NAMES[peer]}'s (median {statistics.median(ratios):.2g}x over {len(ratios)} "
+                "cells)."
+            )
+    figures = {s: startup_figures(res.get(key(s, "startup", 1, False))) for s in NAMES}
+    rf_warm = figures["rayflow"]["first_out"]
+    if rf_warm:
+        parts = [f"rayflow {statistics.median(rf_warm):.2f} s on a running Ray"]
+        if figures["rayflow"]["with_runtime"]:
+            parts.append(
+                f"{statistics.median(figures['rayflow']['with_runtime']):.2f} s with `ray.init`"
+            )
+        for peer in ("bytewax", "flink"):
+            if figures[peer]["first_out"]:
+                parts.append(f"{NAMES[peer]} {statistics.median(figures[peer]['first_out']):.2f} s")
+        lines.append(f"- Start-up to the first record out: {', '.join(parts)}.")
+    return lines
+
+
+def table(data: dict[str, Any]) -> str:
+    versions = data.get("versions", {})
+    scale = data.get("scale", 1)
     notes = [
         "",
         f"Machine: {data.get('machine', machine())}. Measured {data.get('when', '?')} with "
-        "`python benchmarks/peers/run.py`; median of the repeats; throughput counts from "
-        "the first record to the end of the run (start-up excluded, the final drain "
-        "included). Memory is the peak resident set of the whole process tree (for rayflow "
-        "that includes the Ray processes it starts).",
-        f"PyFlink ran at input scale {data.get('flink_scale', '?')} (its per-record cost "
-        "makes full-size runs last an hour; its rate does not depend on the input size).",
-        *checks,
+        f"`{data.get('command', 'python benchmarks/peers/run.py')}`; each cell is the "
+        f"median of {data.get('repeat', '?')} runs (min-max in parentheses); throughput "
+        "counts from the first record to the end of the run (start-up excluded, the final "
+        "drain included). Memory is the peak resident set of the whole process tree (for "
+        "rayflow that includes the Ray processes it starts).",
+        f"Configurations: rayflow with Ray {versions.get('rayflow', '?')}, defaults; Bytewax "
+        f"{versions.get('bytewax', '?')} with one process of one worker per unit of "
+        "parallelism (its Performance guide: processes, not `-w` threads, for Python work); "
+        f"PyFlink {versions.get('flink', '?')} with `python.execution-mode: thread` (Python "
+        "functions in the JVM's task threads; every run checked that they ran there). The "
+        "same inputs for all"
+        + (f" (trial at input scale {scale}: not the published figures)." if scale != 1 else "."),
     ]
-    return "\n".join(lines + notes)
+    checks = []
+    res = data["results"]
+    for workload in THROUGHPUT:
+        values = {s: res.get(key(s, workload, 1, False)) for s in SYSTEMS}
+        found = {s: v["check"] for s, v in values.items() if v}
+        if len(set(found.values())) > 1:
+            checks.append(f"- {workload}: the systems' results differ: {found}")
+    return "\n".join(
+        throughput_table(data) + startup_table(data) + notes + ["", *summary(data), *checks]
+    )
 
 
 def record(
@@ -179,29 +350,38 @@ def record(
     p: int,
     cp: bool,
     runs: list[dict[str, Any]],
-    scale: float,
 ) -> None:
-    """Keep the median run of one cell, print it and save the results so far."""
-    rates = [r["rate"] for r in runs]
-    entry = {
-        **runs[rates.index(statistics.median_high(rates))],
-        "runs": rates,
-        "scale": scale,
-        "peak_mb": max(r["peak_mb"] for r in runs),
-    }
+    """Keep the runs of one cell (the median one in front), print it, save the results."""
+    entry: dict[str, Any] = {"runs": runs, "peak_mb": max(r["peak_mb"] for r in runs)}
+    if workload == "startup":
+        fig = startup_figures(entry)
+        print(
+            f"{NAMES[system]:11s} startup   submit -> first record out {_seconds(fig['first_out'])}"
+            f", with the runtime {_seconds(fig['with_runtime'])}",
+            flush=True,
+        )
+    else:
+        rates = [r["rate"] for r in runs]
+        median = runs[rates.index(statistics.median_high(rates))]
+        entry.update(
+            rate=median["rate"],
+            rates=rates,
+            check=median["check"],
+            outputs=median["outputs"],
+            records=median["records"],
+        )
+        print(
+            f"{NAMES[system]:11s} {workload:9s} p{p} {'cp' if cp else '  '} "
+            f"{entry['rate']:12,.0f} rec/s (runs {', '.join(f'{x:,.0f}' for x in rates)})"
+            f"  peak {entry['peak_mb']:,.0f} MB  outputs {entry['outputs']:,} "
+            f"check {entry['check']}",
+            flush=True,
+        )
     data["results"][key(system, workload, p, cp)] = entry
-    print(
-        f"{NAMES[system]:11s} {workload:9s} p{p} {'cp' if cp else '  '} "
-        f"{entry['rate']:12,.0f} rec/s (runs {', '.join(f'{x:,.0f}' for x in rates)})"
-        f"  peak {entry['peak_mb']:,.0f} MB  outputs {entry['outputs']:,} "
-        f"check {entry['check']}",
-        flush=True,
-    )
-    save(data)
 
 
-def save(data: dict[str, Any]) -> None:
-    with open(os.path.join(RESULTS, "peers.json"), "w") as f:
+def save(data: dict[str, Any], scale: float) -> None:
+    with open(results_path(scale, "json"), "w") as f:
         json.dump(data, f, indent=1)
 
 
@@ -212,46 +392,47 @@ def main() -> None:
     parser.add_argument("--parallelism", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--checkpoints", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--flink-repeat", type=int, default=1)
-    parser.add_argument("--flink-scale", type=float, default=0.02)
-    parser.add_argument("--text-mb", type=int, default=50)
+    parser.add_argument("--scale", type=float, default=1.0, help="input size, for all alike")
+    parser.add_argument("--text-mb", type=int, default=10)
     args = parser.parse_args()
     sys.path.insert(0, HERE)
-    data = load()
     os.makedirs(RESULTS, exist_ok=True)
-    # Interleaved: each repetition runs every system in turn, so that a drift of
-    # the machine's speed during the run hits all of them alike.
+    data = load(args.scale)
+    data["versions"] = {**data.get("versions", {}), **{s: version(s) for s in args.systems}}
     for workload in args.workloads:
-        for p in args.parallelism:
-            for cp in (c == "on" for c in args.checkpoints):
-                systems = [
-                    s
-                    for s in args.systems
-                    if s != "python" or (p == args.parallelism[0] and not cp)
-                ]
-                if not systems:
-                    continue
-                scales = {s: args.flink_scale if s == "flink" else 1.0 for s in systems}
-                runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
-                for rep in range(args.repeat):
-                    for system in systems:
-                        if system == "flink" and rep >= args.flink_repeat:
-                            continue
-                        runs[system].append(
-                            run_once(system, workload, p, cp, scales[system], args.text_mb)
-                        )
+        cells = [(1, False)] if workload == "startup" else [
+            (p, c == "on") for p in args.parallelism for c in args.checkpoints
+        ]  # fmt: skip
+        for p, cp in cells:
+            systems = [
+                s
+                for s in args.systems
+                if s != "python" or (workload != "startup" and p == args.parallelism[0] and not cp)
+            ]
+            if not systems:
+                continue
+            runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+            for _ in range(args.repeat):
                 for system in systems:
-                    # The loop runs once per workload; its table key is p1 without checkpoints.
-                    cell_p = 1 if system == "python" else p
-                    record(data, system, workload, cell_p, cp, runs[system], scales[system])
-    data["machine"] = machine()
-    data["when"] = time.strftime("%Y-%m-%d", time.gmtime())
-    data["flink_scale"] = args.flink_scale
-    save(data)
+                    runs[system].append(run_once(system, workload, p, cp, args.scale, args.text_mb))
+            for system in systems:
+                # The loop runs once per workload; its table key is p1 without checkpoints.
+                cell_p = 1 if system == "python" else p
+                record(data, system, workload, cell_p, cp, runs[system])
+            save(data, args.scale)
+    data.update(
+        machine=machine(),
+        when=time.strftime("%Y-%m-%d", time.gmtime()),
+        repeat=args.repeat,
+        scale=args.scale,
+        command="python benchmarks/peers/run.py " + " ".join(sys.argv[1:]),
+    )
+    save(data, args.scale)
     text = table(data)
-    with open(os.path.join(RESULTS, "peers.md"), "w") as f:
+    with open(results_path(args.scale, "md"), "w") as f:
         f.write(text + "\n")
-    update_readme(text)
+    if args.scale == 1:
+        update_readme(text)
     print(text)
 
 
