@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import runpy
 import signal
@@ -56,9 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     _ARGV[:] = args
     as_json = "--json" in args
+    # The API's parameter names become flags where the user typed those flags.
+    words = cli_words if args[:1] in (["run"], ["resume"]) else _no_api_words
     try:
         code = cli.main(args=args, prog_name="rayflow", standalone_mode=False)
         return int(code or 0)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        print(exc.format_message())
+        return EXIT_USAGE
     except click.UsageError as exc:
         hint = f"\n{exc.ctx.get_usage()}\nTry 'rayflow --help'." if exc.ctx else ""
         emit_error(as_json, exc.format_message() + ("" if as_json else hint), EXIT_USAGE)
@@ -66,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (click.Abort, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     except CliError as exc:
-        emit_error(as_json, cli_words(str(exc)), exc.code)
+        emit_error(as_json, words(str(exc)), exc.code)
         if exc.hard_exit:
             sys.stdout.flush()
             os._exit(exc.code)
@@ -75,8 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message, code = _explain(exc)
         if os.environ.get("RAYFLOW_DEBUG"):
             traceback.print_exc()
-        emit_error(as_json, cli_words(message), code)
+        emit_error(as_json, words(message), code)
         return code
+
+
+def _no_api_words(message: str) -> str:
+    return message.replace("restore_from=", "")
 
 
 def _explain(exc: BaseException) -> tuple[str, int]:
@@ -106,6 +116,8 @@ def _explain(exc: BaseException) -> tuple[str, int]:
             )
         if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
             return f"cannot reach the storage: {err}", EXIT_UNAVAILABLE
+    if isinstance(exc, rf.JobFailedError):
+        return str(exc).strip().splitlines()[0], EXIT_FAILED
     if isinstance(exc, (rf.ConfigError, rf.BuildError, JobAlreadyRunningError)):
         return str(exc), EXIT_USAGE
     if isinstance(exc, StorageError):
@@ -327,7 +339,7 @@ def _run_flow(
     )
     began = time.monotonic()
     stopping = False
-    with _sigterm_interrupts():
+    with _sigterm_interrupts(), _logs_above(line):
         while True:
             try:
                 try:
@@ -337,18 +349,21 @@ def _run_flow(
                     pass
                 except rf.JobFailedError as exc:
                     line.clear()
-                    emit(as_json, {"job": exc.job, "status": "FAILED", "error": str(exc)}, str(exc))
-                    return EXIT_FAILED
-                text = summary(
-                    handle.job,
-                    handle.status().value,
-                    time.monotonic() - began,
-                    handle.metrics(),
-                    handle.checkpoint_stats(),
-                    sources=sources,
-                    sinks=sinks,
-                )
-                line.update(text)
+                    raise CliError(str(exc), EXIT_FAILED) from None
+                # What the driver's telemetry poll last read: no calls of our own.
+                latest = handle._publisher.latest if handle._publisher else {}
+                if latest.get("metrics"):
+                    line.update(
+                        summary(
+                            handle.job,
+                            latest.get("status", "RUNNING"),
+                            time.monotonic() - began,
+                            latest["metrics"],
+                            latest.get("checkpoints"),
+                            sources=sources,
+                            sinks=sinks,
+                        )
+                    )
             except KeyboardInterrupt:
                 line.clear()
                 if stopping:
@@ -394,6 +409,24 @@ def _run_flow(
 def _stop_quietly(handle: Any) -> None:
     with contextlib.suppress(Exception):
         handle.stop()
+
+
+@contextlib.contextmanager
+def _logs_above(line: ProgressLine) -> Iterator[None]:
+    """rayflow's log lines print above the live line instead of running into it."""
+
+    def clear_first(record: logging.LogRecord) -> bool:
+        line.clear()
+        return True
+
+    handlers = logging.getLogger("rayflow").handlers
+    for handler in handlers:
+        handler.addFilter(clear_first)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(clear_first)
 
 
 @contextlib.contextmanager
@@ -607,20 +640,13 @@ def stop(
         raise CliError(
             f"the job was not stopped: {str(exc.cause or exc).strip()}", EXIT_USAGE
         ) from None
-    deadline = time.monotonic() + timeout
-    state = "STOPPING"
-    while True:
-        if time.monotonic() > deadline:
-            raise CliError(f"job {job!r} did not stop within {timeout:.0f} s", EXIT_FAILED)
-        try:
-            report = ray.get(coordinator.wait.remote(), timeout=1.0)
-        except ray.exceptions.GetTimeoutError:
-            continue
-        except ray.exceptions.RayActorError:
-            state = "STOPPED"  # its driver collected the result and cleaned up
-            break
-        state = report.status.value
-        break
+    ended = coordinator.wait.remote()
+    try:
+        state = ray.get(ended, timeout=timeout).status.value
+    except ray.exceptions.GetTimeoutError:
+        raise CliError(f"job {job!r} did not stop within {timeout:.0f} s", EXIT_FAILED) from None
+    except ray.exceptions.RayActorError:
+        state = "STOPPED"  # its driver collected the result and cleaned up
     emit(
         as_json,
         {"job": job, "status": state, "savepoint": location},
@@ -632,9 +658,12 @@ def stop(
 @cli.command()
 @click.argument("job")
 @click.argument("uri")
+@click.option(
+    "--timeout", type=float, default=600.0, show_default=True, help="seconds to wait for it"
+)
 @_json
 @_address
-def savepoint(job: str, uri: str, as_json: bool, address: str | None) -> int:
+def savepoint(job: str, uri: str, timeout: float, as_json: bool, address: str | None) -> int:
     """Write a savepoint of a running job to URI (an empty folder or s3:// prefix)."""
     import ray
 
@@ -646,7 +675,11 @@ def savepoint(job: str, uri: str, as_json: bool, address: str | None) -> int:
     coordinator = _coordinator(job)
     location = normalize_uri(uri)
     try:
-        info = ray.get(coordinator.checkpoint.remote(location))
+        info = ray.get(coordinator.checkpoint.remote(location), timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise CliError(
+            f"the savepoint did not complete within {timeout:.0f} s", EXIT_FAILED
+        ) from None
     except ray.exceptions.RayTaskError as exc:
         raise CliError(
             f"the savepoint failed: {str(exc.cause or exc).strip()}", EXIT_FAILED

@@ -473,6 +473,8 @@ class JobHandle:
             finally:
                 self._recovering = False
             self._coordinator = coordinator
+            if self._publisher is not None:
+                self._publisher.restarted()  # the new coordinator numbers its events from 1
             if report.status is JobStatus.FAILED:
                 return report
             point = decision.point
@@ -653,18 +655,27 @@ def start(
         launcher.kill_quietly(collector)
         raise JobFailedError(job, report.failures)
     handle = JobHandle(launch, coordinator, collector, None)
-    handle._publisher = Telemetry(
-        job,
-        lambda since: ray.get(handle._coordinator.telemetry.remote(since)),  # fails in restarts
-        telemetry,
-        interval_s=runtime.metrics_interval_s,
-    )
-    if in_notebook():
-        handle._publisher.on_poll = LiveDisplay(job).update
-    handle._journal.started(
-        sum(stage.parallelism for stage in plan.stages), report.restored_checkpoint
-    )
-    handle._begin()
+    try:
+        handle._publisher = Telemetry(
+            job,
+            lambda since: ray.get(handle._coordinator.telemetry.remote(since)),
+            telemetry,
+            interval_s=runtime.metrics_interval_s,
+        )
+        if in_notebook():
+            handle._publisher.on_poll = LiveDisplay(job).update
+        handle._journal.started(
+            sum(stage.parallelism for stage in plan.stages), report.restored_checkpoint
+        )
+        handle._begin()
+    except BaseException:
+        # Nobody would hold a handle to a job that runs on: end it.
+        if handle._publisher is not None:
+            handle._publisher.close(None)
+        launcher.kill_quietly(coordinator)
+        launcher.kill_quietly(collector)
+        _release(checkpoint, decision)
+        raise
     return handle
 
 

@@ -371,6 +371,11 @@ class Telemetry:
             log.info("job %s: alert %s cleared (step %s)", self.job, key[0], key[1])
         self._alerted = set(current)
 
+    def restarted(self) -> None:
+        """A new coordinator took over: its events are numbered from 1 again."""
+        with self._lock:
+            self._seen = 0
+
     def _finished(self, events: list[dict[str, Any]]) -> None:
         """Each checkpoint or recovery that finished since the last poll: histograms, a span."""
         for event in events:

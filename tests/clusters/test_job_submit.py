@@ -3,37 +3,15 @@ against one Ray head started for this test (with its dashboard)."""
 
 from __future__ import annotations
 
-import json
-import sys
 import uuid
-from collections import Counter
 from pathlib import Path
 
 from tests.clusters.head import HeadNode
+from tests.support import expected_words, final_counts
 
 S3_BUCKET = "rayflow-test"  # the session's S3 server (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _final_counts(folder: Path) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for part in sorted(folder.glob("part-*.jsonl")):
-        for line in part.read_text().splitlines():
-            word, n = json.loads(line)
-            counts[word] = max(counts.get(word, 0), n)
-    return counts
-
-
-def _expected_words() -> dict[str, int]:
-    sys.path.insert(0, str(ROOT / "jobs"))
-    from wordcount import tokenize
-
-    expected: Counter[str] = Counter()
-    for path in sorted((ROOT / "jobs" / "data").glob("*.txt")):
-        for line in path.read_text().splitlines():
-            expected.update(tokenize(line))
-    return dict(expected)
 
 
 def test_every_job_runs_with_ray_job_submit_and_rayflow_takes_a_jobs_address(
@@ -90,5 +68,5 @@ def test_every_job_runs_with_ray_job_submit_and_rayflow_takes_a_jobs_address(
         assert "[]" in listed.stdout  # nothing runs any more
     finally:
         head.stop()
-    assert _final_counts(words) == _expected_words()
-    assert _final_counts(again) == _expected_words()
+    assert final_counts(words) == expected_words()
+    assert final_counts(again) == expected_words()

@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 import rayflow as rf
+from tests.support import expected_words, final_counts
 
 
 def rayflow(
@@ -62,6 +63,8 @@ def test_help_version_and_usage_errors() -> None:
         [sys.executable, "-m", "rayflow", "--version"], capture_output=True, text=True
     )
     assert module.returncode == 0 and module.stdout == version.stdout
+    bare = rayflow(address=False)
+    assert bare.returncode == 2 and bare.stdout.count("Usage: rayflow") == 1, bare.stdout
     unknown = rayflow("frobnicate", address=False)
     assert unknown.returncode == 2 and "No such command" in unknown.stderr
     bad_json = rayflow("status", "--json", address=False)  # the job name is missing
@@ -156,6 +159,7 @@ def test_bad_input_and_missing_things_have_their_exit_codes(tmp_path: Path) -> N
     assert rayflow("checkpoints", "list", str(tmp_path), address=False).returncode == 3
     bad = rayflow("checkpoints", "show", str(tmp_path / "nothing"), address=False)
     assert bad.returncode == 3 and "manifest.json" in bad.stderr
+    assert "restore" not in bad.stderr  # no API (restore_from=) or other command's words
 
 
 def test_status_savepoint_and_stop_a_running_job(tmp_path: Path) -> None:
@@ -215,22 +219,7 @@ def test_resume_continues_from_the_latest_checkpoint(tmp_path: Path) -> None:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _final_counts(folder: Path) -> dict[Any, int]:
-    """reduce emits (key, count) per update: the last count of a key is its total."""
-    totals: dict[Any, int] = {}
-    for part in sorted(folder.glob("part-*.jsonl")):
-        for line in part.read_text().splitlines():
-            key, count = json.loads(line)
-            totals[key] = max(totals.get(key, 0), count)
-    return totals
-
-
 def test_every_job_in_jobs_runs_with_rayflow_run(tmp_path: Path, s3_server: Any) -> None:
-    from collections import Counter
-
-    sys.path.insert(0, str(ROOT / "jobs"))
-    from wordcount import tokenize
-
     out = tmp_path / "wc"
     wordcount = rayflow(
         "run", str(ROOT / "jobs" / "wordcount.py"), "--output", str(out), "--progress-every", "0"
@@ -238,11 +227,7 @@ def test_every_job_in_jobs_runs_with_rayflow_run(tmp_path: Path, s3_server: Any)
     assert wordcount.returncode == 0, wordcount.stderr
     assert "job wordcount FINISHED" in wordcount.stdout
     assert "rayflow INFO: job wordcount started" in wordcount.stderr
-    expected: Counter[str] = Counter()
-    for path in sorted((ROOT / "jobs" / "data").glob("*.txt")):
-        for line in path.read_text().splitlines():
-            expected.update(tokenize(line))
-    assert _final_counts(out) == dict(expected)
+    assert final_counts(out) == expected_words()
 
     sessions = rayflow(
         "run", str(ROOT / "jobs" / "clickstream.py"), "--output", str(tmp_path / "s"), "--json"

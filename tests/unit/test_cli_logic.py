@@ -18,7 +18,7 @@ from rayflow._internal.job.journal import JobJournal
 def test_addresses_are_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert resolve(None, start_local=True).kind == "local"
-    assert resolve(None, start_local=False).kind == "auto"
+    assert resolve(None, start_local=False) == resolve("auto", start_local=False)
     assert resolve("10.0.0.1:6379", start_local=False).kind == "gcs"
     assert resolve("http://head:8265/", start_local=False) == resolve(
         "http://head:8265", start_local=False
@@ -88,6 +88,7 @@ def test_progress_lines_off_a_terminal_come_every_so_often() -> None:
         (4, 0.0, 0.0, 0.0, None, resources.NO_CPU_CLUSTER_SHARE),  # a head with no CPUs
         (6, 0.0, 0.0, 0.0, 24.0, 1.0),  # the autoscaler may grow to 24 CPUs
         (10, 0.0, 0.0, 0.0, 8.0, 0.4),
+        (10, 0.0, 2.0, 6.0, 8.0, 0.2),  # others hold 4 of the 8 the cluster may reach
         (4, 2.0, 4.0, 4.0, None, 0.0),  # the explicit steps take the budget
         (0, 0.0, 4.0, 4.0, None, 0.0),
     ],

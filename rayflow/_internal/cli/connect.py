@@ -34,7 +34,7 @@ from rayflow._internal.cli.output import (
 )
 
 PROBE_TIMEOUT_S = 5.0
-CONNECT_TIMEOUT_S = 15.0
+CONNECT_TIMEOUT_S = 10.0
 GCS_DEFAULT_PORT = 6379
 
 
@@ -47,7 +47,8 @@ class Address:
 def resolve(address: str | None, *, start_local: bool) -> Address:
     raw = (address or os.environ.get("RAY_ADDRESS") or "").strip()
     if not raw:
-        return Address("local" if start_local else "auto", None)
+        # run: join the Ray on this machine or start one; the others: join it only.
+        return Address("local", None) if start_local else Address("auto", "auto")
     if raw.startswith(("http://", "https://")):
         return Address("jobs", raw.rstrip("/"))
     if raw.startswith("ray://"):
@@ -81,15 +82,18 @@ def probe(value: str) -> None:
     if reason is None:
         # Something listens; the GCS speaks gRPC (HTTP/2). Anything else would leave
         # ray.init retrying for minutes.
-        import grpc
-
-        channel = grpc.insecure_channel(f"{host}:{port}")
         try:
-            grpc.channel_ready_future(channel).result(timeout=PROBE_TIMEOUT_S)
-        except grpc.FutureTimeoutError:
-            reason = "something listens there, but it does not answer as Ray's GCS"
-        finally:
-            channel.close()
+            import grpc
+        except ImportError:  # ray without [default]: the connection timeout below still holds
+            grpc = None
+        if grpc is not None:
+            channel = grpc.insecure_channel(f"{host}:{port}")
+            try:
+                grpc.channel_ready_future(channel).result(timeout=PROBE_TIMEOUT_S)
+            except grpc.FutureTimeoutError:
+                reason = "something listens there, but it does not answer as Ray's GCS"
+            finally:
+                channel.close()
     if reason is not None:
         raise CliError(
             f"cannot reach Ray at {host}:{port}: {reason}. Is the cluster up? The address is "
@@ -115,10 +119,20 @@ def connect(address: Address, *, show_worker_output: bool = False) -> None:
     if address.kind == "gcs":
         assert address.value is not None
         probe(address.value)
+        host, port = _split(address.value)
+        address = Address("gcs", f"{host}:{port}")
     target = None if address.kind == "local" else address.value
     if show_worker_output:
         # Ray folds similar lines of different workers into one: not for a Print sink.
+        # It read RAY_DEDUP_LOGS when it was imported, so set what it reads now.
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        if os.environ["RAY_DEDUP_LOGS"] == "0":
+            try:
+                from ray._private import ray_logging
+
+                ray_logging.RAY_DEDUP_LOGS = False
+            except (ImportError, AttributeError):
+                pass
     options: dict[str, Any] = {
         "address": target,
         # Print sinks write in the operators: their output is shown here when asked.
@@ -192,7 +206,13 @@ def through_jobs(address: str, argv: list[str], working_dir: str | None) -> int:
             EXIT_UNAVAILABLE,
         ) from None
     entrypoint = "python -m rayflow " + shlex.join(argv)
-    runtime_env = {"working_dir": working_dir} if working_dir else None
+    runtime_env: dict[str, Any] = {
+        # `ray job stop` sends SIGTERM, then SIGKILL after this long (3 s by default):
+        # give the stop its drain and final checkpoint.
+        "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "120")}
+    }
+    if working_dir:
+        runtime_env["working_dir"] = working_dir
     submission = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     print(f"rayflow: submitted as Ray job {submission} to {address}", file=sys.stderr, flush=True)
 

@@ -9,9 +9,13 @@ a job checkpointing every second does not flood its log.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from typing import Any
 
 log = logging.getLogger("rayflow")
+
+REMEMBERED_EVENTS = 4096
 
 
 class JobJournal:
@@ -20,6 +24,11 @@ class JobJournal:
         self.every = max(1, every)
         self._completed = 0
         self._status: str | None = None
+        # Events come again (the job's final report repeats them; a new coordinator
+        # numbers its own from 1): each is logged once, known by what it is.
+        self._logged: set[tuple[Any, ...]] = set()
+        self._order: deque[tuple[Any, ...]] = deque()
+        self._lock = threading.Lock()
 
     def started(self, operators: int, restored: int | None) -> None:
         log.info(
@@ -30,6 +39,10 @@ class JobJournal:
         )
 
     def update(self, data: dict[str, Any]) -> None:
+        with self._lock:  # the poll thread and the job's end may both report
+            self._update(data)
+
+    def _update(self, data: dict[str, Any]) -> None:
         status = data.get("status")
         if status and status != self._status:
             if self._status is not None and status not in ("FINISHED", "STOPPED", "FAILED"):
@@ -37,6 +50,13 @@ class JobJournal:
             self._status = status
         for event in data.get("events") or []:
             kind = event.get("type")
+            identity = (kind, event.get("id"), event.get("kind"), event.get("started"))
+            if identity in self._logged:
+                continue
+            self._logged.add(identity)
+            self._order.append(identity)
+            if len(self._order) > REMEMBERED_EVENTS:  # the coordinator keeps 1,000
+                self._logged.discard(self._order.popleft())
             if kind == "checkpoint":
                 self._checkpoint(event)
             elif kind == "recovery":
@@ -87,7 +107,7 @@ class JobJournal:
                 self.job,
                 status,
                 duration_s,
-                "; ".join(f.describe() for f in report.failures),
+                "; ".join(f.describe().splitlines()[0] for f in report.failures),
             )
             return
         detail = ""

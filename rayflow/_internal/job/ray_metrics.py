@@ -8,8 +8,8 @@ scraped as ``ray_rayflow_records_out_total``.
 
 They are published by the job's coordinator actor, which reads the
 operators' metrics once a second anyway (for the alerts): one update per
-poll, never per record, and they keep flowing when the driver is gone
-(``ray job submit``, a detached driver). Tag keys are ``rayflow_job``,
+poll, never per record, with no OpenTelemetry set up in the driver (under
+``ray job submit`` too). Tag keys are ``rayflow_job``,
 ``rayflow_step``, ``rayflow_partition`` (a bare ``job`` would collide with
 Prometheus' own label). Without Ray's metrics agent (base ``ray``, or
 ``include_dashboard=False``) the values go nowhere and cost next to nothing.

@@ -4,10 +4,11 @@ Ray places actors by what they ask for. Asking for nothing (what rayflow
 did) puts every operator on one node and never tells the autoscaler the job
 needs more; asking for a whole CPU each does not run on a laptop. "fit"
 asks for an equal share of half the CPUs the cluster can offer, at most one
-each: the autoscaling maximum when the cluster has an autoscaler (so on a
-head with no CPUs the autoscaler adds workers), else what is free now. Half,
-so that a second job fits and so that the actors of a lost node can be
-recreated on the nodes left.
+each: the autoscaling maximum less what others hold when the cluster has an
+autoscaler (so on a head with no CPUs the autoscaler adds workers), else what
+is free now. Half, so that a second job fits and so that the actors of a lost
+node can be recreated on the nodes left. The share is measured once, at the
+start: jobs started at the same moment may each see the same free CPUs.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ def fit(
         return 0.0
     if autoscaling_max_cpus is None and total_cpus == 0:
         return NO_CPU_CLUSTER_SHARE
-    offer = autoscaling_max_cpus if autoscaling_max_cpus is not None else free_cpus
+    if autoscaling_max_cpus is not None:
+        # What the cluster may grow to, less what other jobs already hold.
+        offer = max(0.0, autoscaling_max_cpus - (total_cpus - free_cpus))
+    else:
+        offer = free_cpus
     budget = max(0.0, offer * SHARE_OF_CLUSTER - explicit_cpus)
     return min(1.0, math.floor(budget / defaulted_actors * 100) / 100)
 
