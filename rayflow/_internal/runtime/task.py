@@ -685,7 +685,9 @@ class StageTask:
                 )
             )
         finally:
-            self._io.shutdown(wait=False)
+            # Not self._io: a partition whose input ended may still be asked for a
+            # snapshot (a checkpoint triggered as it ended, the final one) and must
+            # upload it; shutdown() ends the I/O pool when the task is replaced.
             self._user.shutdown(wait=False)
         return self._outcome(None)
 
