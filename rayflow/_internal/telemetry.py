@@ -62,46 +62,46 @@ _PARTITION = ("rayflow.job", "rayflow.step", "rayflow.partition")
 _JOB = ("rayflow.job",)
 
 
-def _utilization(field: str) -> Read:
+def utilization_of(field: str) -> Read:
     """A share of time, 0..1, from the operators' milliseconds per second."""
-    return lambda e: min(1.0, max(0.0, (e.get(field) or 0.0) / 1000.0))
+    return lambda e: min(1.0, max(0.0, float(e.get(field) or 0.0) / 1000.0))
 
 
-def _field(field: str) -> Read:
+def field_of(field: str) -> Read:
     return lambda e: e.get(field)
 
 
 # Per step partition, observed from the latest poll: (instrument, how to read an entry).
 _OPERATOR: list[tuple[Instrument, Read]] = [
     (Instrument("rayflow.records_in", "counter", "{record}",
-                "Records taken in by a step partition", _PARTITION), _field("records_in")),
+                "Records taken in by a step partition", _PARTITION), field_of("records_in")),
     (Instrument("rayflow.records_out", "counter", "{record}",
-                "Records put out by a step partition", _PARTITION), _field("records_out")),
+                "Records put out by a step partition", _PARTITION), field_of("records_out")),
     (Instrument("rayflow.records_in_rate", "gauge", "{record}/s",
-                "Records taken in per second", _PARTITION), _field("records_in_per_s")),
+                "Records taken in per second", _PARTITION), field_of("records_in_per_s")),
     (Instrument("rayflow.records_out_rate", "gauge", "{record}/s",
-                "Records put out per second", _PARTITION), _field("records_out_per_s")),
+                "Records put out per second", _PARTITION), field_of("records_out_per_s")),
     (Instrument("rayflow.mailbox.depth", "gauge", "{batch}",
                 "Batches waiting in the mailbox (of a chain's first step)", _PARTITION),
-     _field("mailbox_depth")),
+     field_of("mailbox_depth")),
     (Instrument("rayflow.mailbox.size", "gauge", "By",
                 "Bytes waiting in the mailbox (of a chain's first step)", _PARTITION),
-     _field("mailbox_bytes")),
+     field_of("mailbox_bytes")),
     (Instrument("rayflow.busy.utilization", "gauge", "1",
                 "Share of time spent working (0..1)", _PARTITION),
-     _utilization("busy_ms_per_s")),
+     utilization_of("busy_ms_per_s")),
     (Instrument("rayflow.idle.utilization", "gauge", "1",
                 "Share of time spent waiting for input (0..1)", _PARTITION),
-     _utilization("idle_ms_per_s")),
+     utilization_of("idle_ms_per_s")),
     (Instrument("rayflow.backpressured.utilization", "gauge", "1",
                 "Share of time spent waiting for downstream credits (0..1)", _PARTITION),
-     _utilization("backpressured_ms_per_s")),
+     utilization_of("backpressured_ms_per_s")),
     (Instrument("rayflow.inflight", "gauge", "s",
                 "Seconds of work queued for a chain's first step (in-flight data by time)",
-                _PARTITION), _field("inflight_s")),
+                _PARTITION), field_of("inflight_s")),
     (Instrument("rayflow.records_uncommitted", "gauge", "{record}",
                 "Records a source emitted or a sink took in since the last committed "
-                "checkpoint", _PARTITION), _field("uncommitted_records")),
+                "checkpoint", _PARTITION), field_of("uncommitted_records")),
 ]  # fmt: skip
 
 
@@ -117,9 +117,9 @@ def _age(stats: dict[str, Any]) -> float | None:
 # Per job, observed from the latest checkpoint statistics.
 _CHECKPOINTS: list[tuple[Instrument, Read]] = [
     (Instrument("rayflow.checkpoints.completed", "counter", "{checkpoint}",
-                "Checkpoints (and savepoints) completed", _JOB), _field("completed")),
+                "Checkpoints (and savepoints) completed", _JOB), field_of("completed")),
     (Instrument("rayflow.checkpoints.failed", "counter", "{checkpoint}",
-                "Checkpoints (and savepoints) that failed", _JOB), _field("failed")),
+                "Checkpoints (and savepoints) that failed", _JOB), field_of("failed")),
     (Instrument("rayflow.checkpoint.size", "gauge", "By",
                 "Bytes the last completed checkpoint wrote", _JOB), _last("written_bytes")),
     (Instrument("rayflow.checkpoint.state.size", "gauge", "By",
@@ -128,7 +128,7 @@ _CHECKPOINTS: list[tuple[Instrument, Read]] = [
     (Instrument("rayflow.checkpoint.age", "gauge", "s",
                 "Seconds since the last completed checkpoint", _JOB), _age),
     (Instrument("rayflow.checkpoint.interval", "gauge", "s",
-                "The checkpoint interval in force", _JOB), _field("interval_s")),
+                "The checkpoint interval in force", _JOB), field_of("interval_s")),
 ]  # fmt: skip
 
 RESTARTS = Instrument(

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rayflow._internal.telemetry import field_of, utilization_of
+
 log = logging.getLogger("rayflow")
 
 #: Bucket boundaries (seconds) of the duration histograms.
@@ -86,44 +88,35 @@ class RayMetric:
     tag_keys: tuple[str, ...]
 
 
-def _share(field: str) -> Read:
-    """A share of time, 0..1, from the operators' milliseconds per second."""
-    return lambda e: min(1.0, max(0.0, float(e.get(field) or 0.0) / 1000.0))
-
-
-def _field(field: str) -> Read:
-    return lambda e: e.get(field)
-
-
 # Per step partition, read from one poll of the operators' metrics.
 OPERATOR: list[tuple[RayMetric, Read]] = [
     (RayMetric("rayflow_records_in", "counter", "Records taken in by a step partition",
-               PARTITION_TAGS), _field("records_in")),
+               PARTITION_TAGS), field_of("records_in")),
     (RayMetric("rayflow_records_out", "counter", "Records put out by a step partition",
-               PARTITION_TAGS), _field("records_out")),
+               PARTITION_TAGS), field_of("records_out")),
     (RayMetric("rayflow_records_in_per_second", "gauge", "Records taken in per second",
-               PARTITION_TAGS), _field("records_in_per_s")),
+               PARTITION_TAGS), field_of("records_in_per_s")),
     (RayMetric("rayflow_records_out_per_second", "gauge", "Records put out per second",
-               PARTITION_TAGS), _field("records_out_per_s")),
+               PARTITION_TAGS), field_of("records_out_per_s")),
     (RayMetric("rayflow_mailbox_depth", "gauge",
                "Batches waiting in the mailbox (of a chain's first step)", PARTITION_TAGS),
-     _field("mailbox_depth")),
+     field_of("mailbox_depth")),
     (RayMetric("rayflow_mailbox_bytes", "gauge",
                "Bytes waiting in the mailbox (of a chain's first step)", PARTITION_TAGS),
-     _field("mailbox_bytes")),
+     field_of("mailbox_bytes")),
     (RayMetric("rayflow_busy_ratio", "gauge", "Share of time spent working (0..1)",
-               PARTITION_TAGS), _share("busy_ms_per_s")),
+               PARTITION_TAGS), utilization_of("busy_ms_per_s")),
     (RayMetric("rayflow_idle_ratio", "gauge", "Share of time spent waiting for input (0..1)",
-               PARTITION_TAGS), _share("idle_ms_per_s")),
+               PARTITION_TAGS), utilization_of("idle_ms_per_s")),
     (RayMetric("rayflow_backpressured_ratio", "gauge",
                "Share of time spent waiting for downstream credits (0..1)", PARTITION_TAGS),
-     _share("backpressured_ms_per_s")),
+     utilization_of("backpressured_ms_per_s")),
     (RayMetric("rayflow_inflight_seconds", "gauge",
                "Seconds of work queued for a chain's first step", PARTITION_TAGS),
-     _field("inflight_s")),
+     field_of("inflight_s")),
     (RayMetric("rayflow_records_uncommitted", "gauge",
                "Records a source emitted or a sink took in since the last committed checkpoint",
-               PARTITION_TAGS), _field("uncommitted_records")),
+               PARTITION_TAGS), field_of("uncommitted_records")),
 ]  # fmt: skip
 
 CHECKPOINTS_COMPLETED = RayMetric(
