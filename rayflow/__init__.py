@@ -4,11 +4,11 @@ Build a :class:`Dataflow`, then ``rf.run(flow)`` (blocking) or
 ``rf.start(flow)`` (returns a :class:`JobHandle`).
 """
 
-from rayflow import errors, sinks, sources, testing
+from rayflow import errors, sinks, sources, testing, windows
 from rayflow._version import package_version
 from rayflow.config import Checkpointing, RestartStrategy, RuntimeConfig
-from rayflow.dataflow import Dataflow, KeyedStream, Stream
-from rayflow.errors import BuildError, ConfigError, JobFailedError, RayflowError
+from rayflow.dataflow import Dataflow, KeyedStream, Stream, WindowedStream
+from rayflow.errors import BuildError, ConfigError, DeadLetter, JobFailedError, RayflowError
 from rayflow.job import CheckpointError, JobHandle, JobResult, JobStatus, run, start
 
 __version__ = package_version("rayflow")
@@ -19,6 +19,7 @@ __all__ = [
     "Checkpointing",
     "ConfigError",
     "Dataflow",
+    "DeadLetter",
     "JobFailedError",
     "JobHandle",
     "JobResult",
@@ -28,6 +29,7 @@ __all__ = [
     "RestartStrategy",
     "RuntimeConfig",
     "Stream",
+    "WindowedStream",
     "__version__",
     "errors",
     "run",
@@ -35,4 +37,5 @@ __all__ = [
     "sources",
     "start",
     "testing",
+    "windows",
 ]

@@ -7,17 +7,31 @@ step's name and what to do about it.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rayflow._internal import naming
-from rayflow._internal.spec import MISSING, FlowSpec, Resources, StepKind, StepSpec
+from rayflow._internal.spec import (
+    DEAD_LETTERS,
+    LATE,
+    MISSING,
+    ON_ERROR,
+    FlowSpec,
+    Resources,
+    StepKind,
+    StepSpec,
+)
 from rayflow.errors import BuildError
 from rayflow.sinks import Sink
 from rayflow.sources import Source
 
-__all__ = ["Dataflow", "KeyedStream", "Stream"]
+if TYPE_CHECKING:
+    from rayflow.windows import Aggregator, Windower
+
+__all__ = ["Dataflow", "KeyedStream", "Stream", "WindowedStream"]
 
 
 class Dataflow:
@@ -79,9 +93,59 @@ class Dataflow:
         )
         return self._add(spec)
 
+    def dead_letters(self) -> Stream:
+        """The records that steps with ``on_error="dead_letter"`` failed on.
+
+        A stream of :class:`rayflow.DeadLetter` (the step, the partition, the
+        record as the step got it, the error), to be sunk like any other:
+        into a transactional sink each bad record arrives exactly once.
+        """
+        if DEAD_LETTERS not in self._steps:
+            self._steps[DEAD_LETTERS] = StepSpec(
+                DEAD_LETTERS, StepKind.UNION, (), self.parallelism, Resources()
+            )
+        return Stream(self, DEAD_LETTERS)
+
     def spec(self) -> FlowSpec:
-        """The flow as plain data (what the planner reads)."""
-        return FlowSpec(self.name, self.max_parallelism, tuple(self._steps.values()))
+        """The flow as plain data (what the planner reads).
+
+        Side outputs are resolved here: every step with
+        ``on_error="dead_letter"`` gets a ``<step>.dead_letters`` side step,
+        which ``dead_letters()`` merges; steps come out in a topological order.
+        """
+        steps = dict(self._steps)
+        failing = [s for s in steps.values() if s.on_error == "dead_letter"]
+        if DEAD_LETTERS in steps:
+            if not failing:
+                raise BuildError(
+                    f"flow {self.name!r} uses flow.dead_letters(), but no step has "
+                    "on_error='dead_letter'; give the steps whose bad records you want "
+                    "there on_error='dead_letter'"
+                )
+            sides = []
+            for parent in failing:
+                sides.append(
+                    StepSpec(
+                        f"{parent.name}.{DEAD_LETTERS}",
+                        StepKind.SIDE_OUTPUT,
+                        (parent.name,),
+                        parent.parallelism,
+                        parent.resources,
+                        port=DEAD_LETTERS,
+                    )
+                )
+            for side in sides:
+                steps[side.name] = side
+            steps[DEAD_LETTERS] = dataclasses.replace(
+                steps[DEAD_LETTERS], inputs=tuple(s.name for s in sides)
+            )
+        elif failing:
+            raise BuildError(
+                f"step {failing[0].name!r} has on_error='dead_letter', but nothing reads the "
+                "dead letters; sink them with flow.dead_letters().sink(name, sink), or use "
+                "on_error='skip' to drop bad records"
+            )
+        return FlowSpec(self.name, self.max_parallelism, _topological(self.name, steps))
 
     def __repr__(self) -> str:
         return f"Dataflow({self.name!r}, steps={list(self._steps)})"
@@ -124,6 +188,11 @@ class Dataflow:
             raise BuildError(
                 f"step name {name!r} is not valid: use letters, digits, '_', '.' or '-', "
                 "starting with a letter or digit"
+            )
+        if name == DEAD_LETTERS or name.endswith((f".{DEAD_LETTERS}", f".{LATE}")):
+            raise BuildError(
+                f"step name {name!r} is reserved for side outputs (flow.dead_letters(), "
+                "window(...).late); choose another name"
             )
         if name in self._steps:
             raise BuildError(
@@ -236,6 +305,46 @@ class Stream:
         spec = StepSpec(name, StepKind.UNION, inputs, par, res)
         return self.flow._add(spec)
 
+    def with_event_time(
+        self,
+        name: str,
+        ts_fn: Callable[[Any], Any],
+        *,
+        max_delay_s: float = 0.0,
+        idle_timeout_s: float | None = None,
+        **options: Any,
+    ) -> Stream:
+        """Give the records event time: ``ts_fn(record)`` is when each happened.
+
+        Timestamps are seconds since the epoch (a number, or a ``datetime``;
+        naive ones are UTC). Every partition of this step tracks the highest
+        timestamp it saw; its *watermark*, that minus ``max_delay_s``, says
+        "nothing older is coming" and travels downstream in-band with the
+        records, where windows and timers fire on it. A partition that sees
+        nothing for ``idle_timeout_s`` stops holding the watermark back. On a
+        keyed stream ``ts_fn`` gets the record (the value of each pair).
+
+        Windows and ``process`` steps downstream apply ``ts_fn`` to the
+        records they get: steps in between must keep what it reads (or give
+        the window a ``ts_fn`` of its own).
+        """
+        _check_function(name, "with_event_time", ts_fn, 1)
+        _check_seconds(name, "max_delay_s", max_delay_s, allow_zero=True)
+        if idle_timeout_s is not None:
+            _check_seconds(name, "idle_timeout_s", idle_timeout_s, allow_zero=False)
+        if "parallelism" not in options:
+            # Where its input runs: a watermark per input partition (per source split).
+            options = {**options, "parallelism": self.flow._steps[self.step].parallelism}
+        return self._step(
+            name,
+            StepKind.EVENT_TIME,
+            ts_fn,
+            1,
+            options,
+            keyed=isinstance(self, KeyedStream),
+            params=(float(max_delay_s), None if idle_timeout_s is None else float(idle_timeout_s)),
+        )
+
     def sink(self, name: str, sink: Sink, **options: Any) -> None:
         """Write the stream to ``sink``."""
         self.flow._check_new_name(name)
@@ -259,6 +368,18 @@ class Stream:
             f"call .key_by(name, key_fn) first"
         )
 
+    def window(self, name: str, *args: Any, **options: Any) -> WindowedStream:
+        raise BuildError(
+            f"step {name!r}: window needs a keyed stream, and {self.step!r} is not keyed; "
+            f"call .key_by(name, key_fn) first"
+        )
+
+    def process(self, name: str, *args: Any, **options: Any) -> Stream:
+        raise BuildError(
+            f"step {name!r}: process needs a keyed stream, and {self.step!r} is not keyed; "
+            f"call .key_by(name, key_fn) first"
+        )
+
     def stateful_map(self, name: str, fn: Callable[[Any, Any], Any], **options: Any) -> Stream:
         raise BuildError(
             f"step {name!r}: stateful_map needs a keyed stream, and {self.step!r} is not "
@@ -267,13 +388,20 @@ class Stream:
 
     # -- internals ------------------------------------------------------------
 
-    def _options(self, name: str, options: dict[str, Any]) -> tuple[int, Resources]:
+    def _options(
+        self, name: str, options: dict[str, Any], *, user_code: bool = False
+    ) -> tuple[int, Resources]:
         allowed = {"parallelism", "num_cpus", "memory", "resources"}
+        if user_code:
+            allowed.add("on_error")
         unknown = sorted(set(options) - allowed)
         if unknown:
+            hint = ""
+            if "on_error" in unknown:
+                hint = " (on_error is for steps that run a function per record)"
             raise BuildError(
                 f"step {name!r}: unknown option(s) {', '.join(unknown)}; "
-                f"steps take {', '.join(sorted(allowed))}"
+                f"steps take {', '.join(sorted(allowed))}{hint}"
             )
         par = self.flow._parallelism(name, options.get("parallelism"))
         res = _resources(
@@ -291,12 +419,74 @@ class Stream:
         *,
         keyed: bool = False,
         initial: Any = MISSING,
+        params: Any = None,
+        ts: tuple[Callable[[Any], Any] | None, str | None] = (None, None),
     ) -> Stream:
         self.flow._check_new_name(name)
         _check_function(name, kind.value, fn, arity)
-        par, res = self._options(name, options)
-        spec = StepSpec(name, kind, (self.step,), par, res, fn=fn, initial=initial, keyed=keyed)
+        on_error = options.get("on_error", "fail")
+        if on_error not in ON_ERROR:
+            raise BuildError(
+                f"step {name!r}: on_error must be one of {', '.join(map(repr, ON_ERROR))}; "
+                f"got {on_error!r}"
+            )
+        par, res = self._options(name, options, user_code=kind.user_code)
+        spec = StepSpec(
+            name,
+            kind,
+            (self.step,),
+            par,
+            res,
+            fn=fn,
+            initial=initial,
+            keyed=keyed,
+            on_error=on_error,
+            params=params,
+            ts_fn=ts[0],
+            ts_step=ts[1],
+        )
         return self.flow._add(spec)
+
+    def _event_time(self, name: str, ts_fn: Any) -> tuple[Callable[[Any], Any], str]:
+        """The timestamp function for step ``name`` and where it comes from.
+
+        Every path from the sources to this step must pass an event-time step
+        (their watermarks decide when windows and timers fire).
+        """
+        flow = self.flow
+        found: dict[str, StepSpec] = {}
+        missing: list[str] = []
+        stack, seen = [self.step], set()
+        while stack:
+            step = flow._steps[stack.pop()]
+            if step.name in seen:
+                continue
+            seen.add(step.name)
+            if step.kind is StepKind.EVENT_TIME:
+                found[step.name] = step
+            elif step.kind is StepKind.SOURCE:
+                missing.append(step.name)
+            else:
+                stack.extend(step.inputs)
+        if missing:
+            raise BuildError(
+                f"step {name!r} needs event time, but records from source "
+                f"{missing[0]!r} reach it without any: call "
+                f".with_event_time(name, ts_fn, max_delay_s=...) on that path first"
+            )
+        if ts_fn is not None:
+            _check_function(name, "ts_fn", ts_fn, 1)
+            return ts_fn, name
+        fns = {id(s.fn): s for s in found.values()}
+        if len(fns) > 1:
+            raise BuildError(
+                f"step {name!r} reads records from several event-time steps "
+                f"({', '.join(sorted(found))}) with different timestamp functions; pass "
+                "ts_fn= to say how to read a record's time here"
+            )
+        step = next(iter(found.values()))
+        assert step.fn is not None
+        return step.fn, step.name
 
 
 class KeyedStream(Stream):
@@ -327,6 +517,136 @@ class KeyedStream(Stream):
         """
         return self._step(name, StepKind.STATEFUL_MAP, fn, 2, options)
 
+    def window(
+        self,
+        name: str,
+        windower: Windower,
+        aggregator: Aggregator,
+        *,
+        allowed_lateness_s: float = 0.0,
+        ts_fn: Callable[[Any], Any] | None = None,
+        **options: Any,
+    ) -> WindowedStream:
+        """Aggregate each key's records per event-time window.
+
+        ``windower`` is ``rf.windows.Tumbling``, ``Sliding`` or ``Session``;
+        ``aggregator`` is ``rf.windows.Count()``, ``Sum()``, ``Fold(...)``,
+        ``Reduce(...)`` or ``Collect()``. A window emits once,
+        ``(key, rf.windows.Result(start, end, value))``, when the watermark
+        passes its end plus ``allowed_lateness_s``. Records that come after
+        their window closed go to ``.late`` as ``(key, record)``.
+        """
+        from rayflow import windows
+
+        if not isinstance(windower, windows.Windower):
+            raise BuildError(
+                f"step {name!r}: the windower must be rf.windows.Tumbling(...), Sliding(...) "
+                f"or Session(...); got {_describe(windower)}"
+            )
+        if not isinstance(aggregator, windows.Aggregator):
+            raise BuildError(
+                f"step {name!r}: the aggregator must be rf.windows.Count(), Sum(), "
+                f"Fold(fn, initial), Reduce(fn) or Collect(); got {_describe(aggregator)}"
+            )
+        _check_seconds(name, "allowed_lateness_s", allowed_lateness_s, allow_zero=True)
+        self.flow._check_new_name(name)
+        ts = self._event_time(name, ts_fn)
+        stream = self._step(
+            name,
+            StepKind.WINDOW,
+            _window_marker,
+            1,
+            options,
+            params=(windower, aggregator, float(allowed_lateness_s)),
+            ts=ts,
+        )
+        return WindowedStream(self.flow, stream.step)
+
+    def process(
+        self,
+        name: str,
+        on_record: Callable[[Any, Any, Any], Any],
+        on_timer: Callable[[Any, float, Any], Any] | None = None,
+        *,
+        ts_fn: Callable[[Any], Any] | None = None,
+        **options: Any,
+    ) -> Stream:
+        """Hand-written keyed logic with event-time timers.
+
+        ``on_record(state, record, ctx) -> (state, outputs)`` and
+        ``on_timer(state, timestamp, ctx) -> (state, outputs)``; ``ctx`` has
+        ``timestamp``, ``watermark``, ``key``, ``set_timer(ts)`` and
+        ``delete_timer(ts)``. A timer fires once the watermark reaches it.
+        Outputs are emitted as ``(key, output)``; state ``None`` (and no
+        timers) deletes the key. State and timers are checkpointed.
+        """
+        _check_function(name, "process on_record", on_record, 3)
+        if on_timer is not None:
+            _check_function(name, "process on_timer", on_timer, 3)
+        self.flow._check_new_name(name)
+        ts = self._event_time(name, ts_fn)
+        return self._step(name, StepKind.PROCESS, on_record, 3, options, params=on_timer, ts=ts)
+
+
+class WindowedStream(Stream):
+    """The results of a window step: ``(key, rf.windows.Result)``; ``late`` holds the rest."""
+
+    @property
+    def late(self) -> Stream:
+        """Records that came after their window had closed, as ``(key, record)``."""
+        name = f"{self.step}.{LATE}"
+        steps = self.flow._steps
+        if name not in steps:
+            parent = steps[self.step]
+            steps[name] = StepSpec(
+                name,
+                StepKind.SIDE_OUTPUT,
+                (self.step,),
+                parent.parallelism,
+                parent.resources,
+                port=LATE,
+            )
+        return Stream(self.flow, name)
+
+
+def _window_marker(record: Any) -> Any:
+    """A window's ``fn``: unused (its windower and aggregator are in ``params``)."""
+    return record
+
+
+def _topological(flow: str, steps: dict[str, StepSpec]) -> tuple[StepSpec, ...]:
+    """Steps in insertion order, each after all its inputs."""
+    ordered: list[StepSpec] = []
+    placed: set[str] = set()
+    waiting = list(steps.values())
+    while waiting:
+        ready = [s for s in waiting if all(i in placed for i in s.inputs)]
+        if not ready:
+            names = ", ".join(s.name for s in waiting)
+            raise BuildError(
+                f"flow {flow!r}: steps {names} read each other in a cycle (a step with "
+                "on_error='dead_letter' downstream of flow.dead_letters()?); break the cycle"
+            )
+        first = ready[0]
+        ordered.append(first)
+        placed.add(first.name)
+        waiting.remove(first)
+    return tuple(ordered)
+
+
+def _check_seconds(step: str, what: str, value: Any, *, allow_zero: bool) -> None:
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise BuildError(
+            f"step {step!r}: {what} must be a number of seconds {bound}; got {value!r}"
+        )
+
 
 def _describe(value: Any) -> str:
     if isinstance(value, type):
@@ -354,7 +674,11 @@ def _check_function(step: str, op: str, fn: Any, arity: int) -> None:
     try:
         sig.bind(*range(arity))
     except TypeError:
-        args = {1: "one argument (the record)", 2: "two arguments (state, record)"}[arity]
+        args = {
+            1: "one argument (the record)",
+            2: "two arguments (state, record)",
+            3: "three arguments (state, record or timestamp, ctx)",
+        }[arity]
         name = getattr(fn, "__qualname__", repr(fn))
         raise BuildError(
             f"step {step!r}: the {op} function must accept {args}; {name}{sig} does not{_where(fn)}"

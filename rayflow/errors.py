@@ -9,6 +9,7 @@ the failing step, partition, record and original traceback.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class RayflowError(Exception):
@@ -25,6 +26,22 @@ class ConfigError(RayflowError, ValueError):
 
 class JobAlreadyRunningError(RayflowError):
     """A job with the same name is already running on this Ray cluster."""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A record a step's function failed on, set aside (``on_error="dead_letter"``).
+
+    ``record`` is the record as the step got it (``(key, record)`` for keyed
+    steps); ``error_type`` is the exception's qualified class name.
+    """
+
+    step: str
+    partition: int
+    record: Any
+    error_type: str
+    message: str
+    traceback: str
 
 
 @dataclass(frozen=True)

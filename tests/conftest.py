@@ -102,6 +102,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="run the chaos matrix with five seeds per scenario instead of one",
     )
+    parser.addoption(
+        "--chaos-seeds",
+        default="",
+        help="comma-separated seeds for the chaos matrix (reproduce one run), e.g. 3,4",
+    )
+    parser.addoption(
+        "--chaos-unaligned-only",
+        action="store_true",
+        help="with --chaos-full, run only the unaligned variants of the scenarios",
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -22,10 +22,36 @@ class StepKind(enum.Enum):
     STATEFUL_MAP = "stateful_map"
     UNION = "union"
     SINK = "sink"
+    EVENT_TIME = "event_time"  # assigns timestamps, generates watermarks
+    WINDOW = "window"
+    PROCESS = "process"  # keyed, with event-time timers
+    SIDE_OUTPUT = "side_output"  # a step's second output: late records, dead letters
 
     @property
     def stateful(self) -> bool:
-        return self in (StepKind.REDUCE, StepKind.STATEFUL_MAP)
+        return self in (StepKind.REDUCE, StepKind.STATEFUL_MAP, StepKind.WINDOW, StepKind.PROCESS)
+
+    @property
+    def user_code(self) -> bool:
+        """Steps that run a user function per record (they take ``on_error``)."""
+        return self in (
+            StepKind.MAP,
+            StepKind.FILTER,
+            StepKind.FLAT_MAP,
+            StepKind.KEY_BY,
+            StepKind.REDUCE,
+            StepKind.STATEFUL_MAP,
+            StepKind.EVENT_TIME,
+            StepKind.WINDOW,
+            StepKind.PROCESS,
+        )
+
+
+#: Ports of side outputs.
+LATE = "late"
+DEAD_LETTERS = "dead_letters"
+#: What a step does with a record its user function fails on.
+ON_ERROR = ("fail", "skip", "dead_letter")
 
 
 class _Missing:
@@ -82,6 +108,15 @@ class StepSpec:
     initial: Any = MISSING
     connector: Any = None  # a Source for SOURCE steps, a Sink for SINK steps
     keyed: bool = False  # whether the step's output is a KeyedStream
+    on_error: str = "fail"  # one of ON_ERROR
+    port: str | None = None  # SIDE_OUTPUT: which output of its input (LATE, DEAD_LETTERS)
+    # Per kind: EVENT_TIME (max_delay_s, idle_timeout_s); WINDOW (windower,
+    # aggregator, allowed_lateness_s); PROCESS the on_timer function.
+    params: Any = None
+    # WINDOW and PROCESS: the timestamp function (the upstream EVENT_TIME step's
+    # unless the step was given its own) and the step it came from.
+    ts_fn: Callable[[Any], Any] | None = None
+    ts_step: str | None = None
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,12 @@ def field_of(field: str) -> Read:
     return lambda e: e.get(field)
 
 
+def watermark_lag(entry: dict[str, Any]) -> float | None:
+    """How far event time is behind the wall clock at a window or process step."""
+    watermark = entry.get("watermark")
+    return None if watermark is None else time.time() - watermark
+
+
 # Per step partition, observed from the latest poll: (instrument, how to read an entry).
 _OPERATOR: list[tuple[Instrument, Read]] = [
     (Instrument("rayflow.records_in", "counter", "{record}",
@@ -102,6 +108,15 @@ _OPERATOR: list[tuple[Instrument, Read]] = [
     (Instrument("rayflow.records_uncommitted", "gauge", "{record}",
                 "Records a source emitted or a sink took in since the last committed "
                 "checkpoint", _PARTITION), field_of("uncommitted_records")),
+    (Instrument("rayflow.records_failed", "counter", "{record}",
+                "Records a step's function failed on, skipped or dead-lettered", _PARTITION),
+     field_of("records_failed")),
+    (Instrument("rayflow.records_late", "counter", "{record}",
+                "Records a window got after their window closed", _PARTITION),
+     field_of("records_late")),
+    (Instrument("rayflow.watermark.lag", "gauge", "s",
+                "Wall-clock time minus the event-time watermark of a window or process step",
+                _PARTITION), watermark_lag),
 ]  # fmt: skip
 
 

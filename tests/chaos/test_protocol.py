@@ -104,6 +104,9 @@ UNALIGNED = [
 
 
 def _seeds(request: pytest.FixtureRequest) -> list[int]:
+    chosen = request.config.getoption("--chaos-seeds")
+    if chosen:
+        return [int(s) for s in chosen.split(",")]
     return [1, 2, 3, 4, 5] if request.config.getoption("--chaos-full") else [1]
 
 
@@ -163,6 +166,8 @@ def test_chaos_matrix(
     variants = [scenario]
     if request.config.getoption("--chaos-full") and not scenario.unaligned:
         variants.append(replace(scenario, name=f"{scenario.name}-unaligned", unaligned=True))
+        if request.config.getoption("--chaos-unaligned-only"):
+            variants = variants[1:]
     for variant in variants:
         for seed in _seeds(request):
             run_dir = tmp_path / variant.name / f"seed-{seed}"

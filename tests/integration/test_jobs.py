@@ -19,6 +19,7 @@ import generator_to_s3  # noqa: E402
 
 
 def _sessions_by_hand(pattern_folder: Path, gap: float) -> list[dict[str, Any]]:
+    """A user's clicks, in time order, split where they stayed away longer than ``gap``."""
     events: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in sorted(pattern_folder.glob("*.jsonl")):
         for line in path.read_text().splitlines():
@@ -27,19 +28,17 @@ def _sessions_by_hand(pattern_folder: Path, gap: float) -> list[dict[str, Any]]:
     sessions = []
     for user, evs in events.items():
         current: dict[str, Any] | None = None
-        for e in evs:
-            if current is not None and e["ts"] - current["end"] > gap:
+        for e in sorted(evs, key=lambda e: e["ts"]):
+            if current is not None and e["ts"] > current["end"]:
                 sessions.append(current)
                 current = None
             if current is None:
-                current = {"user": user, "start": e["ts"], "end": e["ts"], "clicks": 0, "pages": []}
-            current["end"] = e["ts"]
+                current = {"user": user, "start": e["ts"], "clicks": 0, "pages": []}
+            current["end"] = e["ts"] + gap
             current["clicks"] += 1
-            if e["page"] == "logout":
-                sessions.append(current)
-                current = None
-            else:
-                current["pages"].append(e["page"])
+            current["pages"].append(e["page"])
+        if current is not None:
+            sessions.append(current)  # the end of the input closes every session
     return sessions
 
 

@@ -99,3 +99,42 @@ def test_unpicklable_function_is_named_before_anything_runs(src: rf.Stream) -> N
 def test_missing_files_are_reported_with_the_pattern(tmp_path: object) -> None:
     with pytest.raises(rf.ConfigError, match=r"TextFiles\('/nonexistent/\*.txt'\) matched no"):
         rf.sources.TextFiles("/nonexistent/*.txt")
+
+
+def test_event_time_mistakes_name_the_step_and_the_fix(src: rf.Stream) -> None:
+    W = rf.windows
+    with pytest.raises(rf.BuildError, match=r"'w': window needs a keyed stream.*key_by"):
+        src.window("w", W.Tumbling(60.0), W.Count())
+    keyed = src.key_by("k", lambda x: x)
+    with pytest.raises(rf.BuildError, match=r"'w' needs event time.*source 'src'.*with_event_time"):
+        keyed.window("w", W.Tumbling(60.0), W.Count())
+    timed = src.with_event_time("ts", lambda x: x, max_delay_s=1.0).key_by("k2", lambda x: x)
+    with pytest.raises(rf.BuildError, match=r"windower must be rf.windows.Tumbling"):
+        timed.window("w", 60.0, W.Count())  # type: ignore[arg-type]
+    with pytest.raises(rf.BuildError, match=r"aggregator must be rf.windows.Count"):
+        timed.window("w", W.Tumbling(60.0), len)  # type: ignore[arg-type]
+    with pytest.raises(rf.BuildError, match=r"max_delay_s must be a number of seconds >= 0"):
+        src.with_event_time("ts2", lambda x: x, max_delay_s=-1)
+    with pytest.raises(rf.BuildError, match=r"'p'.*on_record.*three arguments"):
+        timed.process("p", lambda state, record: (state, []))
+    with pytest.raises(rf.BuildError, match=r"'w.late' is reserved"):
+        src.map("w.late", str)
+
+
+def test_on_error_mistakes(src: rf.Stream) -> None:
+    with pytest.raises(rf.BuildError, match=r"on_error must be one of 'fail', 'skip', 'dead_le"):
+        src.map("m", str, on_error="ignore")
+    with pytest.raises(rf.BuildError, match=r"unknown option\(s\) on_error.*function per record"):
+        src.sink("out", rf.testing.Discard(), on_error="skip")
+    flow = src.flow
+    src.map("parse", int, on_error="dead_letter").sink("out2", rf.testing.Discard())
+    with pytest.raises(rf.BuildError, match=r"'parse' has on_error='dead_letter'.*dead_letters"):
+        flow.spec()
+    flow.dead_letters().sink("dead", rf.testing.Discard())
+    plan = build_plan(flow.spec())
+    assert plan.step("dead_letters").inputs == ("parse.dead_letters",)
+    other = rf.Dataflow("g")
+    other.source("s", rf.testing.from_items([1])).sink("o", rf.testing.Discard())
+    other.dead_letters().sink("d", rf.testing.Discard())
+    with pytest.raises(rf.BuildError, match=r"no step has on_error='dead_letter'"):
+        other.spec()

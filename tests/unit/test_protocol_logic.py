@@ -406,3 +406,65 @@ def test_r11_a_source_restored_with_in_flight_data_snapshots_only_once_its_reade
     offsets = acks[0].sources["src"]["0"]
     assert offsets == {"json": 40}  # where it was restored, not unknown (then 0)
     assert acks[0].inflight
+
+
+def test_r14_no_checkpoint_starts_once_the_final_one_was_asked_for(tmp_path: Path) -> None:
+    """A user's checkpoint() queued behind the final checkpoint is refused, not run
+    against operators whose sinks are closing (it expired and the job never ended)."""
+
+    async def scenario() -> None:
+        gateway = Gateway()
+        config = rf.Checkpointing(storage=str(tmp_path), interval_s=3600)
+        coordinator = CheckpointCoordinator("j", {"steps": []}, config, gateway)
+        gateway.coordinator = coordinator
+        loop = asyncio.create_task(coordinator.run(lambda reasons: None))
+        final = asyncio.create_task(coordinator.trigger(final=True))
+        await asyncio.sleep(0)
+        with pytest.raises(CheckpointFailed, match="the job is ending"):
+            await coordinator.trigger()
+        assert (await final).checkpoint_id == 1
+        coordinator.resume(None)  # a restart: the sources run again, checkpoints too
+        assert (await coordinator.trigger()).checkpoint_id == 2
+        coordinator.close()
+        with pytest.raises(CheckpointFailed, match="the job is ending"):
+            await coordinator.trigger()
+        await loop
+        assert gateway.notified == [1, 2]
+
+    asyncio.run(scenario())
+
+
+def test_r14_a_partition_that_ended_declines_an_unaligned_barrier(tmp_path: Path) -> None:
+    """A barrier that reaches a partition after its sinks closed is declined at once."""
+    flow = rf.Dataflow("j")
+    src = flow.source("src", rf.testing.from_items(range(10), partitions=1))
+    src.key_by("k", lambda x: x % 3).reduce("sum", lambda a, b: a + b, initial=0).sink(
+        "out", rf.sinks.JsonLines(tmp_path / "out")
+    )
+    plan = build_plan(flow.spec())
+    declined: list[tuple[int, str]] = []
+
+    class Declines(Coordination):
+        def decline(self, checkpoint_id: int, reason: str) -> None:
+            declined.append((checkpoint_id, reason))
+
+    async def scenario() -> None:
+        task = StageTask(plan, "sum", 0, job="j", config=rf.RuntimeConfig(), full_every=10)
+        task.connect({}, Declines())
+        (channel,) = task.mailbox.channels
+        run = asyncio.create_task(task.run())
+        task.offer(0, channel, 0, EOS, None)
+        outcome = await asyncio.wait_for(run, 10)
+        assert outcome.ok, outcome.failure
+        barrier = BarrierInfo(3, "checkpoint", str(tmp_path), 0, "j/checkpoints/3/", "r1")
+        task.trigger_checkpoint(dataclasses.replace(barrier, unaligned=True))
+        for _ in range(50):
+            if declined:
+                break
+            await asyncio.sleep(0.02)
+
+    import dataclasses
+
+    asyncio.run(scenario())
+    assert declined and declined[0][0] == 3, declined
+    assert "ended its streams" in declined[0][1]

@@ -160,6 +160,7 @@ class CheckpointCoordinator:
         # The newest *checkpoint* (not savepoint) of this job's chain.
         self.last_checkpoint_id = last_completed.checkpoint_id if last_completed else 0
         self.pending: PendingCheckpoint | None = None
+        self._final_requested = False
         self.periodic = True
         self.suspended = False
         self._requests: deque[_Request] = deque()
@@ -199,10 +200,19 @@ class CheckpointCoordinator:
             assert location is not None
             if check_location:
                 await asyncio.to_thread(check_savepoint_location, location)
+        if self._closed:
+            raise CheckpointFailed("the job is ending", counts=False)
+        if self._final_requested and not final:
+            # R14: nothing starts after the final checkpoint was asked for; behind it
+            # the sources finish and the operators close their sinks.
+            raise CheckpointFailed(
+                "the job is ending (its final checkpoint is under way)", counts=False
+            )
         future: asyncio.Future[Manifest] = asyncio.get_running_loop().create_future()
         self._requests.append(_Request(kind, location, final, future))
         if final:
             self.periodic = False
+            self._final_requested = True
         self._wake.set()
         return await future
 
@@ -256,6 +266,7 @@ class CheckpointCoordinator:
             self.last_checkpoint_id = restored.checkpoint_id
         self.failures.restarted()
         self.periodic = True
+        self._final_requested = False  # the sources run again; they ask for it again
         self.suspended = False
         self.policy.started(time.monotonic())
         self._wake.set()

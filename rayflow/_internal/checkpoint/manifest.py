@@ -129,9 +129,13 @@ class OperatorSnapshot:
     chain: tuple[ObjectInfo, ...] = ()  # every object the keyed state needs, oldest first
     sources: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     inflight: bool = False  # the object holds in-flight data (an unaligned snapshot)
+    # Watermarks of an event-time job (runtime/event_time.py), JSON-safe.
+    event_time: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"event_time": self.event_time} if self.event_time is not None else {}
         return {
+            **extra,
             "stage": self.stage,
             "partition": self.partition,
             "object": asdict(self.object),
@@ -154,6 +158,7 @@ class OperatorSnapshot:
             chain=tuple(ObjectInfo.from_json(o) for o in data.get("chain", [])),
             sources=data.get("sources", {}),
             inflight=bool(data.get("inflight", False)),
+            event_time=data.get("event_time"),
         )
 
 

@@ -23,6 +23,7 @@ from rayflow._internal.checkpoint.manifest import (
 )
 from rayflow._internal.keygroups import key_group_range
 from rayflow._internal.plan import Plan
+from rayflow._internal.runtime.event_time import merge_restored
 from rayflow._internal.spec import StepKind
 from rayflow._internal.storage import StorageError, open_storage
 from rayflow._internal.storage.base import normalize_uri
@@ -57,6 +58,7 @@ class Assignment:
     # and how many partitions the stage had (their in-flight data is split by it).
     inflight: tuple[tuple[int, ObjectInfo], ...] = ()
     old_parallelism: int = 0
+    event_time: dict[str, Any] | None = None  # watermarks (runtime/event_time.py)
 
 
 def list_checkpoint_ids(storage_uri: str, job: str) -> list[int]:
@@ -166,6 +168,10 @@ def assign(
                 for op in old_ops
                 if op.inflight and (old_par != stage.parallelism or op.partition == q)
             )
+            timed = [op.event_time for op in old_ops if op.event_time is not None]
+            if old_par == stage.parallelism:
+                timed = [op.event_time for op in old_ops if op.partition == q and op.event_time]
+            event_time = merge_restored(timed) if timed else None
             sink_objects: list[tuple[str, ObjectInfo]] = []
             for sink in sinks:
                 old_stage = old_stage_of.get(sink)
@@ -183,6 +189,7 @@ def assign(
                 sink_objects=tuple(sink_objects),
                 inflight=inflight,
                 old_parallelism=old_par,
+                event_time=event_time,
             )
     return result
 

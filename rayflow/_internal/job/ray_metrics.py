@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rayflow._internal.telemetry import field_of, utilization_of
+from rayflow._internal.telemetry import field_of, utilization_of, watermark_lag
 
 log = logging.getLogger("rayflow")
 
@@ -117,6 +117,15 @@ OPERATOR: list[tuple[RayMetric, Read]] = [
     (RayMetric("rayflow_records_uncommitted", "gauge",
                "Records a source emitted or a sink took in since the last committed checkpoint",
                PARTITION_TAGS), field_of("uncommitted_records")),
+    (RayMetric("rayflow_records_failed", "counter",
+               "Records a step's function failed on, skipped or dead-lettered", PARTITION_TAGS),
+     field_of("records_failed")),
+    (RayMetric("rayflow_records_late", "counter",
+               "Records a window got after their window closed", PARTITION_TAGS),
+     field_of("records_late")),
+    (RayMetric("rayflow_watermark_lag_seconds", "gauge",
+               "Wall-clock time minus the event-time watermark of a window or process step",
+               PARTITION_TAGS), watermark_lag),
 ]  # fmt: skip
 
 CHECKPOINTS_COMPLETED = RayMetric(

@@ -24,6 +24,7 @@ from rayflow._internal.plan import ChannelId
 DATA = 0
 BARRIER = 1
 EOS = 2
+WATERMARK = 3  # payload (watermark, idle): event time on this channel
 
 
 @dataclass(slots=True)

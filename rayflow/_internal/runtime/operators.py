@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import operator
 import pickle
+import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from rayflow._internal.eventtime.timestamps import to_seconds
 from rayflow._internal.keygroups import stable_hash
 from rayflow._internal.spec import MISSING, StepKind, StepSpec
-from rayflow.errors import Failure
+from rayflow.errors import DeadLetter, Failure
 from rayflow.sinks import Sink, SinkContext, SinkWriter
 
 Feed = Callable[[list[Any]], None]
@@ -38,12 +41,25 @@ def short_repr(value: Any, limit: int = 200) -> str:
 class UserCodeError(Exception):
     """A user function (or connector) raised while handling a record."""
 
-    def __init__(self, step: str, record: Any, cause: BaseException, *, what: str = ""):
+    def __init__(
+        self,
+        step: str,
+        record: Any,
+        cause: BaseException,
+        *,
+        what: str = "",
+        index: int | None = None,
+        partial: list[Any] | None = None,
+    ):
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.step = step
         self.record = record
         self.cause = cause
         self.what = what
+        # Where in its batch the failing record was, and what the records before
+        # it produced (a step that sets bad records aside goes on from there).
+        self.index = index
+        self.partial = partial or []
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Exceptions pickle their args; ours are keywords and objects that may not
@@ -88,21 +104,71 @@ def _portable_error(exc: BaseException) -> BaseException:
 
 
 class Op:
-    """One step in an actor; ``downstream`` holds the feeds of what reads it."""
+    """One step in an actor; ``downstream`` holds the feeds of what reads it.
 
-    __slots__ = ("downstream", "name", "records_in", "records_out")
+    ``on_error`` says what a record the step's function fails on does:
+    ``"fail"`` the task, ``"skip"`` it, or ``"dead_letter"`` it (to
+    ``dead_downstream``, as a :class:`DeadLetter`); both count in
+    ``records_failed``.
+    """
+
+    __slots__ = (
+        "dead_downstream",
+        "downstream",
+        "name",
+        "on_error",
+        "partition",
+        "records_failed",
+        "records_in",
+        "records_out",
+    )
 
     def __init__(self, name: str):
         self.name = name
         self.records_in = 0
         self.records_out = 0
+        self.records_failed = 0
         self.downstream: list[Feed] = []
+        self.dead_downstream: list[Feed] = []
+        self.on_error = "fail"
+        self.partition = 0
 
     def feed(self, items: list[Any]) -> None:
         self.records_in += len(items)
-        out = self.apply(items)
+        out = self.apply(items) if self.on_error == "fail" else self._apply_guarded(items)
         if out:
             self.emit(out)
+
+    def _apply_guarded(self, items: list[Any]) -> list[Any]:
+        """``apply``, setting aside every record the function fails on."""
+        out: list[Any] = []
+        while True:
+            try:
+                out.extend(self.apply(items))
+                return out
+            except UserCodeError as exc:
+                if exc.step != self.name:
+                    raise  # not ours (a fused step downstream failed)
+                i = exc.index if exc.index is not None else _index_of(items, exc.record)
+                out.extend(exc.partial)
+                self._set_aside(exc)
+                items = items[i + 1 :]
+
+    def _set_aside(self, exc: UserCodeError) -> None:
+        self.records_failed += 1
+        if self.on_error != "dead_letter":
+            return
+        cause = exc.cause
+        letter = DeadLetter(
+            step=self.name,
+            partition=self.partition,
+            record=exc.record,
+            error_type=f"{type(cause).__module__}.{type(cause).__qualname__}",
+            message=str(cause),
+            traceback="".join(traceback.format_exception(cause)),
+        )
+        for target in self.dead_downstream:
+            target([letter])
 
     def emit(self, out: list[Any]) -> None:
         self.records_out += len(out)
@@ -133,7 +199,7 @@ class MapOp(Op):
             for x in items:
                 append(fn(x))
         except Exception as exc:
-            raise UserCodeError(self.name, x, exc) from exc
+            raise UserCodeError(self.name, x, exc, index=len(out), partial=out) from exc
         return out
 
 
@@ -150,7 +216,7 @@ class FilterOp(MapOp):
                 if fn(x):
                     append(x)
         except Exception as exc:
-            raise UserCodeError(self.name, x, exc) from exc
+            raise UserCodeError(self.name, x, exc, partial=out) from exc
         return out
 
 
@@ -176,9 +242,9 @@ class FlatMapOp(MapOp):
                     "the flat_map function must return an iterable of records; "
                     f"it returned {short_repr(result, 80)}"
                 )
-            raise UserCodeError(self.name, x, error) from exc
+            raise UserCodeError(self.name, x, error, partial=out) from exc
         except Exception as exc:
-            raise UserCodeError(self.name, x, exc) from exc
+            raise UserCodeError(self.name, x, exc, partial=out) from exc
         return out
 
 
@@ -194,7 +260,7 @@ class KeyByOp(MapOp):
             for x in items:
                 append((fn(x), x))
         except Exception as exc:
-            raise UserCodeError(self.name, x, exc) from exc
+            raise UserCodeError(self.name, x, exc, index=len(out), partial=out) from exc
         return out
 
 
@@ -261,7 +327,7 @@ class KeyedOp(Op):
             if self._sampled >= HOT_KEY_WINDOW:
                 self.hot = (self._sampled, self._keys)
                 self._keys, self._sampled = Counter(), 0
-        out = self.apply(items)
+        out = self.apply(items) if self.on_error == "fail" else self._apply_guarded(items)
         if out:
             self.emit(out)
 
@@ -330,7 +396,7 @@ class ReduceOp(KeyedOp):
                 values[key] = acc
                 append((key, acc))
         except Exception as exc:
-            raise UserCodeError(self.name, kv, exc) from exc
+            raise UserCodeError(self.name, kv, exc, index=len(out), partial=out) from exc
         return out
 
 
@@ -348,8 +414,10 @@ class StatefulMapOp(KeyedOp):
         out: list[Any] = []
         append = out.append
         kv: Any = None
+        i = -1
         try:
             for kv in items:
+                i += 1
                 key, value = kv
                 result = fn(get(key), value)
                 try:
@@ -367,7 +435,7 @@ class StatefulMapOp(KeyedOp):
                     for o in outputs:
                         append((key, o))
         except Exception as exc:
-            raise UserCodeError(self.name, kv, exc) from exc
+            raise UserCodeError(self.name, kv, exc, index=i, partial=out) from exc
         return out
 
 
@@ -418,6 +486,97 @@ class SinkOp(Op):
         return []
 
 
+class EventTimeOp(Op):
+    """Reads each record's timestamp and tracks this partition's watermarks.
+
+    Records pass through unchanged. A watermark is kept per *split*: per
+    source partition where the step runs right after a source (the task sets
+    ``split`` before each read's records, so a reader that lags behind
+    another holds the watermark back instead of seeing its records made
+    late), else one for the whole input. Each is the highest timestamp seen
+    minus ``max_delay_s``; the step's watermark is the lowest over the splits
+    that have not ended. ``last_record_at`` (monotonic) tells when the
+    partition went idle.
+    """
+
+    __slots__ = (
+        "ended",
+        "idle_timeout_s",
+        "keyed",
+        "last_record_at",
+        "max_delay_s",
+        "max_ts",
+        "split",
+        "ts_fn",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        ts_fn: Callable[[Any], Any],
+        max_delay_s: float,
+        idle_timeout_s: float | None,
+        keyed: bool,
+    ):
+        super().__init__(name)
+        self.ts_fn = ts_fn
+        self.max_delay_s = max_delay_s
+        self.idle_timeout_s = idle_timeout_s
+        self.keyed = keyed
+        self.split: Any = 0
+        self.max_ts: dict[Any, float] = {0: -math.inf}  # split -> highest timestamp seen
+        self.ended: set[Any] = set()
+        self.last_record_at = time.monotonic()
+
+    def set_splits(self, splits: list[Any]) -> None:
+        """The source partitions this task reads: each holds the watermark until it ends."""
+        old = self.max_ts
+        self.max_ts = {sp: old.get(sp, -math.inf) for sp in splits}
+
+    @property
+    def watermark(self) -> float:
+        live = [v for sp, v in self.max_ts.items() if sp not in self.ended]
+        if not live:
+            return max(self.max_ts.values(), default=-math.inf) - self.max_delay_s
+        return min(live) - self.max_delay_s
+
+    def apply(self, items: list[Any]) -> list[Any]:
+        fn = self.ts_fn
+        hi = self.max_ts.get(self.split, -math.inf)
+        x: Any = None
+        i = -1
+        try:
+            if self.keyed:
+                for x in items:
+                    i += 1
+                    t = fn(x[1])
+                    if t.__class__ is not float:
+                        t = to_seconds(t, self.name)
+                    if t > hi:
+                        hi = t
+            else:
+                for x in items:
+                    i += 1
+                    t = fn(x)
+                    if t.__class__ is not float:
+                        t = to_seconds(t, self.name)
+                    if t > hi:
+                        hi = t
+        except Exception as exc:
+            self.max_ts[self.split] = hi
+            raise UserCodeError(self.name, x, exc, index=i, partial=items[:i]) from exc
+        self.max_ts[self.split] = hi
+        if items:
+            self.last_record_at = time.monotonic()
+        return items
+
+
+class SideOutputOp(Op):
+    """A step's second output (late records, dead letters): fed by its parent step."""
+
+    __slots__ = ()
+
+
 class SourceOp(Op):
     """The head of a source stage; the actor's loop calls ``emit`` with what it read."""
 
@@ -425,7 +584,31 @@ class SourceOp(Op):
 
 
 def build_op(spec: StepSpec, job: str, partition: int, run_id: str = "") -> Op:
+    op = _build_op(spec, job, partition, run_id)
+    op.partition = partition
+    op.on_error = spec.on_error
+    return op
+
+
+def _build_op(spec: StepSpec, job: str, partition: int, run_id: str) -> Op:
     kind = spec.kind
+    if kind is StepKind.SIDE_OUTPUT:
+        return SideOutputOp(spec.name)
+    if kind is StepKind.EVENT_TIME:
+        assert spec.fn is not None
+        max_delay_s, idle_timeout_s = spec.params
+        return EventTimeOp(spec.name, spec.fn, max_delay_s, idle_timeout_s, spec.keyed)
+    if kind is StepKind.WINDOW:
+        from rayflow._internal.runtime.window_ops import WindowOp
+
+        windower, aggregator, lateness = spec.params
+        assert spec.ts_fn is not None
+        return WindowOp(spec.name, windower, aggregator, lateness, spec.ts_fn)
+    if kind is StepKind.PROCESS:
+        from rayflow._internal.runtime.window_ops import ProcessOp
+
+        assert spec.fn is not None and spec.ts_fn is not None
+        return ProcessOp(spec.name, spec.fn, spec.params, spec.ts_fn)
     if kind is StepKind.SOURCE:
         return SourceOp(spec.name)
     if kind is StepKind.UNION:
@@ -456,6 +639,14 @@ def build_op(spec: StepSpec, job: str, partition: int, run_id: str = "") -> Op:
 
 
 _UNSET = object()
+
+
+def _index_of(items: list[Any], record: Any) -> int:
+    """Where ``record`` (the object a step failed on) is in its batch."""
+    for i, x in enumerate(items):
+        if x is record:
+            return i
+    raise AssertionError("the failing record is not in its batch")
 
 
 def _iterable(value: Any) -> bool:

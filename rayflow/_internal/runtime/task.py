@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -72,8 +73,9 @@ from rayflow._internal.runtime.channels import (
     hash_router,
     rebalance_router,
 )
+from rayflow._internal.runtime.event_time import EventTime
 from rayflow._internal.runtime.inflight import InflightCapture
-from rayflow._internal.runtime.mailbox import BARRIER, DATA, EOS, Mailbox
+from rayflow._internal.runtime.mailbox import BARRIER, DATA, EOS, WATERMARK, Mailbox
 from rayflow._internal.runtime.operators import (
     Feed,
     KeyedOp,
@@ -86,7 +88,7 @@ from rayflow._internal.runtime.operators import (
 )
 from rayflow._internal.runtime.pacing import CostMeter, Debloater
 from rayflow._internal.runtime.timing import BACKPRESSURED, BUSY, IDLE, RateWindow, TimeAccount
-from rayflow._internal.spec import StepKind
+from rayflow._internal.spec import LATE, StepKind
 from rayflow._internal.storage import Storage, open_storage
 from rayflow._internal.storage.base import create_once
 from rayflow.config import RuntimeConfig
@@ -175,7 +177,15 @@ class StageTask:
             self.ops[step] = build_op(plan.step(step), job, partition, run_id)
         for step in self.stage.steps:
             op = self.ops[step]
-            op.downstream = [self.ops[c].feed for c in plan.consumers_in_stage(step)]
+            op.downstream = []
+            for c in plan.consumers_in_stage(step):
+                consumer = plan.step(c)
+                if consumer.kind is not StepKind.SIDE_OUTPUT:
+                    op.downstream.append(self.ops[c].feed)
+                elif consumer.port == LATE:
+                    op.late_downstream.append(self.ops[c].feed)  # type: ignore[attr-defined]
+                else:
+                    op.dead_downstream.append(self.ops[c].feed)
         self._keyed: KeyedOp | None = next(
             (op for op in self.ops.values() if isinstance(op, KeyedOp)), None
         )
@@ -188,6 +198,7 @@ class StageTask:
         self.mailbox = Mailbox(
             plan.input_channels(stage, partition), config.mailbox_batches, config.mailbox_bytes
         )
+        self.time = EventTime(plan, self.stage, self.ops, self.mailbox.channels)
         self._entry: dict[int, Feed] = {
             e: self.ops[plan.edges[e].dst_step].feed for e in self.stage.inputs
         }
@@ -202,6 +213,7 @@ class StageTask:
         self._stop_requested = False
         self._finish_requested = False
         self._ended = False
+        self._finishing = False  # _finish() began: no snapshot can be taken any more
         # Control actions queued by actor calls, run by the loop between batches.
         self._control: deque[Callable[[], Awaitable[None]]] = deque()
         # Alignment
@@ -236,7 +248,8 @@ class StageTask:
         self._committer: asyncio.Task[None] | None = None
         self._commit_wake = asyncio.Event()
         self._commit_done = asyncio.Event()
-        self._commit_failure: UserCodeError | None = None
+        # A failure found beside the loop (a commit, an unaligned snapshot): the loop raises it.
+        self._deferred_failure: UserCodeError | None = None
         # Sources: records emitted when the last completed checkpoint was taken, and
         # the bound on what a restart would replay (Checkpointing.max_uncommitted_records).
         self._committed_emitted = 0
@@ -258,6 +271,7 @@ class StageTask:
         self._uploads: set[asyncio.Task[None]] = set()
         self._commits: set[asyncio.Future[None]] = set()
         self.last_snapshot: dict[str, Any] = {}
+        self._event_time_at: dict[int, dict[str, Any]] = {}  # checkpoint id -> watermarks
 
     # -- wiring ------------------------------------------------------------
 
@@ -516,11 +530,25 @@ class StageTask:
             if self._unsafe:  # a slice started meanwhile: after it, then
                 self._request_unaligned(barrier)
                 return
-            await self._take_unaligned(barrier)
+            try:
+                await self._take_unaligned(barrier)
+            except Exception as exc:
+                self._background_failed(barrier.checkpoint_id, exc)
 
         task = asyncio.get_running_loop().create_task(take())
         self._uploads.add(task)
         task.add_done_callback(self._uploads.discard)
+
+    def _background_failed(self, checkpoint_id: int, exc: BaseException) -> None:
+        """A snapshot taken beside the loop failed: never silently (R14).
+
+        The checkpoint is declined at once (not left to expire), and a user
+        error (a sink that cannot stage) fails the task like it would in line.
+        """
+        self._decline(checkpoint_id, f"taking the snapshot failed: {type(exc).__name__}: {exc}")
+        if isinstance(exc, UserCodeError) and self._deferred_failure is None:
+            self._deferred_failure = exc
+            self.mailbox.poke()  # the main loop raises it
 
     async def _take_priority(self) -> None:
         """At a safe point: the unaligned snapshot asked for while state was changing."""
@@ -624,7 +652,7 @@ class StageTask:
                     self._commit_wake.clear()
                     await self._commit_wake.wait()
         except UserCodeError as exc:
-            self._commit_failure = exc
+            self._deferred_failure = exc
             self._commit_done.set()
             self.mailbox.poke()  # the main loop raises it
             raise
@@ -644,6 +672,8 @@ class StageTask:
                 # asked for): a source's position is defined once its readers are open.
                 self._open_readers()
             await self._replay()
+            if self.time.enabled:
+                await self._advance_time(force=True)  # a restored watermark goes out
             if self.is_source:
                 await self._run_source()
             else:
@@ -704,6 +734,8 @@ class StageTask:
                     head.name, None, exc, what=f"opening source partition {sp} at {offset!r}"
                 ) from exc
             self._offsets[sp] = self._readers[sp].offset()
+        for gen in self.time.generators:
+            gen.set_splits(list(self._readers))  # a watermark per source partition
 
     def _routed(self) -> int:
         """Records the chain handed to its output channels so far."""
@@ -740,15 +772,18 @@ class StageTask:
         outputs = self.outputs
         assert outputs is not None
         entry = self._entry
+        event_time = self.time.enabled
         while self._open:
             if self._control:
                 await self._run_control()
-            if self._commit_failure is not None:
-                raise self._commit_failure
+            if self._deferred_failure is not None:
+                raise self._deferred_failure
             env = mailbox.pop()
             if env is None:
                 await outputs.flush()
-                deadline = outputs.next_deadline()
+                if event_time:
+                    await self._advance_time()
+                deadline = _earliest(outputs.next_deadline(), self.time.next_deadline(self._open))
                 await self._idle(
                     None if deadline is None else max(0.0, deadline - time.monotonic())
                 )
@@ -762,6 +797,12 @@ class StageTask:
                     entry[env.channel[0]], items, sliced_control=True, channel=env.channel
                 )
                 await outputs.flush()
+                if event_time:
+                    await self._advance_time()
+            elif env.kind == WATERMARK:
+                watermark, idle = env.payload
+                self.time.on_watermark(env.channel, watermark, idle)
+                await self._advance_time()
             elif env.kind == BARRIER:
                 await self._on_barrier(env.channel, env.payload)
             elif env.kind == EOS:
@@ -783,6 +824,11 @@ class StageTask:
                 await self._run_control()
             if self._finish_requested:
                 break
+            if not active and self.time.enabled and not self.time.input_ended:
+                # Every reader ended (not a stop): event time runs out, so every
+                # window fires now, before the final checkpoint commits it.
+                self.time.input_ended = True
+                await self._advance_time(force=True)
             if not active or self._stop_requested:
                 if not self.checkpointing:
                     break
@@ -795,8 +841,8 @@ class StageTask:
                     self._coordination.source_done(self.epoch)
                 await self._idle(None)
                 continue
-            if self._commit_failure is not None:
-                raise self._commit_failure
+            if self._deferred_failure is not None:
+                raise self._deferred_failure
             limit = self._max_uncommitted
             if limit is not None and head.records_out - self._committed_emitted >= limit:
                 # Checkpoints are not completing (the storage is down?): what a restart
@@ -833,6 +879,8 @@ class StageTask:
                     ) from exc
                 if items is None:
                     active.remove(sp)
+                    for gen in self.time.generators:
+                        gen.ended.add(sp)
                     continue
                 self._offsets[sp] = reader.offset()
                 if len(items) >= batch_size:
@@ -842,16 +890,20 @@ class StageTask:
                     if self.first_data_at is None:
                         self.first_data_at = time.time()
                     routed = self._routed()
+                    for gen in self.time.generators:
+                        gen.split = sp
                     await self._run_chain(head.emit, items, sliced_control=False)
                     # Output records per record read (a flat_map fans out): reads are
                     # sized in input records, the receivers' wishes in output records.
                     fanout = (self._routed() - routed) / len(items)
                     self._fanout += 0.3 * (max(fanout, 0.01) - self._fanout)
                     await outputs.flush()
+            if self.time.enabled:
+                await self._advance_time()
             if active and (caught_up or not progressed):
                 await outputs.flush()
                 wait = CAUGHT_UP_POLL_S if progressed else SOURCE_POLL_S
-                deadline = outputs.next_deadline()
+                deadline = _earliest(outputs.next_deadline(), self.time.next_deadline(self._open))
                 if deadline is not None:  # never hold a batch past its linger time
                     wait = min(wait, max(0.0, deadline - time.monotonic()))
                 await self._idle(wait)
@@ -861,9 +913,25 @@ class StageTask:
         for reader in self._readers.values():
             reader.close()
 
+    async def _advance_time(self, *, force: bool = False) -> None:
+        """Fire what the watermark allows, then send it on if it is due."""
+        assert self.outputs is not None
+        time_ = self.time
+        if time_.timed:
+            time_.advance(self._open)
+            await self.outputs.flush()
+        else:
+            time_._update_input(self._open)
+        now = time.monotonic()
+        message = time_.due(self._open, now, force=force)
+        if message is not None:
+            await self.outputs.send_control(WATERMARK, message)
+            time_.mark_sent(message, now)
+
     async def _finish(self) -> None:
         """End of input: flush, end every output stream, wait for it, close sinks."""
         assert self.outputs is not None
+        self._finishing = True
         await self.outputs.send_control(EOS, None)
         await self.outputs.drain()
         for op in self._sinks:
@@ -936,6 +1004,10 @@ class StageTask:
         """The encoded snapshot, or None after declining the checkpoint (the caller
         still forwards the barrier, so that the operators downstream are not held up)."""
         cid = barrier.checkpoint_id
+        if self._finishing:
+            # Its streams are ending and its sinks closed (R14): nothing to snapshot.
+            self._decline(cid, f"partition {self.partition} has ended its streams")
+            return None
         if len(self._uploading) >= MAX_UPLOADS:
             # The storage is slow or down: a bounded number of snapshots in memory.
             self._decline(cid, self._still_uploading())
@@ -963,6 +1035,10 @@ class StageTask:
             "sinks": self._stage_sinks(barrier),
         }
         sources: dict[str, dict[str, dict[str, Any]]] = {}
+        event_time = self.time.snapshot()
+        if event_time is not None:
+            doc["event_time"] = event_time
+            self._event_time_at[cid] = event_time
         if self.is_source:
             head = self.stage.steps[0]
             owned = set(self.plan.source_partitions(self.stage.name, self.partition))
@@ -1055,6 +1131,9 @@ class StageTask:
             "unaligned": inflight,
             "upload_ms": (time.monotonic() - started) * 1000.0,
         }
+        event_time = self._event_time_at.pop(cid, None)
+        for old in [c for c in self._event_time_at if c < cid]:
+            del self._event_time_at[old]
         if self._coordination is not None:
             self._coordination.acknowledge(
                 cid,
@@ -1067,6 +1146,7 @@ class StageTask:
                     chain=chain,
                     sources=sources,
                     inflight=inflight,
+                    event_time=event_time,
                 ),
             )
 
@@ -1185,6 +1265,7 @@ class StageTask:
                 self._tracker.reset(chain_list)
                 if len(values) >= snap.INCREMENTAL_MIN_KEYS:
                     self._keyed.track_changes()
+        self.time.restore(assignment.event_time)
         if assignment.inflight:
             self._load_inflight(assignment, docs)
         sinks = {op.name: op for op in self._sinks}
@@ -1294,6 +1375,13 @@ class StageTask:
                 entry["ms_per_record"] = per_record * 1000.0 if per_record is not None else None
                 started = self._slice_started
                 entry["in_user_code_s"] = time.monotonic() - started if started else 0.0
+            entry["records_failed"] = op.records_failed
+            if head and self.time.enabled:
+                entry.update(self.time.figures())
+            if hasattr(op, "records_late"):
+                entry["records_late"] = op.records_late
+                wm = op.watermark  # type: ignore[attr-defined]
+                entry["watermark"] = wm if math.isfinite(wm) else None
             if op.state_size is not None:
                 entry["state_keys"] = op.state_size
             if isinstance(op, KeyedOp):
@@ -1338,6 +1426,11 @@ def _create_and_hash(storage: Storage, key: str, data: bytes) -> str:
 
 def _get_and_check(storage: Storage, info: ObjectInfo) -> dict[str, Any]:
     return snap.decode(storage.get(info.key), info)
+
+
+def _earliest(*deadlines: float | None) -> float | None:
+    known = [d for d in deadlines if d is not None]
+    return min(known) if known else None
 
 
 def _sink_error(op: SinkOp, exc: BaseException) -> UserCodeError:
