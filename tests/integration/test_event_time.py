@@ -189,6 +189,8 @@ def test_an_idle_partition_stops_holding_back_the_watermark() -> None:
 def _buckets(
     state: dict[float, int] | None, record: dict[str, Any], ctx: Any
 ) -> tuple[Any, list[Any]]:
+    if record["n"] == 9:
+        raise ValueError("nines are bad")
     state = dict(state or {})
     end = math.floor(ctx.timestamp / 60.0) * 60.0 + 60.0
     state[end] = state.get(end, 0) + 1
@@ -201,22 +203,44 @@ def _emit_bucket(state: dict[float, int], ts: float, ctx: Any) -> tuple[Any, lis
     return (state or None), [(ts - 60.0, count)]
 
 
-def test_process_timers_fire_on_the_watermark(tmp_path: Path) -> None:
-    """A hand-written per-minute count with event-time timers equals tumbling windows."""
+def _add_n(acc: int, e: dict[str, Any]) -> int:
+    if e["n"] == 9:
+        raise ValueError("nines are bad")
+    return acc + e["n"]
+
+
+def test_process_timers_fire_on_the_watermark_and_bad_records_are_set_aside(
+    tmp_path: Path,
+) -> None:
+    """A hand-written per-minute count with event-time timers equals tumbling windows;
+    records the functions fail on are skipped (process) or dead-lettered (window)."""
     events = _events(2_000, disorder_s=10.0, seed=3)
     flow = rf.Dataflow("timers", parallelism=2)
     clicks = flow.source("clicks", rf.testing.from_items(events, partitions=2)).with_event_time(
         "ts", lambda e: e["ts"], max_delay_s=15.0
     )
-    counted = clicks.key_by("user", lambda e: e["user"]).process("minutes", _buckets, _emit_bucket)
+    per_user = clicks.key_by("user", lambda e: e["user"])
+    counted = per_user.process("minutes", _buckets, _emit_bucket, on_error="skip")
     counted.sink("out", rf.testing.Collect())
+    per_user.window("sums", W.Tumbling(60.0), W.Fold(_add_n, 0), on_error="dead_letter").sink(
+        "sums_out", rf.testing.Collect()
+    )
+    flow.dead_letters().sink("dead", rf.testing.Collect())
     result = rf.run(flow, checkpoint=rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.2))
     got: dict[str, list[tuple[float, int]]] = defaultdict(list)
     for records in result.output_partitions("out").values():
         for key, (start, count) in records:
             got[key].append((start, count))
-    expected = {k: [(r.start, r.value) for r in v] for k, v in _tumbling(events, 60.0, len).items()}
+    good = [e for e in events if e["n"] != 9]
+    expected = {k: [(r.start, r.value) for r in v] for k, v in _tumbling(good, 60.0, len).items()}
     assert dict(got) == expected  # per key, in order of the timers
+    sums = _per_key_in_order(result.output_partitions("sums_out"))
+    assert sums == _tumbling(good, 60.0, lambda es: sum(e["n"] for e in es))
+    dead = result.output("dead")
+    assert sorted(d.record[1]["ts"] for d in dead) == sorted(e["ts"] for e in events if e["n"] == 9)
+    assert {d.step for d in dead} == {"sums"}
+    failed = {step: sum(m["records_failed"] for m in ms) for step, ms in result.metrics.items()}
+    assert failed["minutes"] == failed["sums"] == len(events) - len(good)
 
 
 def _parse(line: str) -> int:

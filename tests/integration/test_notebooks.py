@@ -35,6 +35,7 @@ def test_notebook_runs_top_to_bottom(
     if name == "quickstart.ipynb":
         assert "rayflow job quickstart</b>" in text  # the live display and _repr_html_
         assert "'recovered_in_s'" in text and "STOPPED" in text
+        assert "Result(start=0.0, end=60.0, value=" in text  # the event-time window
     else:
         assert any("image/png" in o.get("data", {}) for o in outputs)  # the plots
         assert "the source runs at the sink's pace" in text

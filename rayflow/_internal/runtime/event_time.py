@@ -37,7 +37,7 @@ import time
 from typing import Any, Protocol
 
 from rayflow._internal.plan import ChannelId, Plan, Stage
-from rayflow._internal.runtime.operators import EventTimeOp, Op
+from rayflow._internal.runtime.operators import EventTimeOp, Op, UserCodeError
 from rayflow._internal.spec import StepKind
 
 #: Seconds between two watermark messages on a channel (Flink's default is 0.2 s).
@@ -130,7 +130,7 @@ class EventTime:
             gen = self._fed_by[op.name]
             wm = self.input if gen is None else self._generated(gen)
             if wm > op.watermark:
-                op.advance(wm)
+                _advance(op, wm)
 
     # -- out ------------------------------------------------------------------
 
@@ -206,6 +206,19 @@ class EventTime:
     def figures(self) -> dict[str, float | str | None]:
         """For metrics: the watermark in, and out (None for -inf, "inf" at the end)."""
         return {"watermark_in": _enc(self.input), "watermark_out": _enc(self.output())}
+
+
+def _advance(op: TimedOp, watermark: float) -> None:
+    """``op.advance``; a window or timer whose function fails is set aside like a bad
+    record when the step says so (``on_error``), and the advance goes on."""
+    while True:
+        try:
+            op.advance(watermark)
+            return
+        except UserCodeError as exc:
+            if exc.step != op.name or getattr(op, "on_error", "fail") == "fail":
+                raise
+            op._set_aside(exc)  # type: ignore[attr-defined]
 
 
 def merge_restored(states: list[dict[str, Any]]) -> dict[str, Any]:

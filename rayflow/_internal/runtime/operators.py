@@ -550,7 +550,7 @@ class EventTimeOp(Op):
                 for x in items:
                     i += 1
                     t = fn(x[1])
-                    if t.__class__ is not float:
+                    if t.__class__ is not float or t - t:  # not a finite float
                         t = to_seconds(t, self.name)
                     if t > hi:
                         hi = t
@@ -558,7 +558,7 @@ class EventTimeOp(Op):
                 for x in items:
                     i += 1
                     t = fn(x)
-                    if t.__class__ is not float:
+                    if t.__class__ is not float or t - t:  # not a finite float
                         t = to_seconds(t, self.name)
                     if t > hi:
                         hi = t
@@ -608,7 +608,7 @@ def _build_op(spec: StepSpec, job: str, partition: int, run_id: str) -> Op:
         from rayflow._internal.runtime.window_ops import ProcessOp
 
         assert spec.fn is not None and spec.ts_fn is not None
-        return ProcessOp(spec.name, spec.fn, spec.params, spec.ts_fn)
+        return ProcessOp(spec.name, spec.fn, spec.params or _no_timers(spec.name), spec.ts_fn)
     if kind is StepKind.SOURCE:
         return SourceOp(spec.name)
     if kind is StepKind.UNION:
@@ -639,6 +639,16 @@ def _build_op(spec: StepSpec, job: str, partition: int, run_id: str) -> Op:
 
 
 _UNSET = object()
+
+
+def _no_timers(step: str) -> Callable[[Any, float, Any], Any]:
+    def on_timer(state: Any, timestamp: float, ctx: Any) -> Any:
+        raise TypeError(
+            f"step {step!r} set a timer (at {timestamp}) but has no on_timer function; "
+            "pass process(name, on_record, on_timer)"
+        )
+
+    return on_timer
 
 
 def _index_of(items: list[Any], record: Any) -> int:
