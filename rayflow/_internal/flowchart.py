@@ -28,6 +28,8 @@ _SHAPES = {
     StepKind.SOURCE: ("([", "])"),
     StepKind.REDUCE: ("[(", ")]"),
     StepKind.STATEFUL_MAP: ("[(", ")]"),
+    StepKind.WINDOW: ("[(", ")]"),
+    StepKind.PROCESS: ("[(", ")]"),
     StepKind.SINK: ("[/", "/]"),
 }
 
@@ -38,10 +40,11 @@ def describe_step(step: StepSpec) -> str:
 
 
 def edges(flow: FlowSpec) -> list[tuple[StepSpec, StepSpec, str]]:
-    """Every (input step, step, partitioning) of the flow, in the order steps were added."""
+    """Every (input step, step, partitioning) of the flow, in the order steps were added
+    (a side output's edge says which output it is: ``late``, ``dead_letters``)."""
     by_name = {s.name: s for s in flow.steps}
     return [
-        (by_name[name], step, _edge_kind(by_name[name], step).value)
+        (by_name[name], step, step.port or _edge_kind(by_name[name], step).value)
         for step in flow.steps
         for name in step.inputs
     ]
