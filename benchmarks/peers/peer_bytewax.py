@@ -10,6 +10,15 @@ GIL ("Workers, processes and GIL contention" in its Performance guide:
 -a/--addresses instead of multiple workers with -w"). On this 2-core
 machine that is 1 process at P=1 and 2 at P=2. Checkpoints are Bytewax's
 recovery snapshots, taken at every 1 s epoch.
+
+The ``windows`` workload is ``bytewax.operators.windowing.count_window`` with an
+``EventClock`` (timestamps as the UTC datetimes it requires, waiting
+``MAX_DELAY_S`` of system time for stragglers) and a one-minute
+``TumblingWindower`` aligned to the epoch. ``to_system_utc`` maps every
+window close to ``None``: the input's timestamps lie in the past, and with the
+default (the identity) each key's close time is already due, so Bytewax would
+wake the window operator for every key at every activation to close windows
+that its items close anyway (PEER_BYTEWAX_NOTIFY=1 runs that default).
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +42,11 @@ from bytewax._bytewax import RecoveryConfig, cluster_main, init_db_dir
 from bytewax.connectors.files import DirSource
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.operators.windowing import EventClock, TumblingWindower, count_window
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+NOTIFY = os.environ.get("PEER_BYTEWAX_NOTIFY") == "1"
 
 
 class _NumbersPart(StatefulSourcePartition):
@@ -64,6 +77,72 @@ class Numbers(FixedPartitionedSource):
 
     def build_part(self, step_id: str, for_part: str, resume_state: Any) -> _NumbersPart:
         return _NumbersPart(int(for_part), self.partitions, self.records, resume_state)
+
+
+class _EventsPart(StatefulSourcePartition):
+    def __init__(self, partition: int, partitions: int, resume: int | None):
+        self.p, self.n = partition, partitions
+        self.per = w.WINDOW_EVENTS // partitions
+        self.next = resume or 0
+
+    def next_batch(self) -> list[Any]:
+        if self.next >= self.per:
+            raise StopIteration()
+        end = min(self.next + 4096, self.per)
+        p, n, event = self.p, self.n, w.window_event
+        batch = [event(i * n + p) for i in range(self.next, end)]
+        self.next = end
+        return batch
+
+    def snapshot(self) -> int:
+        return self.next
+
+
+class Events(FixedPartitionedSource):
+    """The windows workload's events; partition p of P reads events ``offset * P + p``."""
+
+    def __init__(self, partitions: int):
+        self.partitions = partitions
+
+    def list_parts(self) -> list[str]:
+        return [str(p) for p in range(self.partitions)]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Any) -> _EventsPart:
+        return _EventsPart(int(for_part), self.partitions, resume_state)
+
+
+class _WindowStatsPart(StatelessSinkPartition):
+    def __init__(self, path: str, stamps: str):
+        self.path = path
+        self.stamps = stamps
+        self.tally = w.WindowTally()
+
+    def write_batch(self, items: list[Any]) -> None:
+        if items and not self.tally.count:
+            w.stamp_first_out(self.stamps)
+        add = self.tally.add
+        for key, (window_id, count) in items:
+            add(key, window_id * w.WINDOW_S, count)  # windows are aligned to the epoch
+
+    def close(self) -> None:
+        self.tally.dump(self.path)
+
+
+class WindowStats(DynamicSink):
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _WindowStatsPart:
+        path = os.path.join(self.folder, f"{os.getpid()}-{worker_index}.json")
+        return _WindowStatsPart(path, os.environ["PEER_STAMPS"])
+
+
+def event_time(event: tuple[str, float]) -> datetime:
+    return datetime.fromtimestamp(event[1], tz=timezone.utc)
+
+
+def no_wakeup(close: datetime) -> datetime | None:
+    return None
 
 
 class _StatsPart(StatelessSinkPartition):
@@ -105,6 +184,17 @@ def build(workload: str, parallelism: int, out: str) -> tuple[Dataflow, int]:
         )
         op.output("out", sums, Stats(out))
         return flow, records
+    if workload == "windows":
+        events = op.map("stamp", op.input("events", flow, Events(parallelism)), w.stamp)
+        clock: EventClock[tuple[str, float]] = EventClock(
+            ts_getter=event_time,
+            wait_for_system_duration=timedelta(seconds=w.MAX_DELAY_S),
+            **({} if NOTIFY else {"to_system_utc": no_wakeup}),
+        )
+        windower = TumblingWindower(length=timedelta(seconds=w.WINDOW_S), align_to=EPOCH)
+        counts = count_window("per_min", events, clock, windower, key=lambda e: e[0])
+        op.output("out", counts.down, WindowStats(out))
+        return flow, w.WINDOW_EVENTS
     if workload == "wordcount":
         folder = w.make_text(w.text_megabytes())
         lines = op.map(

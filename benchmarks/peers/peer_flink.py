@@ -9,6 +9,15 @@ instead of in separate Python worker processes fed over gRPC (the default,
 JSON line says where the Python functions actually ran (``python_ran_in``:
 the JVM, or Python worker processes), so a setting that did not take
 effect shows. Checkpoints every second into a local folder when asked.
+
+The ``windows`` workload: a ``NumberSequenceSource`` of the event numbers
+(Flink splits it into one contiguous range per subtask: subtask p reads
+partition p's events), the events made by a map, timestamps and watermarks
+from ``WatermarkStrategy.for_bounded_out_of_orderness`` with a
+``TimestampAssigner``, then ``key_by`` -> ``window(TumblingEventTimeWindows.of(
+Time.minutes(1)))`` -> ``aggregate`` with an incremental count
+(``AggregateFunction``) and a ``ProcessWindowFunction`` that adds the window's
+start.
 """
 
 from __future__ import annotations
@@ -25,16 +34,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psutil
 import workloads as w
-from pyflink.common import Configuration, Types, WatermarkStrategy
+from pyflink.common import Configuration, Duration, Types, WatermarkStrategy
+from pyflink.common.time import Time
+from pyflink.common.watermark_strategy import TimestampAssigner
 from pyflink.datastream import RuntimeExecutionMode, StreamExecutionEnvironment
 from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
 from pyflink.datastream.connectors.number_seq import NumberSequenceSource
 from pyflink.datastream.functions import (
+    AggregateFunction,
     FlatMapFunction,
     KeyedProcessFunction,
+    ProcessWindowFunction,
     RuntimeContext,
 )
 from pyflink.datastream.state import ValueStateDescriptor
+from pyflink.datastream.window import TumblingEventTimeWindows
 
 MODE = os.environ.get("PEER_FLINK_MODE", "thread")
 
@@ -61,6 +75,63 @@ class Stats(FlatMapFunction):
         path = os.path.join(self.folder, f"{os.getpid()}-{time.time_ns()}.json")
         with open(path, "w") as f:
             json.dump({"count": self.count, "total": sum(self.latest.values())}, f)
+
+
+class WindowStats(FlatMapFunction):
+    """The windows workload's sink: tallies the (key, window start in ms, count) results."""
+
+    def __init__(self, folder: str, stamps: str):
+        self.folder = folder
+        self.stamps = stamps
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.tally = w.WindowTally()
+
+    def flat_map(self, value: Any) -> Any:
+        if not self.tally.count:
+            w.stamp_first_out(self.stamps)
+        key, start_ms, count = value
+        self.tally.add(key, start_ms // 1000, count)
+        return iter(())
+
+    def close(self) -> None:
+        self.tally.dump(os.path.join(self.folder, f"{os.getpid()}-{time.time_ns()}.json"))
+
+
+class EventTime(TimestampAssigner):
+    def extract_timestamp(self, value: Any, record_timestamp: int) -> int:
+        return round(value[1] * 1000)  # whole milliseconds (see workloads.window_event)
+
+
+class CountAggregate(AggregateFunction):
+    def create_accumulator(self) -> int:
+        return 0
+
+    def add(self, value: Any, accumulator: int) -> int:
+        return accumulator + 1
+
+    def get_result(self, accumulator: int) -> int:
+        return accumulator
+
+    def merge(self, a: int, b: int) -> int:
+        return a + b
+
+
+class WithWindowStart(ProcessWindowFunction):
+    def process(self, key: str, context: Any, elements: Any) -> Any:
+        for count in elements:
+            yield key, context.window().start, count
+
+
+def event_maker(parallelism: int) -> Any:
+    """Number n of the sequence -> the event that Flink's subtask for n's split reads."""
+    per = w.WINDOW_EVENTS // parallelism
+
+    def event(n: int) -> tuple[str, float]:
+        partition, offset = divmod(n, per)
+        return w.window_event(offset * parallelism + partition)
+
+    return event
 
 
 class Sessionize(KeyedProcessFunction):
@@ -141,6 +212,31 @@ def main() -> None:
             lambda a, b: (a[0], a[1] + b[1])
         )
         counts.flat_map(Stats(out, stamps)).print()
+    elif workload == "windows":
+        records = w.WINDOW_EVENTS
+        sequence = env.from_source(
+            NumberSequenceSource(0, records - 1), WatermarkStrategy.no_watermarks(), "numbers"
+        )
+        event_type = Types.TUPLE([Types.STRING(), Types.DOUBLE()])
+        events = sequence.map(event_maker(parallelism), output_type=event_type).map(
+            w.stamp, output_type=event_type
+        )
+        timed = events.assign_timestamps_and_watermarks(
+            WatermarkStrategy.for_bounded_out_of_orderness(
+                Duration.of_millis(int(w.MAX_DELAY_S * 1000))
+            ).with_timestamp_assigner(EventTime())
+        )
+        counts = (
+            timed.key_by(lambda e: e[0], key_type=Types.STRING())
+            .window(TumblingEventTimeWindows.of(Time.minutes(1)))
+            .aggregate(
+                CountAggregate(),
+                window_function=WithWindowStart(),
+                accumulator_type=Types.LONG(),
+                output_type=Types.TUPLE([Types.STRING(), Types.LONG(), Types.LONG()]),
+            )
+        )
+        counts.flat_map(WindowStats(out, stamps)).print()
     else:
         folder = w.make_events()
         records = w.SESSION_EVENTS

@@ -63,6 +63,11 @@ def sessions() -> tuple[int, int, int]:
     return w.SESSION_EVENTS, len(closed), sum(closed.values())
 
 
+def windows() -> tuple[int, int, int, int]:
+    tally = w.tumbling_counts(map(w.window_event, range(w.WINDOW_EVENTS)))
+    return w.WINDOW_EVENTS, tally.count, tally.total, tally.events
+
+
 def main() -> None:
     workload = sys.argv[1]
     if workload == "wordcount":
@@ -70,11 +75,15 @@ def main() -> None:
     elif workload == "sessions":
         w.make_events()
     started = time.time()
-    records, outputs, check = {
-        "keyed_sum": keyed_sum,
-        "wordcount": wordcount,
-        "sessions": sessions,
-    }[workload]()
+    extra = {}
+    if workload == "windows":
+        records, outputs, check, extra["counted"] = windows()
+    else:
+        records, outputs, check = {
+            "keyed_sum": keyed_sum,
+            "wordcount": wordcount,
+            "sessions": sessions,
+        }[workload]()
     ended = time.time()
     print(
         json.dumps(
@@ -85,6 +94,7 @@ def main() -> None:
                 "first_record": started,
                 "outputs": outputs,
                 "check": check,
+                **extra,
             }
         ),
         flush=True,

@@ -5,6 +5,12 @@ Prints one JSON line: records, the run's end time, and what the job produced
 ``startup`` workload runs ``PEER_STARTUP_JOBS`` (default 3) tiny jobs one
 after the other on that one Ray: the first right after ``ray.init``, the
 others on a Ray that has run jobs before.
+
+The ``windows`` workload: a ``Generator`` source (partition p of P reads
+events ``offset * P + p``), ``with_event_time`` (a watermark ``MAX_DELAY_S``
+behind), ``key_by`` and ``window(..., rf.windows.Tumbling(60.0),
+rf.windows.Count())``, whose ``(key, rf.windows.Result(start, end, value))``
+results a sink tallies.
 """
 
 from __future__ import annotations
@@ -60,6 +66,38 @@ class _LastWriter(rf.sinks.SinkWriter):
             json.dump(committable, f)
 
 
+class WindowStats(rf.sinks.Sink):
+    """Tallies the window results (``workloads.WindowTally``); the tally goes to a file."""
+
+    def __init__(self, folder: str, firsts: str):
+        self.folder = folder
+        self.firsts = firsts
+
+    def open(self, ctx: rf.sinks.SinkContext) -> rf.sinks.SinkWriter:
+        return _WindowWriter(os.path.join(self.folder, f"{ctx.partition}.json"), self.firsts)
+
+
+class _WindowWriter(rf.sinks.SinkWriter):
+    def __init__(self, path: str, firsts: str):
+        self.path = path
+        self.firsts = firsts
+        self.tally = w.WindowTally()
+
+    def write(self, items: list[Any]) -> None:
+        if items and not self.tally.count:
+            w.stamp_first_out(self.firsts)
+        add = self.tally.add
+        for key, result in items:
+            add(key, result.start, result.value)
+
+    def prepare_commit(self, checkpoint_id: int) -> Any:
+        return self.tally.state()
+
+    def commit(self, committable: Any) -> None:
+        with open(self.path, "w") as f:
+            json.dump(committable, f)
+
+
 def build(
     workload: str, parallelism: int, out: str, firsts: str, name: str = ""
 ) -> tuple[rf.Dataflow, int]:
@@ -78,6 +116,24 @@ def build(
             "sum", lambda acc, r: acc + r[1], initial=0
         )
         sums.sink("out", LastPerKey(out, firsts))
+        return flow, per * parallelism
+    if workload == "windows":
+        per = w.WINDOW_EVENTS // parallelism
+        src = flow.source(
+            "events",
+            rf.sources.Generator(
+                lambda p, i, n=parallelism: w.window_event(i * n + p),
+                partitions=parallelism,
+                limit=per,
+            ),
+        )
+        events = src.map("stamp", w.stamp).with_event_time(
+            "ts", lambda e: e[1], max_delay_s=w.MAX_DELAY_S
+        )
+        counts = events.key_by("by_key", lambda e: e[0]).window(
+            "per_min", rf.windows.Tumbling(float(w.WINDOW_S)), rf.windows.Count()
+        )
+        counts.sink("out", WindowStats(out, firsts))
         return flow, per * parallelism
     if workload == "wordcount":
         folder = w.make_text(w.text_megabytes())

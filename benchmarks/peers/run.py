@@ -4,6 +4,7 @@
     python benchmarks/peers/run.py              # everything, full size (hours: see below)
     python benchmarks/peers/run.py --systems rayflow bytewax --workloads keyed_sum startup
     python benchmarks/peers/run.py --scale 0.02 --repeat 1   # a quick trial (not published)
+    python benchmarks/peers/run.py --workloads windows       # the event-time window count
 
 Every peer runs in its best documented configuration: PyFlink with
 ``python.execution-mode: thread`` (each run checks that its Python functions
@@ -20,20 +21,28 @@ sink (for rayflow: on a running Ray, and including ``ray.init``). Every
 repetition runs all systems in turn, so that a drift of the machine's speed
 hits all of them alike.
 
+Every run's result is checked: all the runs of a cell (every system, every
+repetition) must agree on it, and the ``windows`` workload's must equal the
+reference computed here (its number of window results, a checksum over the
+(key, window start, count) results, and the number of events counted). A
+mismatch is printed at once, marked in the table, and makes run.py exit 1
+(after saving the results).
+
 Full-size results go to ``benchmarks/results/peers.json`` (a cell's new runs
 replace its old ones) and the Markdown table with its summary to
 ``benchmarks/results/peers.md``, into the README between its ``peers-table``
 markers, and to the terminal. A run at another ``--scale`` is a trial: it
-goes to ``peers-trial.json``/``.md`` only.
+goes to ``peers-trial.json``/``.md`` only (which a trial at another scale replaces).
 
 Duration at full size on 2 cores: PyFlink does 10-50k records/s here, so
-its runs take most of the time (about a minute each, 36 of them with
-``--repeat 3``): about an hour for everything.
+its runs take most of the time (about a minute each, 48 of them with
+``--repeat 3``): about an hour and a half for everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -48,8 +57,8 @@ import psutil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(os.path.dirname(HERE), "results")
-WORKLOADS = ["keyed_sum", "wordcount", "sessions", "startup"]
-THROUGHPUT = ["keyed_sum", "wordcount", "sessions"]
+WORKLOADS = ["keyed_sum", "wordcount", "sessions", "windows", "startup"]
+THROUGHPUT = ["keyed_sum", "wordcount", "sessions", "windows"]
 SYSTEMS = ["rayflow", "bytewax", "flink", "python"]
 NAMES = {"rayflow": "rayflow", "bytewax": "Bytewax", "flink": "PyFlink", "python": "Python loop"}
 FORMAT = 2  # results of older formats (PyFlink in process mode at 2% of the input) are dropped
@@ -127,6 +136,37 @@ def run_once(system: str, workload: str, parallelism: int, checkpoint: bool,
     return data
 
 
+@functools.cache
+def reference(workload: str) -> dict[str, int] | None:
+    """What every run of ``workload`` must produce, where a reference exists
+    (workloads reads the scale from PEER_SCALE, which main sets)."""
+    if workload != "windows":
+        return None
+    from workloads import expected_windows
+
+    return expected_windows()
+
+
+def mismatches(
+    runs: dict[str, list[dict[str, Any]]], expected: dict[str, int] | None
+) -> dict[str, list[str]]:
+    """What is wrong with the results of one cell's runs, per system (empty: nothing)."""
+    problems: dict[str, list[str]] = {s: [] for s in runs}
+    checks = {s: sorted({r["check"] for r in rs}) for s, rs in runs.items()}
+    differ = len({c for cs in checks.values() for c in cs}) > 1
+    for system, system_runs in runs.items():
+        if expected is not None:
+            for i, run in enumerate(system_runs):
+                wrong = {k: run.get(k) for k, v in expected.items() if run.get(k) != v}
+                if wrong:
+                    problems[system].append(
+                        f"{NAMES[system]} run {i + 1} produced {wrong}, the reference {expected}"
+                    )
+        elif differ:
+            problems[system].append(f"the runs' checks differ: {checks}")
+    return {s: p for s, p in problems.items() if p}
+
+
 def results_path(scale: float, suffix: str) -> str:
     name = "peers" if scale == 1 else "peers-trial"
     return os.path.join(RESULTS, f"{name}.{suffix}")
@@ -137,7 +177,8 @@ def load(scale: float) -> dict[str, Any]:
     if os.path.exists(path):
         with open(path) as f:
             data: dict[str, Any] = json.load(f)
-        if data.get("format") == FORMAT:
+        # A trial at another scale starts afresh (its results are not comparable).
+        if data.get("format") == FORMAT and data.get("scale", scale) == scale:
             return data
     return {"format": FORMAT, "results": {}}
 
@@ -297,6 +338,20 @@ def summary(data: dict[str, Any]) -> list[str]:
                 f"{NAMES[peer]}'s (median {statistics.median(ratios):.2g}x over {len(ratios)} "
                 "cells)."
             )
+    for peer in ("bytewax", "flink"):
+        ratios = []
+        for p in (1, 2):
+            for cp in (False, True):
+                r = res.get(key("rayflow", "windows", p, cp))
+                o = res.get(key(peer, "windows", p, cp))
+                if r and o:
+                    ratios.append(r["rate"] / o["rate"])
+        if ratios:
+            lines.append(
+                f"- windows (tumbling event-time count): rayflow is {min(ratios):.2g}-"
+                f"{max(ratios):.2g}x {NAMES[peer]} (median {statistics.median(ratios):.2g}x "
+                f"over {len(ratios)} cells)."
+            )
     figures = {s: startup_figures(res.get(key(s, "startup", 1, False))) for s in NAMES}
     rf_warm = figures["rayflow"]["first_out"]
     if rf_warm:
@@ -338,6 +393,9 @@ def table(data: dict[str, Any]) -> str:
         found = {s: v["check"] for s, v in values.items() if v}
         if len(set(found.values())) > 1:
             checks.append(f"- {workload}: the systems' results differ: {found}")
+    for cell, entry in sorted(res.items()):
+        for problem in entry.get("mismatch", []):
+            checks.append(f"- WRONG RESULT in {cell}: {problem}")
     return "\n".join(
         throughput_table(data) + startup_table(data) + notes + ["", *summary(data), *checks]
     )
@@ -350,9 +408,12 @@ def record(
     p: int,
     cp: bool,
     runs: list[dict[str, Any]],
+    mismatch: list[str] | None = None,
 ) -> None:
     """Keep the runs of one cell (the median one in front), print it, save the results."""
     entry: dict[str, Any] = {"runs": runs, "peak_mb": max(r["peak_mb"] for r in runs)}
+    if mismatch:
+        entry["mismatch"] = mismatch
     if workload == "startup":
         fig = startup_figures(entry)
         print(
@@ -396,7 +457,9 @@ def main() -> None:
     parser.add_argument("--text-mb", type=int, default=10)
     args = parser.parse_args()
     sys.path.insert(0, HERE)
+    os.environ["PEER_SCALE"] = str(args.scale)  # for the references (workloads.py)
     os.makedirs(RESULTS, exist_ok=True)
+    wrong: list[str] = []
     data = load(args.scale)
     data["versions"] = {**data.get("versions", {}), **{s: version(s) for s in args.systems}}
     for workload in args.workloads:
@@ -415,10 +478,15 @@ def main() -> None:
             for _ in range(args.repeat):
                 for system in systems:
                     runs[system].append(run_once(system, workload, p, cp, args.scale, args.text_mb))
+            problems = {} if workload == "startup" else mismatches(runs, reference(workload))
+            for problem in sorted({m for ms in problems.values() for m in ms}):
+                message = f"{workload} p{p} {'cp' if cp else 'nocp'}: {problem}"
+                wrong.append(message)
+                print(f"\n!!! WRONG RESULT: {message}\n", file=sys.stderr, flush=True)
             for system in systems:
                 # The loop runs once per workload; its table key is p1 without checkpoints.
                 cell_p = 1 if system == "python" else p
-                record(data, system, workload, cell_p, cp, runs[system])
+                record(data, system, workload, cell_p, cp, runs[system], problems.get(system))
             save(data, args.scale)
     data.update(
         machine=machine(),
@@ -434,6 +502,9 @@ def main() -> None:
     if args.scale == 1:
         update_readme(text)
     print(text)
+    if wrong:
+        print("\n!!! WRONG RESULTS:\n" + "\n".join(f"  {m}" for m in wrong), file=sys.stderr)
+        raise SystemExit(1)
 
 
 def update_readme(text: str) -> None:

@@ -9,6 +9,12 @@ Each peer script builds the same jobs in its own framework:
   words.
 - ``sessions``: a keyed sessionizer over 1,000,000 JSON click events (parse,
   key by user, a state machine per user that emits closed sessions).
+- ``windows``: a tumbling 1-minute event-time count per key over 1,000,000
+  timestamped events ``(key, ts)`` (1,000 keys, about 67 minutes of event
+  time, a tenth of the events up to 3 s late; ``window_event``), with a
+  watermark 5 s behind the highest timestamp; one result per key and minute.
+  The input is partitioned by key (like a Kafka topic keyed by user), so each
+  key's events arrive in the order they were generated at every parallelism.
 - ``startup``: the keyed sum over 100 records, to time a job's start-up:
   from submitting the flow to the first record out at the sink.
 
@@ -28,6 +34,8 @@ import json
 import os
 import random
 import time
+import zlib
+from collections.abc import Iterable
 from typing import Any
 
 # PEER_SCALE shrinks the inputs of every system alike (for quick trial runs:
@@ -41,6 +49,22 @@ SESSION_USERS = 5_000
 SESSION_GAP = 1800.0
 FILES = 8
 
+# The windows workload: WINDOW_EVENTS events, event i at BASE_MS + i * STEP_MS
+# milliseconds since the epoch (1M events span ~67 minutes), one in ten of them
+# delayed by up to DISORDER_MS; every system waits MAX_DELAY_S for stragglers.
+# The delay is bounded below the wait with room to spare because Bytewax's
+# EventClock also advances its watermark with the wall clock between events.
+WINDOW_EVENTS = int(1_000_000 * SCALE) // 4 * 4  # divisible by every parallelism of 1, 2, 4
+WINDOW_KEYS = 1_000
+WINDOW_S = 60
+WINDOW_SEED = 14
+BASE_MS = 1_700_000_000_000  # 2023-11-14; windows are aligned to the epoch
+STEP_MS = 4
+DISORDER_MS = 3_000
+MAX_DELAY_S = 5.0
+KEY_NAMES = [f"u{k:04d}" for k in range(WINDOW_KEYS)]
+_MASK = (1 << 64) - 1
+
 
 def sum_record(partition: int, offset: int, partitions: int) -> tuple[int, int]:
     i = offset * partitions + partition
@@ -52,6 +76,113 @@ def expected_sums(records: int = SUM_RECORDS) -> dict[int, int]:
     for i in range(records):
         sums[i % KEYS] = sums.get(i % KEYS, 0) + i % 7 + 1
     return sums
+
+
+def window_event(i: int) -> tuple[str, float]:
+    """Event ``i`` of the windows workload: ``(key, ts)``, ts in seconds since the epoch.
+
+    Deterministic (a splitmix64 hash of ``i`` and the seed). The key is uniform
+    over WINDOW_KEYS but congruent to ``i`` modulo 4, so the events of source
+    partition ``p`` of ``P`` (events ``offset * P + p``, see ``window_index``)
+    carry the keys congruent to ``p`` modulo ``P`` for P in 1, 2, 4: a key's
+    events all come from one source partition, in generation order.
+    Timestamps are whole milliseconds, so that every system (floats, Flink's
+    int milliseconds, Bytewax's datetimes) puts every event in the same window.
+    """
+    h = ((i + WINDOW_SEED * 0x632BE59BD9B4E019) * 0x9E3779B97F4A7C15) & _MASK
+    h ^= h >> 30
+    h = (h * 0xBF58476D1CE4E5B9) & _MASK
+    h ^= h >> 27
+    key = KEY_NAMES[(h & 0xFFFF) % (WINDOW_KEYS // 4) * 4 + (i & 3)]
+    ms = BASE_MS + i * STEP_MS
+    if (h >> 16) % 10 == 0:
+        ms -= (h >> 24) % (DISORDER_MS + 1)
+    return key, ms / 1000
+
+
+def window_index(partition: int, offset: int, partitions: int) -> int:
+    """The event that source partition ``partition`` of ``partitions`` reads at ``offset``."""
+    return offset * partitions + partition
+
+
+def window_result(key: str, start_s: float, count: int) -> int:
+    """One window result's contribution to the check: the sum of these over all
+    results (with their number and the sum of the counts) must agree everywhere."""
+    return zlib.crc32(f"{key}|{int(start_s)}|{count}".encode())
+
+
+def expected_windows(events: int | None = None) -> dict[str, int]:
+    """The reference answer of the windows workload, by the plainest computation:
+    ``outputs`` (results), ``check`` (sum of window_result) and ``counted`` (events)."""
+    counts: dict[tuple[str, int], int] = {}
+    for i in range(WINDOW_EVENTS if events is None else events):
+        key, ts = window_event(i)
+        start = int(ts // WINDOW_S) * WINDOW_S
+        counts[key, start] = counts.get((key, start), 0) + 1
+    return {
+        "outputs": len(counts),
+        "check": sum(window_result(k, s, c) for (k, s), c in counts.items()),
+        "counted": sum(counts.values()),
+    }
+
+
+class WindowTally:
+    """What every system's sink does with window results: counts them, sums
+    ``window_result`` and the counts; ``dump`` writes them for ``report``.
+    With ``keep``, ``results`` maps each (key, start) to its count."""
+
+    def __init__(self, keep: bool = False) -> None:
+        self.count = 0
+        self.total = 0
+        self.events = 0
+        self.results: dict[tuple[str, int], int] | None = {} if keep else None
+
+    def add(self, key: str, start_s: float, count: int) -> None:
+        self.count += 1
+        self.total += window_result(key, start_s, count)
+        self.events += count
+        if self.results is not None:
+            self.results[key, int(start_s)] = count
+
+    def state(self) -> dict[str, int]:
+        return {"count": self.count, "total": self.total, "events": self.events}
+
+    def dump(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.state(), f)
+
+
+def tumbling_counts(events: Iterable[tuple[str, float]], keep: bool = False) -> WindowTally:
+    """The windows workload as a one-process streaming loop (the ceiling): a
+    watermark MAX_DELAY_S behind the highest timestamp; a minute's counts are
+    tallied once the watermark passes its end, the rest at the end of the input.
+    Records whose window has already fired are dropped (none are, with this input)."""
+    tally = WindowTally(keep)
+    size = WINDOW_S
+    open_windows: dict[int, dict[str, int]] = {}  # start -> key -> count
+    next_close = float("inf")  # the end of the earliest open window
+    high = float("-inf")
+    for key, ts in events:
+        if ts > high:
+            high = ts
+            watermark = ts - MAX_DELAY_S
+            while watermark >= next_close:
+                start = min(open_windows)
+                for k, count in open_windows.pop(start).items():
+                    tally.add(k, start, count)
+                next_close = min(open_windows, default=float("inf")) + size
+        start = int(ts // size) * size
+        if start + size <= high - MAX_DELAY_S:
+            continue  # late: its window has fired
+        counts = open_windows.get(start)
+        if counts is None:
+            counts = open_windows[start] = {}
+            next_close = min(next_close, start + size)
+        counts[key] = counts.get(key, 0) + 1
+    for start in sorted(open_windows):
+        for k, count in open_windows[start].items():
+            tally.add(k, start, count)
+    return tally
 
 
 def data_dir() -> str:
@@ -185,4 +316,6 @@ def report(records: int, started: float, ended: float, out: str, **extra: Any) -
         "check": sum(p["total"] for p in produced),
         **extra,
     }
+    if any("events" in p for p in produced):  # windows: the events the windows counted
+        line["counted"] = sum(p.get("events", 0) for p in produced)
     print(json.dumps(line), flush=True)
