@@ -8,12 +8,13 @@ step's name and what to do about it.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from rayflow._internal import naming
+from rayflow._internal.callables import arity_mismatch
+from rayflow._internal.callables import describe as _describe
 from rayflow._internal.spec import (
     DEAD_LETTERS,
     LATE,
@@ -648,41 +649,17 @@ def _check_seconds(step: str, what: str, value: Any, *, allow_zero: bool) -> Non
         )
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, type):
-        return f"the class {value.__module__}.{value.__qualname__}"
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
-
-
-def _where(fn: Any) -> str:
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return ""
-    return f" (defined at {code.co_filename}:{code.co_firstlineno})"
-
-
 def _check_function(step: str, op: str, fn: Any, arity: int) -> None:
     if not callable(fn):
         raise BuildError(f"step {step!r}: {op} needs a function; got {_describe(fn)}")
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return  # builtins without a signature: nothing to check
-    try:
-        sig.bind(*range(arity))
-    except TypeError:
+    mismatch = arity_mismatch(fn, arity)
+    if mismatch is not None:
         args = {
             1: "one argument (the record)",
             2: "two arguments (state, record)",
             3: "three arguments (state, record or timestamp, ctx)",
         }[arity]
-        name = getattr(fn, "__qualname__", repr(fn))
-        raise BuildError(
-            f"step {step!r}: the {op} function must accept {args}; {name}{sig} does not{_where(fn)}"
-        ) from None
+        raise BuildError(f"step {step!r}: the {op} function must accept {args}; {mismatch}")
 
 
 def _check_positive_int(where: str, what: str, value: Any) -> None:

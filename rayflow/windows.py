@@ -55,12 +55,13 @@ with cloudpickle); arguments are checked when they are built.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
+from rayflow._internal.callables import arity_mismatch
+from rayflow._internal.callables import describe as _describe
 from rayflow.errors import BuildError
 
 __all__ = [
@@ -238,26 +239,9 @@ def _finite(where: str, what: str, value: Any) -> float:
 def _check_function(cls: str, what: str, fn: Any, arity: int, expected: str) -> None:
     if not callable(fn):
         raise BuildError(f"{cls}: {what} must be {expected}; got {_describe(fn)}")
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return  # builtins without a signature: nothing to check
-    try:
-        sig.bind(*range(arity))
-    except TypeError:
-        name = getattr(fn, "__qualname__", repr(fn))
-        code = getattr(fn, "__code__", None)
-        at = f" (defined at {code.co_filename}:{code.co_firstlineno})" if code else ""
+    mismatch = arity_mismatch(fn, arity)
+    if mismatch is not None:
         raise BuildError(
             f"{cls}: {what} must be {expected}, taking {arity} argument"
-            f"{'s' if arity > 1 else ''}; {name}{sig} does not{at}"
-        ) from None
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, type):
-        return f"the class {value.__module__}.{value.__qualname__}"
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
+            f"{'s' if arity > 1 else ''}; {mismatch}"
+        )

@@ -42,13 +42,28 @@ from rayflow.windows import Aggregator, Windower
 class _EventTimeOp(KeyedOp):
     """What both steps share: a watermark, late records, user errors named by step."""
 
-    __slots__ = ("late_downstream", "records_late", "watermark")
+    __slots__ = ("_logic", "late_downstream", "records_late", "watermark")
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, logic: Engine | KeyedTimers):
         super().__init__(name)
+        self._logic = logic  # what fires on the watermark: windows, or timers
         self.watermark = -math.inf
         self.late_downstream: list[Feed] = []
         self.records_late = 0
+
+    def advance(self, watermark: float) -> None:
+        if watermark > self.watermark:
+            self.watermark = watermark
+        try:
+            out = self._logic.fire(self.state.values, self.watermark, self._changed)
+        except UserFunctionError as exc:
+            self._fired_before(exc)
+            raise self._user_error(exc, []) from exc.cause
+        if out:
+            self.emit(out)
+
+    def restored(self) -> None:
+        self._logic.rebuild(self.state.values)
 
     def _late(self, late: list[Any]) -> None:
         self.records_late += len(late)
@@ -85,8 +100,8 @@ class WindowOp(_EventTimeOp):
         allowed_lateness_s: float,
         ts_fn: Callable[[Any], Any],
     ):
-        super().__init__(name)
         self._engine: Engine = make_engine(name, windower, aggregator, allowed_lateness_s, ts_fn)
+        super().__init__(name, self._engine)
 
     def apply(self, items: list[Any]) -> list[Any]:
         try:
@@ -98,20 +113,6 @@ class WindowOp(_EventTimeOp):
         if late:
             self._late(late)
         return []
-
-    def advance(self, watermark: float) -> None:
-        if watermark > self.watermark:
-            self.watermark = watermark
-        try:
-            out = self._engine.fire(self.state.values, self.watermark, self._changed)
-        except UserFunctionError as exc:
-            self._fired_before(exc)
-            raise self._user_error(exc, []) from exc.cause
-        if out:
-            self.emit(out)
-
-    def restored(self) -> None:
-        self._engine.rebuild(self.state.values)
 
 
 class ProcessOp(_EventTimeOp):
@@ -130,28 +131,14 @@ class ProcessOp(_EventTimeOp):
         on_timer: OnTimer,
         ts_fn: Callable[[Any], Any],
     ):
-        super().__init__(name)
         for what, fn in (("on_record", on_record), ("on_timer", on_timer), ("ts_fn", ts_fn)):
             if not callable(fn):
                 raise BuildError(f"step {name!r}: {what} must be a function; got {fn!r}")
         self._timers = KeyedTimers(name, on_record, on_timer, ts_fn)
+        super().__init__(name, self._timers)
 
     def apply(self, items: list[Any]) -> list[Any]:
         try:
             return self._timers.add(items, self.state.values, self.watermark)
         except UserFunctionError as exc:
             raise self._user_error(exc, exc.partial) from exc.cause
-
-    def advance(self, watermark: float) -> None:
-        if watermark > self.watermark:
-            self.watermark = watermark
-        try:
-            out = self._timers.fire(self.state.values, self.watermark, self._changed)
-        except UserFunctionError as exc:
-            self._fired_before(exc)
-            raise self._user_error(exc, []) from exc.cause
-        if out:
-            self.emit(out)
-
-    def restored(self) -> None:
-        self._timers.rebuild(self.state.values)
