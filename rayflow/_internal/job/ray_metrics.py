@@ -27,14 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rayflow._internal.telemetry import field_of, utilization_of, watermark_lag
+from rayflow._internal.telemetry import (
+    DURATION_BUCKETS_S,
+    field_of,
+    utilization_of,
+    watermark_lag,
+)
 
 log = logging.getLogger("rayflow")
-
-#: Bucket boundaries (seconds) of the duration histograms.
-DURATION_BUCKETS_S = (
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-)  # fmt: skip
 
 PARTITION_TAGS = ("rayflow_job", "rayflow_step", "rayflow_partition")
 JOB_TAGS = ("rayflow_job",)
