@@ -14,9 +14,8 @@ import html
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rayflow._internal.cli.progress import step_rows
 from rayflow._internal.history import require
-
-Entries = list[dict[str, Any]]
 
 
 def in_notebook() -> bool:
@@ -29,22 +28,22 @@ def in_notebook() -> bool:
     return shell is not None and hasattr(shell, "kernel")
 
 
-# (header, cell of one step from its per-partition entries)
-Column = tuple[str, Callable[[Entries], str]]
+# (header, cell of one step from its row: cli.progress.step_rows aggregates the partitions)
+Column = tuple[str, Callable[[dict[str, Any]], str]]
 
-_PARTITIONS: Column = ("partitions", lambda es: str(len(es)))
-_RECORDS_IN: Column = ("records in", lambda es: f"{sum(e['records_in'] for e in es):,}")
-_RECORDS_OUT: Column = ("records out", lambda es: f"{sum(e['records_out'] for e in es):,}")
+_PARTITIONS: Column = ("partitions", lambda r: str(r["partitions"]))
+_RECORDS_IN: Column = ("records in", lambda r: f"{r['records_in']:,}")
+_RECORDS_OUT: Column = ("records out", lambda r: f"{r['records_out']:,}")
 
 #: The table of a running job: what moves now.
 LIVE_COLUMNS: tuple[Column, ...] = (
     _PARTITIONS,
     _RECORDS_IN,
     _RECORDS_OUT,
-    ("out/s", lambda es: f"{sum(e['records_out_per_s'] for e in es):,.0f}"),
-    ("busy ms/s", lambda es: f"{max(e['busy_ms_per_s'] for e in es):.0f}"),
-    ("back-pressured ms/s", lambda es: f"{max(e['backpressured_ms_per_s'] for e in es):.0f}"),
-    ("mailbox", lambda es: str(sum(e["mailbox_depth"] for e in es))),
+    ("out/s", lambda r: f"{r['out_per_s']:,.0f}"),
+    ("busy ms/s", lambda r: f"{r['busy_ms_s']:.0f}"),
+    ("back-pressured ms/s", lambda r: f"{r['backpressured_ms_s']:.0f}"),
+    ("mailbox", lambda r: str(r["mailbox"])),
 )
 
 #: The table of a finished job: what each step did (rates are zero by then).
@@ -82,9 +81,9 @@ def render(job: str, data: dict[str, Any], columns: Sequence[Column] = LIVE_COLU
         for a in data.get("alerts") or []
     )
     rows = []
-    for step, entries in (data.get("metrics") or {}).items():
-        cells = [f"<td style='text-align:left'>{html.escape(str(step))}</td>"]
-        cells += [f"<td style='text-align:right'>{cell(entries)}</td>" for _, cell in columns]
+    for row in step_rows(data.get("metrics") or {}):
+        cells = [f"<td style='text-align:left'>{html.escape(str(row['step']))}</td>"]
+        cells += [f"<td style='text-align:right'>{cell(row)}</td>" for _, cell in columns]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     header = "".join(f"<th>{html.escape(h)}</th>" for h in ("step", *(h for h, _ in columns)))
     table = f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
