@@ -114,19 +114,23 @@ def windowed_flow(
 
 
 @pytest.mark.parametrize(
-    "targets,points",
+    "targets,points,unaligned",
     [
-        (("operators",), ("triggered", "before_manifest", "after_manifest", "after_notify")),
-        (("sources", "sinks", "coordinator"), None),
+        (("operators",), ("triggered", "before_manifest", "after_manifest", "after_notify"), False),
+        (("sources", "sinks", "coordinator"), None, False),
+        (("operators",), None, True),
     ],
-    ids=["operators-at-points", "sources-sinks-coordinator-random"],
+    ids=["operators-at-points", "sources-sinks-coordinator-random", "unaligned-operators"],
 )
 def test_window_results_and_dead_letters_exactly_once_under_kills(
-    tmp_path: Path, targets: tuple[str, ...], points: tuple[str, ...] | None
+    tmp_path: Path, targets: tuple[str, ...], points: tuple[str, ...] | None, unaligned: bool
 ) -> None:
-    flow = windowed_flow(f"win-chaos-{len(targets)}", tmp_path, rate=6_000)
+    flow = windowed_flow(f"win-chaos-{len(targets)}-{int(unaligned)}", tmp_path, rate=6_000)
     handle = rf.start(
-        flow, checkpoint=rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.25)
+        flow,
+        checkpoint=rf.Checkpointing(
+            storage=str(tmp_path / "cp"), interval_s=0.25, unaligned=unaligned
+        ),
     )
     monkey = rf.testing.chaos(
         handle, seed=11, kills=2, targets=targets, points=points, every_s=0.5, point_timeout_s=3.0
@@ -138,6 +142,9 @@ def test_window_results_and_dead_letters_exactly_once_under_kills(
     monkey.check()
     assert monkey.kills, f"no fault struck (missed: {monkey.missed})"
     assert result.status is rf.JobStatus.FINISHED and result.restarts >= 1
+    if unaligned:
+        assert result.checkpoints is not None
+        assert result.checkpoints.get("unaligned_completed", 0) >= 1, result.checkpoints
     _check(tmp_path / "out", expected_windows())
     assert _dead(tmp_path / "dead") == expected_dead()
 
