@@ -5,7 +5,9 @@ from typing import Any
 import pytest
 
 from rayflow._internal.runtime.operators import (
+    FilterOp,
     FlatMapOp,
+    KeyByOp,
     MapOp,
     ReduceOp,
     StatefulMapOp,
@@ -79,3 +81,67 @@ def test_stateful_map_wrong_return_shape_is_explained() -> None:
     assert "must return a pair (new_state_or_None, outputs); it returned 5" in str(
         info.value.failure(0).message
     )
+
+
+def _bad(x: Any) -> Any:
+    value = x[1] if isinstance(x, tuple) else x
+    if value % 4 == 0:
+        raise ValueError(f"bad {value}")
+    return value
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda: MapOp("m", lambda x: _bad(x) * 10), [10, 10, 30, 50, 50, 60, 70, 90]),
+        (lambda: FilterOp("f", lambda x: _bad(x) % 2), [1, 1, 3, 5, 5, 7, 9]),
+        (
+            lambda: FlatMapOp("fm", lambda x: [_bad(x)] * 2),
+            [1, 1, 1, 1, 3, 3, 5, 5, 5, 5, 6, 6, 7, 7, 9, 9],
+        ),
+        (
+            lambda: KeyByOp("k", lambda x: _bad(x) % 3),
+            [(1, 1), (1, 1), (0, 3), (2, 5), (2, 5), (0, 6), (1, 7), (0, 9)],
+        ),
+    ],
+    ids=["map", "filter", "flat_map", "key_by"],
+)
+def test_a_stateless_step_sets_aside_every_bad_record_and_keeps_the_rest_in_order(
+    make: Any, expected: list[Any]
+) -> None:
+    items = [1, 1, 3, 4, 5, 5, 4, 6, 7, 8, 9]  # the same object twice (1, 5) and bad ones (4, 8)
+    op = make()
+    op.on_error = "dead_letter"
+    out = _collect(op)
+    letters: list[Any] = []
+    op.dead_downstream.append(letters.extend)
+    op.feed(items)
+    assert out == expected
+    assert [d.record for d in letters] == [4, 4, 8] and op.records_failed == 3
+    assert letters[0].error_type == "builtins.ValueError" and letters[0].message == "bad 4"
+
+
+def test_keyed_steps_skip_bad_records_without_applying_them_twice() -> None:
+    summed = ReduceOp("sum", lambda acc, v: acc + _bad(v), 0)
+    summed.on_error = "skip"
+    out = _collect(summed)
+    summed.feed([("a", 1), ("a", 4), ("a", 2), ("b", 8), ("a", 3)])
+    assert out == [("a", 1), ("a", 3), ("a", 6)] and summed.records_failed == 2
+    assert summed.state.values == {"a": 6}
+
+    def step(state: int | None, v: int) -> tuple[int, list[int]]:
+        total = (state or 0) + _bad(v)
+        return total, [total]
+
+    mapped = StatefulMapOp("run", step)
+    mapped.on_error = "skip"
+    out2 = _collect(mapped)
+    mapped.feed([("a", 1), ("a", 4), ("a", 1), ("a", 8), ("a", 1)])  # equal tuples, bad between
+    assert out2 == [("a", 1), ("a", 2), ("a", 3)] and mapped.state.values == {"a": 3}
+
+
+def test_with_on_error_fail_the_error_names_the_step_and_record() -> None:
+    op = MapOp("m", _bad)
+    with pytest.raises(UserCodeError) as info:
+        op.feed([1, 2, 4])
+    assert info.value.step == "m" and info.value.record == 4
