@@ -468,3 +468,48 @@ def test_r14_a_partition_that_ended_declines_an_unaligned_barrier(tmp_path: Path
     asyncio.run(scenario())
     assert declined and declined[0][0] == 3, declined
     assert "ended its streams" in declined[0][1]
+
+
+def test_r11_an_unaligned_trigger_before_the_task_runs_is_taken_once_it_can_be(
+    tmp_path: Path,
+) -> None:
+    """A source restored at its end reads nothing more: a trigger that came before it
+    ran must still be answered (it waited for a next batch that never came)."""
+    flow = rf.Dataflow("j")
+    src = flow.source("src", rf.testing.from_items(range(10), partitions=1))
+    src.key_by("k", lambda x: x % 5).reduce("sum", lambda a, b: a + b, initial=0).sink(
+        "out", rf.testing.Discard()
+    )
+    plan = build_plan(flow.spec())
+    acks: list[Any] = []
+
+    class Acks(Coordination):
+        def acknowledge(self, checkpoint_id: int, snapshot: Any) -> None:
+            acks.append(checkpoint_id)
+
+    async def scenario() -> None:
+        task = StageTask(plan, "src", 0, job="j", config=rf.RuntimeConfig(), full_every=10)
+        task._start_offsets = {0: 10}  # restored at the end of its input
+
+        def send(seq: int, kind: int, payload: Any, records: int = 0) -> Any:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            fut.set_result((8192, 8))
+            return fut
+
+        edge = plan.stage("src").outputs[0]
+        task.connect({(edge, 0): ("sum/0", send)}, Acks())
+        barrier = BarrierInfo(9, "checkpoint", str(tmp_path), 0, "j/checkpoints/9/", "r1")
+        task.trigger_checkpoint(dataclasses.replace(barrier, unaligned=True))
+        run = asyncio.create_task(task.run())
+        for _ in range(100):
+            if acks:
+                break
+            await asyncio.sleep(0.05)
+        task.finish()
+        outcome = await asyncio.wait_for(run, 10)
+        assert outcome.ok, outcome.failure
+
+    import dataclasses
+
+    asyncio.run(scenario())
+    assert acks == [9]

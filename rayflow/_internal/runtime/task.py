@@ -672,6 +672,11 @@ class StageTask:
                 # asked for): a source's position is defined once its readers are open.
                 self._open_readers()
             await self._replay()
+            if self._priority is not None:
+                # An unaligned trigger that came before the task ran (R11): now that its
+                # position exists. Nothing else might take it: a source at its end reads
+                # nothing more, an operator may get no more input.
+                await self._take_priority()
             if self.time.enabled:
                 await self._advance_time(force=True)  # a restored watermark goes out
             if self.is_source:
