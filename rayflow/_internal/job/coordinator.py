@@ -1,13 +1,10 @@
 """The job's coordinator actor: deploys the operators, checkpoints, recovers, ends the job.
 
-Named ``rayflow/<job>/coordinator``. The operator actors die with the
-coordinator (the driver then starts a new coordinator from the latest
-manifest), so a job never leaves orphaned actors behind. Those it creates
-(a restarted coordinator's, replacements) it owns; those of a fresh start
-the driver creates beside it, to save a start-up's worth of waiting, and
-hands over without keeping a reference, so that the coordinator holds the
-only one and Ray ends them when it dies (launcher.py). The coordinator
-only wires its collaborators: the Ray calls are in :class:`Deployment`, the checkpoint
+Named ``rayflow/<job>/coordinator``. The operator actors are created by the
+coordinator and therefore owned by it: if it dies they die with it (the
+driver then starts a new coordinator from the latest manifest), and a job
+never leaves orphaned actors behind. The coordinator only wires its
+collaborators: the Ray calls are in :class:`Deployment`, the checkpoint
 protocol in :class:`CheckpointCoordinator`, restoring and recovering in
 :class:`Failover`, the restart policy in :class:`RestartTracker`, the lease
 in ``checkpoint/lease.py`` and fault injection in :class:`FaultInjector`.
@@ -50,7 +47,7 @@ from rayflow._internal.plan import Plan, decode_plan
 from rayflow._internal.runtime.task import TaskOutcome
 from rayflow._internal.storage import StorageError, open_storage
 from rayflow._internal.storage.base import normalize_uri
-from rayflow.config import Checkpointing, RestartStrategy, RuntimeConfig
+from rayflow.config import AT_LEAST_ONCE, Checkpointing, RestartStrategy, RuntimeConfig
 from rayflow.errors import Failure
 from rayflow.testing import Fault
 
@@ -84,11 +81,8 @@ class JobCoordinator:
         faults: tuple[Fault, ...] = (),
         driver_pid: int | None = None,
         startup_timeout_s: float = 600.0,
-        operators: dict[ActorKey, Any] | None = None,
     ):
         self.job = job
-        # The operator actors of a fresh start, which the driver created beside this one.
-        self._operators = operators
         self._plan_blob = plan_blob
         self._config = config
         self._checkpointing = checkpointing
@@ -140,12 +134,16 @@ class JobCoordinator:
         try:
             plan = self.plan = decode_plan(self._plan_blob)
             cp = self._checkpointing
-            self.deployment = Deployment.for_job(
-                self.job, plan, self._config, cp, self.run_id, self._start.first_checkpoint_id
+            self.deployment = Deployment(
+                self.job,
+                plan,
+                self._config,
+                cp.full_every if cp else None,
+                align=not (cp and cp.mode == AT_LEAST_ONCE),
+                run_id=self.run_id,
+                final_checkpoint_id=self._start.first_checkpoint_id,
+                max_uncommitted=cp.max_uncommitted_records if cp else None,
             )
-            if self._operators is not None:
-                self.deployment.adopt(self._operators)
-                self._operators = None
             point = self._recovery_point
             if cp is not None:
                 await self._claim_lease()
@@ -173,10 +171,7 @@ class JobCoordinator:
                 fault=self.faults.hit,
                 startup_timeout_s=self._startup_timeout_s,
             )
-            if not self.deployment.handles:
-                # A restarted coordinator: the dying actors of its predecessor free their names
-                # a moment after it died.
-                await self.deployment.replace(self.deployment.keys())
+            self.deployment.create()
             await self.deployment.wait_ready(self._startup_timeout_s)
             await self._run_from(point)
             self._report.running_at = time.time()
