@@ -642,3 +642,9 @@ class _JsonLinesWriter(SinkWriter):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self._current_path)
             self._current = None
+
+
+# Connectors (rayflow/_internal/connectors/), re-exported here; they import this module.
+from rayflow._internal.connectors.parquet import Parquet  # noqa: E402
+
+__all__ += ["Parquet"]
