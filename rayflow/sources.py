@@ -8,16 +8,15 @@ offset, and a restore reopens the readers there.
 
 from __future__ import annotations
 
-import glob as _glob
 import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 from rayflow.errors import ConfigError
 
-__all__ = ["Generator", "Source", "SourceReader", "TextFiles"]
+__all__ = ["Generator", "S3Files", "Source", "SourceReader", "TextFiles"]
 
 
 class SourceReader(ABC):
@@ -74,79 +73,224 @@ class Source(ABC):
         """Whether every partition ends (the job then ends by itself)."""
         return True
 
+    def restore_offsets(self, offsets: dict[int, Any]) -> dict[int, Any]:
+        """The offsets to reopen partitions at, from those a checkpoint holds.
 
-class TextFiles(Source):
-    """Lines of text files; one partition per file, offset = byte position.
+        ``offsets`` maps every partition of this step in the restored
+        checkpoint to the offset its reader reported then, perhaps under
+        another partitioning (the inputs changed between runs). The default
+        keeps them by partition number, right where a partition's identity
+        never changes (a generator's). A source whose partitions come from
+        something that may change (a file list, topics) overrides it to move
+        each offset to the partition that reads its input now, and raises
+        ``ConfigError`` for offsets it cannot place.
+        """
+        return offsets
 
-    ``pattern`` is a glob evaluated once, when the source is created, so a
-    job reads a fixed set of files. Paths are made absolute: operator
-    processes may run in another working directory (they must see the same
-    files, for example on one machine or a shared file system).
+
+class _LineFiles(Source):
+    """What TextFiles and S3Files share: partitions of files, offsets per file."""
+
+    _what = "files"
+
+    def _setup(
+        self,
+        store: Any,
+        *,
+        tail: bool,
+        partitions: int | None,
+        poll_s: float,
+        encoding: str,
+    ) -> None:
+        name = type(self).__name__
+        if not isinstance(tail, bool):
+            raise ConfigError(f"{name} tail must be True or False; got {tail!r}")
+        if partitions is not None and (
+            not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1
+        ):
+            raise ConfigError(f"{name} partitions must be an int >= 1 or None; got {partitions!r}")
+        if isinstance(poll_s, bool) or not isinstance(poll_s, (int, float)) or poll_s <= 0:
+            raise ConfigError(f"{name} poll_s must be > 0 seconds; got {poll_s!r}")
+        self._store = store
+        self.tail = tail
+        self.poll_s = float(poll_s)
+        self.encoding = encoding
+        # A partition per file (bounded, partitions=None), else files by a stable hash.
+        self._hashed = tail or partitions is not None
+        self._partitions = partitions if partitions is not None else 1
+        try:
+            listed = store.list()
+        except Exception as exc:
+            raise ConfigError(f"{self._describe()}: listing failed: {exc}") from exc
+        self.files: list[str] = sorted(listed)
+        if not tail and not self.files:
+            where = f" (looked from {os.getcwd()})" if self._what == "files" else ""
+            raise ConfigError(
+                f"{self._describe()} matched no {self._what}{where}; check the path and "
+                "the pattern (or pass tail=True to wait for them)"
+            )
+        self._index = {f: i for i, f in enumerate(self.files)}
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__}({self._store.describe()})"
+
+    def partitions(self) -> int:
+        if self._hashed:
+            return self._partitions
+        return len(self.files)
+
+    @property
+    def bounded(self) -> bool:
+        return not self.tail
+
+    def _owner(self, name: str) -> int | None:
+        """The partition reading file ``name`` (None: no partition reads it)."""
+        if self._hashed:
+            from rayflow._internal.connectors.files import owner
+
+            return owner(name, self._partitions)
+        return self._index.get(name)
+
+    def open(self, partition: int, offset: Any | None) -> SourceReader:
+        from rayflow._internal.connectors.files import LineReader, positions_of
+
+        what = f"{self._describe()} partition {partition}"
+        positions = {} if offset is None else positions_of(offset, what)
+        for name in positions:
+            if self._owner(name) != partition:
+                raise ConfigError(
+                    f"{what}: the offset to restore names {name}, which this partition "
+                    "does not read (offsets of file sources are regrouped per file by "
+                    "restore_offsets; was it bypassed?)"
+                )
+        files: list[str] | None = None
+        if not self.tail:
+            if self._hashed:
+                files = [f for f in self.files if self._owner(f) == partition]
+            else:
+                files = [self.files[partition]]
+            known = set(files)
+            positions = {f: p for f, p in positions.items() if f in known}
+        return LineReader(
+            self._store,
+            positions,
+            files=files,
+            owns=lambda name: self._owner(name) == partition,
+            poll_s=self.poll_s,
+            encoding=self.encoding,
+        )
+
+    def restore_offsets(self, offsets: dict[int, Any]) -> dict[int, Any]:
+        """Every file's position in the checkpoint, for the partition that reads it now.
+
+        Files are matched by name: one the checkpoint does not know starts at
+        0; one it knows that is not matched any more is not read (bounded:
+        dropped now, tailing: forgotten at the first listing).
+        """
+        from rayflow._internal.connectors.files import regroup
+
+        return regroup(
+            offsets,
+            self.partitions(),
+            self._owner,
+            None if self.tail else self.files,
+            self._describe(),
+        )
+
+    def __repr__(self) -> str:
+        if self.tail:
+            return (
+                f"{type(self).__name__}({self._store.describe()}, tail=True, "
+                f"partitions={self._partitions})"
+            )
+        return f"{type(self).__name__}({self._store.describe()}, {len(self.files)} {self._what})"
+
+
+class TextFiles(_LineFiles):
+    """Lines of local text files; offsets are (file, byte position).
+
+    ``pattern`` is a glob (relative to the working directory of the process
+    that creates the source; operators may run elsewhere but must see the
+    same files: one machine, or a shared file system). Records are the lines
+    as ``str`` without their line ending.
+
+    ``tail=False``: the files matching when the source is created, each to
+    its end; a partition per file unless ``partitions=N`` spreads them over N
+    by a stable hash of their path. ``tail=True``: the glob is listed every
+    ``poll_s`` seconds and never ends; new files are read from their start,
+    lines appended to a file are read as they come (only complete lines: a
+    last line waits for its newline), a file that shrank below the position
+    read (replaced, truncated) is read again from its start, and one that
+    disappeared is forgotten. Files belong to ``partitions`` partitions
+    (default 1) by a stable hash of their path.
+
+    The offset of a partition names its files (``{"files": {path: byte
+    position}}``), so a restore gives every file its own position, whatever
+    the glob matches by then: new files start at 0, files no longer matched
+    are not read, a renamed file is a new file.
     """
 
-    def __init__(self, pattern: str, *, encoding: str = "utf-8"):
+    def __init__(
+        self,
+        pattern: str,
+        *,
+        tail: bool = False,
+        partitions: int | None = None,
+        poll_s: float = 1.0,
+        encoding: str = "utf-8",
+    ):
+        from rayflow._internal.connectors.files import LocalFiles
+
         if not isinstance(pattern, (str, os.PathLike)):
             raise ConfigError(
                 f"TextFiles needs a glob pattern string such as 'data/*.txt'; got {pattern!r}"
             )
-        pattern = os.fspath(pattern)
-        files = sorted(os.path.abspath(p) for p in _glob.glob(pattern) if os.path.isfile(p))
-        if not files:
-            raise ConfigError(
-                f"TextFiles({pattern!r}) matched no files (looked from {os.getcwd()}); "
-                "check the path and the pattern"
-            )
-        self.pattern = pattern
-        self.files: list[str] = files
-        self.encoding = encoding
-
-    def partitions(self) -> int:
-        return len(self.files)
-
-    def open(self, partition: int, offset: Any | None) -> SourceReader:
-        return _TextFileReader(self.files[partition], int(offset or 0), self.encoding)
-
-    def __repr__(self) -> str:
-        return f"TextFiles({self.pattern!r}, {len(self.files)} files)"
+        self.pattern = os.fspath(pattern)
+        self._setup(
+            LocalFiles(self.pattern, os.getcwd()),
+            tail=tail,
+            partitions=partitions,
+            poll_s=poll_s,
+            encoding=encoding,
+        )
 
 
-class _TextFileReader(SourceReader):
-    def __init__(self, path: str, offset: int, encoding: str):
-        self._file: IO[bytes] = open(path, "rb")
-        self._file.seek(offset)
-        self._offset = offset
-        self._encoding = encoding
-        self._pending: list[bytes] = []
+class S3Files(_LineFiles):
+    """Lines of S3 objects whose keys match a glob; offsets are (object, byte position).
 
-    def read(self, max_items: int) -> list[Any] | None:
-        # Exactly max_items lines unless the file ends: a short read tells the
-        # runtime that the reader has caught up. Lines read past max_items wait
-        # in _pending; the offset counts only the lines returned.
-        want = max(1, max_items)
-        lines = self._pending
-        while len(lines) < want:
-            more = self._file.readlines((want - len(lines)) * 64)  # size hint in bytes
-            if not more:
-                break
-            lines.extend(more)
-        if not lines:
-            return None
-        raw, self._pending = lines[:want], lines[want:]
-        self._offset += sum(map(len, raw))
-        enc = self._encoding
-        out = []
-        for line in raw:
-            text = line.decode(enc)
-            if text.endswith("\n"):
-                text = text[:-2] if text.endswith("\r\n") else text[:-1]
-            out.append(text)
-        return out
+    ``uri_glob`` is ``s3://bucket/prefix/*.jsonl``: ``*`` and ``?`` match
+    within one ``/`` level, ``**`` across levels. Objects are read with ranged
+    GETs from the byte position on, streamed (memory stays bounded whatever
+    their size), through boto3 configured like rayflow's S3 storage
+    (``AWS_ENDPOINT_URL`` for S3-compatible servers; the ``s3`` extra).
+    ``tail``, ``partitions`` and ``poll_s`` work as in :class:`TextFiles`
+    (with ``tail=True`` an object that grew is read on from its position).
+    """
 
-    def offset(self) -> int:
-        return self._offset
+    _what = "objects"
 
-    def close(self) -> None:
-        self._file.close()
+    def __init__(
+        self,
+        uri_glob: str,
+        *,
+        tail: bool = False,
+        partitions: int | None = None,
+        poll_s: float = 1.0,
+        encoding: str = "utf-8",
+    ):
+        from rayflow._internal.connectors.files import S3Objects, split_s3_uri
+        from rayflow._internal.extras import require_installed
+
+        bucket, key = split_s3_uri(uri_glob, "S3Files")
+        require_installed("boto3", "rf.sources.S3Files", "s3")
+        self.uri = uri_glob
+        self._setup(
+            S3Objects(bucket, key),
+            tail=tail,
+            partitions=partitions,
+            poll_s=poll_s,
+            encoding=encoding,
+        )
 
 
 class Generator(Source):

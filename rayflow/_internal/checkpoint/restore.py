@@ -3,8 +3,10 @@
 A restore needs nothing but the plan and the storage. Keyed state is
 assigned by key group, so the new parallelism may differ from the old one:
 a new partition loads every old object whose key groups overlap its own and
-keeps only its keys. Source offsets are kept per source partition, and the
-committables of sinks are re-committed (commit is idempotent).
+keeps only its keys. Source offsets are kept per source partition (the
+source's ``restore_offsets`` may regroup them: file sources match them to
+files by name), and the committables of sinks are re-committed (commit is
+idempotent).
 """
 
 from __future__ import annotations
@@ -129,6 +131,16 @@ def assign(
     _check_compatible(plan, manifest)
     max_par = plan.flow.max_parallelism
     offsets = manifest.sources
+    for spec in plan.flow.steps:
+        if spec.kind is StepKind.SOURCE and spec.name in offsets:
+            # Partitions may mean other inputs now (files matched, topics): the
+            # source moves each offset to the partition that reads its input.
+            try:
+                offsets[spec.name] = spec.connector.restore_offsets(offsets[spec.name])
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"checkpoint {manifest.checkpoint_id}, source step {spec.name!r}: {exc}"
+                ) from None
     old_stage_of = {s["name"]: s["stage"] for s in manifest.flow["steps"]}
     result: dict[ActorKey, Assignment] = {}
     for stage in plan.stages:
