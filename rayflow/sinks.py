@@ -648,3 +648,7 @@ class _JsonLinesWriter(SinkWriter):
 from rayflow._internal.connectors.parquet import Parquet  # noqa: E402
 
 __all__ += ["Parquet"]
+
+from rayflow._internal.connectors.kafka_sink import Kafka  # noqa: E402
+
+__all__ += ["Kafka"]

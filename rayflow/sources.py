@@ -392,3 +392,9 @@ class _GeneratorReader(SourceReader):
 
     def offset(self) -> int:
         return self._next
+
+
+# Connectors (rayflow/_internal/connectors/), re-exported here; they import this module.
+from rayflow._internal.connectors.kafka_source import Kafka, KafkaMessage  # noqa: E402
+
+__all__ += ["Kafka", "KafkaMessage"]

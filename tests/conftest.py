@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "infra"))
 import local_s3  # noqa: E402
 
 from tests.support.fault_proxy import FaultProxy  # noqa: E402
+from tests.support.kafka_broker import KafkaBroker  # noqa: E402
 
 # Set before Ray is imported anywhere: Ray reads them at import and init.
 _RAY_TMP = tempfile.mkdtemp(prefix="rf-ray-", dir="/tmp")
@@ -75,6 +76,18 @@ def s3_server() -> Iterator[local_s3.LocalS3]:
     finally:
         _PROXY.stop()
         _S3.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """A Kafka-compatible broker (tansu, in memory) on loopback, started on first use and
+    stopped by pid. ``filters_aborted`` says whether its read_committed consumers skip
+    aborted transactions (tansu 0.6.0's do not: tests/support/kafka_broker.py)."""
+    broker = KafkaBroker(tmp_path_factory.mktemp("kafka")).start()
+    try:
+        yield broker.probe()
+    finally:
+        broker.stop()
 
 
 @pytest.fixture

@@ -19,6 +19,13 @@ window close to ``None``: the input's timestamps lie in the past, and with the
 default (the identity) each key's close time is already due, so Bytewax would
 wake the window operator for every key at every activation to close windows
 that its items close anyway (PEER_BYTEWAX_NOTIFY=1 runs that default).
+
+The ``kafka`` workload uses Bytewax's own Kafka connectors (needs
+confluent-kafka in the venv): ``KafkaSource([PEER_KAFKA], [PEER_KAFKA_IN],
+tail=False)``, which reads each partition from its beginning and ends at its
+end, ``key_on``, ``stateful_map`` and ``KafkaSink([PEER_KAFKA],
+PEER_KAFKA_OUT)`` with its defaults: a plain producer (no transactions, so
+at-least-once) that flushes every batch.
 """
 
 from __future__ import annotations
@@ -195,6 +202,20 @@ def build(workload: str, parallelism: int, out: str) -> tuple[Dataflow, int]:
         counts = count_window("per_min", events, clock, windower, key=lambda e: e[0])
         op.output("out", counts.down, WindowStats(out))
         return flow, w.WINDOW_EVENTS
+    if workload == "kafka":
+        from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSource
+
+        brokers = [os.environ["PEER_KAFKA"]]
+        source = KafkaSource(brokers, [os.environ["PEER_KAFKA_IN"]], tail=False)
+        messages = op.map("stamp", op.input("in", flow, source), w.stamp)
+        keyed = op.key_on("by_key", messages, lambda m: m.key.decode())
+        values = op.map_value("decode", keyed, lambda m: int(m.value))
+        sums = op.stateful_map("sum", values, lambda s, v: ((s or 0) + v,) * 2)
+        updates = op.map(
+            "encode", sums, lambda kv: KafkaSinkMessage(kv[0].encode(), str(kv[1]).encode())
+        )
+        op.output("out", updates, KafkaSink(brokers, os.environ["PEER_KAFKA_OUT"]))
+        return flow, w.SUM_RECORDS
     if workload == "wordcount":
         folder = w.make_text(w.text_megabytes())
         lines = op.map(

@@ -11,6 +11,15 @@ events ``offset * P + p``), ``with_event_time`` (a watermark ``MAX_DELAY_S``
 behind), ``key_by`` and ``window(..., rf.windows.Tumbling(60.0),
 rf.windows.Count())``, whose ``(key, rf.windows.Result(start, end, value))``
 results a sink tallies.
+
+The ``kafka`` workload: ``rf.sources.Kafka`` (from the earliest offsets of the
+topic ``PEER_KAFKA_IN`` at ``PEER_KAFKA``), ``map``, ``key_by``, ``reduce`` and
+``rf.sinks.Kafka`` into ``PEER_KAFKA_OUT`` (a ``(key, sum)`` update is sent as
+key and value, the sum JSON-encoded, i.e. decimal text). Its source is
+unbounded: the job is started with ``rf.start`` and stopped (a final
+checkpoint, which commits the last updates) once the sink has taken every
+update (its metrics are polled every 0.1 s, as benchmarks/kafka.py does); the
+run ends when ``stop()`` returns.
 """
 
 from __future__ import annotations
@@ -135,6 +144,17 @@ def build(
         )
         counts.sink("out", WindowStats(out, firsts))
         return flow, per * parallelism
+    if workload == "kafka":
+        bootstrap = os.environ["PEER_KAFKA"]
+        messages = flow.source("in", rf.sources.Kafka(bootstrap, os.environ["PEER_KAFKA_IN"]))
+        pairs = messages.map("stamp", w.stamp).map(
+            "decode", lambda m: (m.key.decode(), int(m.value))
+        )
+        sums = pairs.key_by("by_key", lambda kv: kv[0]).reduce(
+            "sum", lambda acc, kv: acc + kv[1], initial=0
+        )
+        sums.sink("out", rf.sinks.Kafka(bootstrap, os.environ["PEER_KAFKA_OUT"]))
+        return flow, w.SUM_RECORDS
     if workload == "wordcount":
         folder = w.make_text(w.text_megabytes())
         lines = flow.source("lines", rf.sources.TextFiles(os.path.join(folder, "*.txt")))
@@ -156,6 +176,24 @@ def build(
     return flow, w.SESSION_EVENTS
 
 
+def run_until(flow: rf.Dataflow, config: rf.Checkpointing | None, updates: int) -> rf.JobResult:
+    """Run a job of an unbounded source until its sink ``out`` has taken ``updates``
+    records, then stop it (with checkpoints, the stop commits the rest)."""
+    if config is None:
+        raise SystemExit("the kafka workload runs with checkpoints only (its sink commits at them)")
+    handle = rf.start(flow, checkpoint=config)
+    while sum(m["records_in"] for m in handle.metrics()["out"]) < updates:
+        try:
+            handle.wait(timeout=0.1)  # returns only if the job ended by itself
+        except TimeoutError:
+            continue
+        raise RuntimeError("the job ended before its sink had every update")
+    result = handle.stop()
+    if result.status is not rf.JobStatus.STOPPED or result.restarts:
+        raise RuntimeError(f"the job did not run cleanly: {result}")
+    return result
+
+
 def main() -> None:
     workload, parallelism, checkpoint = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     jobs = int(os.environ.get("PEER_STARTUP_JOBS", "3")) if workload == "startup" else 1
@@ -174,7 +212,10 @@ def main() -> None:
             else None
         )
         started = time.time()
-        result = rf.run(flow, checkpoint=config)
+        if workload == "kafka":
+            result = run_until(flow, config, records)
+        else:
+            result = rf.run(flow, checkpoint=config)
         ended = time.time()
         startups.append(
             {

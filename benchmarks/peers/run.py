@@ -5,6 +5,7 @@
     python benchmarks/peers/run.py --systems rayflow bytewax --workloads keyed_sum startup
     python benchmarks/peers/run.py --scale 0.02 --repeat 1   # a quick trial (not published)
     python benchmarks/peers/run.py --workloads windows       # the event-time window count
+    python benchmarks/peers/run.py --workloads kafka --systems rayflow bytewax
 
 Every peer runs in its best documented configuration: PyFlink with
 ``python.execution-mode: thread`` (each run checks that its Python functions
@@ -20,6 +21,19 @@ times a tiny job from submitting the flow to the first record out at the
 sink (for rayflow: on a running Ray, and including ``ray.init``). Every
 repetition runs all systems in turn, so that a drift of the machine's speed
 hits all of them alike.
+
+The ``kafka`` workload (rayflow and Bytewax only, checkpoints on only; see
+workloads.py for what is and is not equal) runs against one tansu broker
+that run.py starts for the whole run (tests/support/kafka_broker.py, in
+memory, on a free loopback port) and stops at the end. The input is
+produced once into one topic, which every run reads from its earliest
+offset; each run writes to a fresh output topic (passed to the peers as
+``PEER_KAFKA``, ``PEER_KAFKA_IN``, ``PEER_KAFKA_OUT``), which is then read
+back with ``isolation.level=read_committed`` and checked against the
+reference: each key's final (highest) sum must be its count. That check is
+robust to tansu 0.6.0 showing aborted transactions' records to
+read_committed readers and to Bytewax's at-least-once duplicates; the
+number of updates read back is reported as ``outputs``.
 
 Every run's result is checked: all the runs of a cell (every system, every
 repetition) must agree on it, and the ``windows`` workload's must equal the
@@ -57,8 +71,9 @@ import psutil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(os.path.dirname(HERE), "results")
-WORKLOADS = ["keyed_sum", "wordcount", "sessions", "windows", "startup"]
-THROUGHPUT = ["keyed_sum", "wordcount", "sessions", "windows"]
+WORKLOADS = ["keyed_sum", "wordcount", "sessions", "windows", "kafka", "startup"]
+THROUGHPUT = ["keyed_sum", "wordcount", "sessions", "windows", "kafka"]
+KAFKA_SYSTEMS = ["rayflow", "bytewax"]  # the systems whose Kafka connectors are measured
 SYSTEMS = ["rayflow", "bytewax", "flink", "python"]
 NAMES = {"rayflow": "rayflow", "bytewax": "Bytewax", "flink": "PyFlink", "python": "Python loop"}
 FORMAT = 2  # results of older formats (PyFlink in process mode at 2% of the input) are dropped
@@ -83,11 +98,15 @@ def version(system: str) -> str:
 
 
 def run_once(system: str, workload: str, parallelism: int, checkpoint: bool,
-             scale: float, text_mb: int) -> dict[str, Any]:  # fmt: skip
+             scale: float, text_mb: int,
+             kafka: KafkaRuns | None = None) -> dict[str, Any]:  # fmt: skip
     stamps = tempfile.mkdtemp(prefix="peer-stamps-")
     env = {**os.environ, "PEER_STAMPS": stamps, "PEER_SCALE": str(scale),
            "PEER_TEXT_MB": str(text_mb), "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}  # fmt: skip
+    if workload == "kafka":
+        assert kafka is not None
+        env.update(kafka.topics())
     env.pop("RAY_ADDRESS", None)
     script = os.path.join(HERE, f"peer_{system}.py")
     args = (
@@ -133,13 +152,113 @@ def run_once(system: str, workload: str, parallelism: int, checkpoint: bool,
         data["rate"] = data["records"] / (data["run_ended"] - first)
         data["e2e_rate"] = data["records"] / (data["run_ended"] - data["run_started"])
     data["peak_mb"] = peak / 2**20
+    if workload == "kafka":
+        assert kafka is not None
+        data.update(kafka.read_back(env["PEER_KAFKA_OUT"]))
     return data
+
+
+class KafkaRuns:
+    """The kafka workload's broker (one tansu for the whole run) and its input topic,
+    produced once; every run gets a fresh output topic, read back to check it."""
+
+    def __init__(self) -> None:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository
+        import workloads as w
+
+        from tests.support.kafka_broker import KafkaBroker, tansu_binary
+
+        self.w = w
+        self.tansu = tansu_binary()
+        self.broker = KafkaBroker(tempfile.mkdtemp(prefix="peer-kafka-")).start()
+        try:
+            self.input = self.broker.topic(w.KAFKA_PARTITIONS, "peer-in")
+            started = time.perf_counter()
+            self.produce()
+        except BaseException:
+            self.broker.stop()
+            raise
+        print(
+            f"kafka: tansu at {self.broker.bootstrap}, {w.SUM_RECORDS:,} input records in "
+            f"{w.KAFKA_PARTITIONS} partitions ({time.perf_counter() - started:.1f} s)",
+            flush=True,
+        )
+
+    def produce(self) -> None:
+        from confluent_kafka import Producer
+
+        producer = Producer({"bootstrap.servers": self.broker.bootstrap, "linger.ms": 20})
+        for i in range(self.w.SUM_RECORDS):
+            while True:
+                try:
+                    producer.produce(self.input, b"1", self.w.kafka_key(i))
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+        if producer.flush(120):
+            raise RuntimeError("the kafka workload's input was not all acknowledged")
+
+    def topics(self) -> dict[str, str]:
+        """The environment of one run: the broker, the input and a new output topic."""
+        out = self.broker.topic(self.w.KAFKA_PARTITIONS, "peer-out")
+        return {"PEER_KAFKA": self.broker.bootstrap, "PEER_KAFKA_IN": self.input,
+                "PEER_KAFKA_OUT": out}  # fmt: skip
+
+    def read_back(self, topic: str, idle_s: float = 2.0) -> dict[str, int]:
+        """``outputs`` (updates read), ``keys`` and ``check`` (workloads.kafka_check of
+        each key's highest sum) of an output topic, read with read_committed until
+        every partition is at its end (or nothing came for ``idle_s``); then the topic
+        is deleted (the broker keeps everything in memory)."""
+        from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.broker.bootstrap,
+                "group.id": "peer-check",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": True,
+            }
+        )
+        partitions = range(self.w.KAFKA_PARTITIONS)
+        consumer.assign([TopicPartition(topic, p, -2) for p in partitions])  # from the start
+        finals: dict[bytes, int] = {}
+        outputs = 0
+        at_end: set[int | None] = set()
+        last = time.monotonic()
+        while len(at_end) < len(partitions) and time.monotonic() - last < idle_s:
+            for m in consumer.consume(10_000, timeout=0.2):
+                error = m.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        at_end.add(m.partition())
+                    continue
+                last = time.monotonic()
+                at_end.discard(m.partition())
+                key, total = m.key() or b"", int(m.value() or b"0")
+                outputs += 1
+                if total > finals.get(key, 0):
+                    finals[key] = total
+        consumer.close()
+        subprocess.run(
+            [self.tansu, "topic", "delete", "--broker", f"tcp://{self.broker.direct}", topic],
+            capture_output=True,
+            timeout=30,
+        )
+        return {"outputs": outputs, "keys": len(finals), "check": self.w.kafka_check(finals)}
+
+    def stop(self) -> None:
+        self.broker.stop()
 
 
 @functools.cache
 def reference(workload: str) -> dict[str, int] | None:
     """What every run of ``workload`` must produce, where a reference exists
     (workloads reads the scale from PEER_SCALE, which main sets)."""
+    if workload == "kafka":
+        from workloads import expected_kafka
+
+        return expected_kafka()
     if workload != "windows":
         return None
     from workloads import expected_windows
@@ -386,6 +505,13 @@ def table(data: dict[str, Any]) -> str:
         "same inputs for all"
         + (f" (trial at input scale {scale}: not the published figures)." if scale != 1 else "."),
     ]
+    if any(k.split("|")[1] == "kafka" for k in data["results"]):
+        notes.append(
+            "kafka: Kafka -> keyed running sum -> Kafka on a local tansu broker (one process "
+            "beside the system, its memory not counted), checkpoints on only; rayflow's sink "
+            "is exactly-once (a Kafka transaction per checkpoint and sink partition), "
+            "Bytewax's `KafkaSink` at-least-once (a plain producer, no transactions)."
+        )
     checks = []
     res = data["results"]
     for workload in THROUGHPUT:
@@ -462,32 +588,47 @@ def main() -> None:
     wrong: list[str] = []
     data = load(args.scale)
     data["versions"] = {**data.get("versions", {}), **{s: version(s) for s in args.systems}}
-    for workload in args.workloads:
-        cells = [(1, False)] if workload == "startup" else [
-            (p, c == "on") for p in args.parallelism for c in args.checkpoints
-        ]  # fmt: skip
-        for p, cp in cells:
-            systems = [
-                s
-                for s in args.systems
-                if s != "python" or (workload != "startup" and p == args.parallelism[0] and not cp)
-            ]
-            if not systems:
-                continue
-            runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
-            for _ in range(args.repeat):
+    kafka: KafkaRuns | None = None
+    if "kafka" in args.workloads and "on" in args.checkpoints:
+        if set(args.systems) - set(KAFKA_SYSTEMS):
+            print("kafka: measured for rayflow and Bytewax only", flush=True)
+        if set(args.systems) & set(KAFKA_SYSTEMS):
+            kafka = KafkaRuns()
+    try:
+        for workload in args.workloads:
+            cells = [(1, False)] if workload == "startup" else [
+                (p, c == "on") for p in args.parallelism for c in args.checkpoints
+                if workload != "kafka" or c == "on"  # its sinks commit at checkpoints
+            ]  # fmt: skip
+            for p, cp in cells:
+                systems = [
+                    s
+                    for s in args.systems
+                    if (s != "python" or (workload not in ("startup", "kafka")
+                                          and p == args.parallelism[0] and not cp))
+                    and (workload != "kafka" or s in KAFKA_SYSTEMS)
+                ]  # fmt: skip
+                if not systems:
+                    continue
+                runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+                for _ in range(args.repeat):
+                    for system in systems:
+                        runs[system].append(
+                            run_once(system, workload, p, cp, args.scale, args.text_mb, kafka)
+                        )
+                problems = {} if workload == "startup" else mismatches(runs, reference(workload))
+                for problem in sorted({m for ms in problems.values() for m in ms}):
+                    message = f"{workload} p{p} {'cp' if cp else 'nocp'}: {problem}"
+                    wrong.append(message)
+                    print(f"\n!!! WRONG RESULT: {message}\n", file=sys.stderr, flush=True)
                 for system in systems:
-                    runs[system].append(run_once(system, workload, p, cp, args.scale, args.text_mb))
-            problems = {} if workload == "startup" else mismatches(runs, reference(workload))
-            for problem in sorted({m for ms in problems.values() for m in ms}):
-                message = f"{workload} p{p} {'cp' if cp else 'nocp'}: {problem}"
-                wrong.append(message)
-                print(f"\n!!! WRONG RESULT: {message}\n", file=sys.stderr, flush=True)
-            for system in systems:
-                # The loop runs once per workload; its table key is p1 without checkpoints.
-                cell_p = 1 if system == "python" else p
-                record(data, system, workload, cell_p, cp, runs[system], problems.get(system))
-            save(data, args.scale)
+                    # The loop runs once per workload; its table key is p1 without checkpoints.
+                    cell_p = 1 if system == "python" else p
+                    record(data, system, workload, cell_p, cp, runs[system], problems.get(system))
+                save(data, args.scale)
+    finally:
+        if kafka is not None:
+            kafka.stop()
     data.update(
         machine=machine(),
         when=time.strftime("%Y-%m-%d", time.gmtime()),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the peers into virtual environments of their own (never into rayflow's):
-#   benchmarks/peers/.venv-bytewax  bytewax (Rust core, Python API)
+#   benchmarks/peers/.venv-bytewax  bytewax (Rust core, Python API), with confluent-kafka
+#                                   for its Kafka connectors (the version rayflow uses)
 #   benchmarks/peers/.venv-flink    apache-flink (PyFlink DataStream API; needs Java 17)
 # Usage: bash benchmarks/peers/setup_peers.sh [bytewax|flink]...
 set -euo pipefail
@@ -14,7 +15,7 @@ for peer in ${want[@]}; do
   fi
   "$venv/bin/python" -m pip install -q --upgrade pip
   case "$peer" in
-    bytewax) "$venv/bin/python" -m pip install -q "bytewax==0.21.1" psutil ;;
+    bytewax) "$venv/bin/python" -m pip install -q "bytewax==0.21.1" "confluent-kafka==2.16.1" psutil ;;
     flink)
       command -v java >/dev/null || { echo "PyFlink needs Java 17 on PATH" >&2; exit 1; }
       "$venv/bin/python" -m pip install -q "apache-flink==2.3.0" psutil ;;

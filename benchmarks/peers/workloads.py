@@ -15,6 +15,27 @@ Each peer script builds the same jobs in its own framework:
   watermark 5 s behind the highest timestamp; one result per key and minute.
   The input is partitioned by key (like a Kafka topic keyed by user), so each
   key's events arrive in the order they were generated at every parallelism.
+- ``kafka``: Kafka -> keyed running sum -> Kafka: 1,000,000 records ``(key,
+  1)`` over 1,000 keys (key ``k<i mod 1000>``, value ``1``, as bytes) in a
+  topic of 2 partitions on a local tansu broker that run.py starts and fills
+  once per invocation; each run reads it from the earliest offset with the
+  systems' own Kafka connectors and writes every update ``(key, running
+  sum)`` (the sum as decimal text) to a fresh output topic, which run.py
+  reads back (``read_committed``) to check that each key's final sum is its
+  count. Checkpoints on only (rayflow's Kafka sink publishes at
+  checkpoints). The source is unbounded: rayflow's job is stopped once its
+  sink has taken every update (polled every 0.1 s; the stop commits the
+  rest); Bytewax's ``KafkaSource(tail=False)`` ends at the end of the
+  partitions. Equal: the input, the broker, the client library
+  (confluent-kafka 2.16.1 in both environments), one reader per partition
+  assigned its partition (no consumer group), checkpoints every second, the
+  check. Not equal: rayflow's sink is exactly-once (the updates of each
+  checkpoint are sent, in one Kafka transaction per sink partition, after
+  the checkpoint completes; each record carries a commit header), Bytewax's
+  ``KafkaSink`` is a plain, non-transactional producer that flushes every
+  batch (at-least-once: a resume sends its epoch's updates again). The
+  broker (one process, in memory) shares the 2 cores with the system under
+  test and is not counted in its peak memory.
 - ``startup``: the keyed sum over 100 records, to time a job's start-up:
   from submitting the flow to the first record out at the sink.
 
@@ -64,6 +85,29 @@ DISORDER_MS = 3_000
 MAX_DELAY_S = 5.0
 KEY_NAMES = [f"u{k:04d}" for k in range(WINDOW_KEYS)]
 _MASK = (1 << 64) - 1
+
+
+# The kafka workload: SUM_RECORDS records, record i (key kafka_key(i), value
+# b"1"), in a topic of KAFKA_PARTITIONS partitions (partitioned by key).
+KAFKA_PARTITIONS = 2
+
+
+def kafka_key(i: int) -> bytes:
+    return b"k%d" % (i % KEYS)
+
+
+def kafka_check(finals: dict[bytes, int]) -> int:
+    """A checksum over ``{key: final sum}``: the kafka workload's ``check``."""
+    return sum(zlib.crc32(key + b"|%d" % total) for key, total in finals.items())
+
+
+def expected_kafka(records: int | None = None) -> dict[str, int]:
+    """The kafka workload's reference: ``keys`` and ``check`` (each key's sum is its count)."""
+    counts: dict[bytes, int] = {}
+    for i in range(SUM_RECORDS if records is None else records):
+        key = kafka_key(i)
+        counts[key] = counts.get(key, 0) + 1
+    return {"keys": len(counts), "check": kafka_check(counts)}
 
 
 def sum_record(partition: int, offset: int, partitions: int) -> tuple[int, int]:

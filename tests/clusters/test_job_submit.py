@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tests.clusters.head import HeadNode
 from tests.support import expected_words, final_counts
+from tests.support.kafka_broker import KafkaBroker
 
 S3_BUCKET = "rayflow-test"  # the session's S3 server (tests/conftest.py)
 
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_job_runs_with_ray_job_submit_and_rayflow_takes_a_jobs_address(
-    tmp_path: Path, s3_server: object
+    tmp_path: Path, s3_server: object, kafka_broker: KafkaBroker
 ) -> None:
     head = HeadNode(num_cpus=2, dashboard=True)
     prefix = f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:8]}"
@@ -52,6 +53,14 @@ def test_every_job_runs_with_ray_job_submit_and_rayflow_takes_a_jobs_address(
             *("--interval", "0.5", "--rate", "2000"),
         )
         assert "job generator-to-s3 STOPPED: final checkpoint" in out
+
+        source, sink = kafka_broker.topic(2, "sums-in"), kafka_broker.topic(2, "sums-out")
+        out = submit(
+            *("python", "jobs/kafka_sum.py", "--bootstrap", kafka_broker.bootstrap),
+            *("--input", source, "--output", sink, "--produce", "1000", "--seconds", "2"),
+            *("--interval", "0.5", "--checkpoint", str(tmp_path / "kafka-cp")),
+        )
+        assert f"{sink} (read_committed): 1,000 updates, 100 keys" in out
 
         # rayflow itself with the dashboard address: the flow file's folder is uploaded and
         # the command runs on the cluster; its output streams back.

@@ -1414,6 +1414,13 @@ class StageTask:
                 backlogs = [_reader_backlog_of(r) for r in list(self._readers.values())]
                 known = [b for b in backlogs if b is not None]
                 entry["source_backlog"] = sum(known) if known else None
+                # Kafka readers: records after their positions, in all and per topic partition.
+                kafka: list[Any] = [r for r in self._readers.values() if hasattr(r, "kafka_lag")]
+                if kafka:
+                    by_partition = {r.kafka_partition: r.kafka_lag for r in kafka}
+                    known_lags = [lag for lag in by_partition.values() if lag is not None]
+                    entry["kafka_lag"] = sum(known_lags) if known_lags else None
+                    entry["kafka_lag_by_partition"] = by_partition
             if self.checkpointing and head:
                 entry["alignment_ms"] = self.last_alignment_ms
                 entry["last_snapshot"] = dict(self.last_snapshot)
