@@ -19,6 +19,12 @@ and prints their median, min and max, and the first job's figures with
 driver's launch steps, the Ray worker processes the actors wait for, the
 coordinator's and the operators' steps; see TRACE_CODE) without changing
 rayflow, and prints the median of each phase over the jobs.
+
+Each job's actors (its coordinator and one per operator partition) need Ray
+worker processes, ~0.3 s of CPU each to start; rayflow starts them ahead,
+while the previous job runs (rayflow/_internal/job/warm.py). Back to back
+on a small machine the next job still finds them starting; ``--pause 1.5``
+shows a start on a Ray that had a moment to get them ready.
 """
 
 from __future__ import annotations
@@ -144,7 +150,10 @@ PATCHES = {
     ],
     "rayflow._internal.job.failover": [("Failover", "run_from", "failover.run_from")],
     "rayflow._internal.runtime.task": [("StageTask", "__init__", "task.__init__")],
+    "rayflow._internal.runtime.actor": [("OperatorActor", "__init__", "operator.__init__")],
 }
+# Modules whose import is timed: the package, and those that define the actors' classes.
+IMPORTS = ("rayflow", "rayflow._internal.job.coordinator", "rayflow._internal.runtime.actor")
 
 
 class _Loader:
@@ -157,8 +166,8 @@ class _Loader:
     def exec_module(self, module):
         start = time.time()
         self._loader.exec_module(module)
-        if self._name == "rayflow":
-            emit("import rayflow", start, time.time())
+        if self._name in IMPORTS:
+            emit("import " + self._name, start, time.time())
         for owner, attr, what in PATCHES[self._name]:
             target = getattr(module, owner) if owner else module
             setattr(target, attr, traced(getattr(target, attr), what))
@@ -199,11 +208,18 @@ def start_traced_ray(trace: str) -> dict[str, Any]:
     exec(compile(TRACE_CODE.split('emit("process"')[0], "trace", "exec"), tracing)
     start_ray()
     import rayflow.job as job_module
-    from rayflow._internal.job import launcher
+    from rayflow._internal.job import launcher, warm
 
     traced = tracing["traced"]
-    for name in ("check_picklable", "check_not_running", "create_collector", "create_coordinator"):
+    for name in (
+        "check_picklable",
+        "check_not_running",
+        "create_collector",
+        "create_coordinator",
+        "create_operators",
+    ):
         setattr(launcher, name, traced(getattr(launcher, name), f"driver.{name}"))
+    warm.WarmPool.ensure = traced(warm.WarmPool.ensure, "driver.warm_workers")
     job_module.decide_start = traced(job_module.decide_start, "driver.decide_start")
     job_module.build_plan = traced(job_module.build_plan, "driver.build_plan")
     return tracing
@@ -245,23 +261,26 @@ def stats(values: list[float]) -> str:
     )
 
 
-# Phases of one start, each (label, from, to), over named instants of the trace.
+# Phases of one start, each (label, from, to), over named instants of the trace. The
+# driver requests the coordinator and then the operators (a fresh start), so the
+# coordinator's and the operators' phases run side by side until both are up.
 PHASES = [
-    ("driver: plan, pickling check, name check, start decision", "submitted", "coordinator_call"),
+    ("driver: plan, checks, start decision, warm workers", "submitted", "coordinator_call"),
+    ("driver: coordinator and operator actors requested", "coordinator_call", "created"),
     ("coordinator: waiting for a Ray worker process", "coordinator_call", "coordinator_proc"),
     (
         "coordinator: worker ready -> __init__ (import, load)",
         "coordinator_proc",
         "coordinator_init",
     ),
-    ("coordinator: __init__ -> operator actors requested", "coordinator_init", "created"),
-    ("operators: waiting for Ray worker processes", "created", "operators_proc"),
+    ("coordinator: __init__ -> start() deploying", "coordinator_init", "coordinator_start"),
+    ("  operators: waiting for Ray worker processes", "created", "operators_proc"),
     (
-        "operators: workers ready -> tasks built (import, load)",
+        "  operators: workers ready -> tasks built (import, load)",
         "operators_proc",
         "operators_init",
     ),
-    ("operators: -> every ready() answered", "operators_init", "ready"),
+    ("both up -> every ready() answered", "both_up", "ready"),
     ("sinks set up, restore, connect, run", "ready", "running"),
     ("-> rf.start returned in the driver", "running", "start_returned"),
     ("-> first record out at the sink", "start_returned", "first_out"),
@@ -308,15 +327,22 @@ def instants(job: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, flo
         return max(since, max(times))
 
     call = first("driver.create_coordinator")
-    created = last("deployment.create")
+    # The driver requests a fresh start's operators; a restarted coordinator its own.
+    created = last("driver.create_operators") or last("deployment.create")
+    coordinator_start = first("coordinator.start")
+    operators_init = last("task.__init__")
     at: dict[str, float | None] = {
         "submitted": job["submitted"],
         "coordinator_call": call,
         "coordinator_proc": ready("coordinator.__init__", call),
         "coordinator_init": first("coordinator.__init__"),
+        "coordinator_start": coordinator_start,
         "created": created,
         "operators_proc": ready("task.__init__", created),
-        "operators_init": last("task.__init__"),
+        "operators_init": operators_init,
+        "both_up": max(coordinator_start, operators_init)
+        if coordinator_start and operators_init
+        else None,
         "ready": last("deployment.wait_ready"),
         "running": last("deployment.run_all"),
         "start_returned": job["start_returned"],
@@ -355,12 +381,18 @@ def breakdown(jobs: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
         )
     actors = {e["pid"] for e in events if e["what"] in ("coordinator.__init__", "task.__init__")}
     born, connected = _python(events), _ready(events)
-    imports = [e["end"] - e["start"] for e in events if e["what"] == "import rayflow"]
+
+    def spent(what: str) -> list[float]:
+        return [e["end"] - e["start"] for e in events if e["what"] == what and e["end"]]
+
     spans = {
         "Python started -> connected to Ray": [
             connected[p] - born[p] for p in actors if p in connected and p in born
         ],
-        "import rayflow (when the actor's class loads)": imports,
+        "import rayflow (the package)": spent("import rayflow"),
+        "import the coordinator's module": spent("import rayflow._internal.job.coordinator"),
+        "import the operators' module": spent("import rayflow._internal.runtime.actor"),
+        "an operator's __init__ (plan, task)": spent("operator.__init__"),
     }
     for label, values in spans.items():
         if values:

@@ -15,7 +15,7 @@ from rayflow._internal import naming
 from rayflow._internal.checkpoint import lease as leases
 from rayflow._internal.checkpoint.start import StartDecision, decide_start
 from rayflow._internal.history import MetricsHistory
-from rayflow._internal.job import launcher, resources
+from rayflow._internal.job import launcher, resources, warm
 from rayflow._internal.job.journal import JobJournal, default_log_handler
 from rayflow._internal.job.report import JobReport, JobStatus
 from rayflow._internal.job.restarts import RestartTracker
@@ -621,6 +621,10 @@ def start(
     default_log_handler()
     launcher.ensure_ray()
     launcher.check_not_running(job)
+    # Worker processes for the job's actors start now, while the start is decided and
+    # beside the coordinator's, if Ray has none idle for them (warm.py).
+    actors = launcher.actors_of(plan)
+    warm.POOL.ensure(*actors)
     runtime = resources.resolve(runtime, plan)
     # Where the run starts, its run id, its lease and its first checkpoint id: one decision.
     decision = decide_start(
@@ -632,9 +636,8 @@ def start(
         alive=launcher.lease_holder_alive,
     )
     launch = _Launch(job, plan, runtime, checkpoint, restart or RestartStrategy(), decision)
-    collector = coordinator = None
+    collector = coordinator = operators = None
     try:
-        collector = launcher.create_collector(job) if launcher.collect_sinks(plan) else None
         coordinator = launcher.create_coordinator(
             job,
             plan,
@@ -644,12 +647,18 @@ def start(
             restart=launch.restart,
             faults=faults.all() if faults else (),
         )
-        report: JobReport = ray.get(coordinator.start.remote())
+        # The operators start beside the coordinator, not after it (launcher.create_operators).
+        operators = launcher.create_operators(job, plan, runtime, checkpoint, decision)
+        collector = launcher.create_collector(job) if launcher.collect_sinks(plan) else None
+        report: JobReport = ray.get(coordinator.start.remote(operators))
     except BaseException:
+        launcher.hand_over(operators, kill=True)
         launcher.kill_quietly(coordinator)
         launcher.kill_quietly(collector)
         _release(checkpoint, decision)
         raise
+    # From here on the coordinator holds the operators' only handles: they die with it.
+    launcher.hand_over(operators, kill=report.status is JobStatus.FAILED)
     if report.status is JobStatus.FAILED:
         launcher.kill_quietly(coordinator)
         launcher.kill_quietly(collector)
@@ -668,6 +677,7 @@ def start(
             sum(stage.parallelism for stage in plan.stages), report.restored_checkpoint
         )
         handle._begin()
+        warm.POOL.after(handle._done, *actors)  # ready for the next job
     except BaseException:
         # Nobody would hold a handle to a job that runs on: end it.
         if handle._publisher is not None:

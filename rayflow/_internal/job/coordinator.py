@@ -1,10 +1,13 @@
 """The job's coordinator actor: deploys the operators, checkpoints, recovers, ends the job.
 
-Named ``rayflow/<job>/coordinator``. The operator actors are created by the
-coordinator and therefore owned by it: if it dies they die with it (the
-driver then starts a new coordinator from the latest manifest), and a job
-never leaves orphaned actors behind. The coordinator only wires its
-collaborators: the Ray calls are in :class:`Deployment`, the checkpoint
+Named ``rayflow/<job>/coordinator``. The operator actors die with the
+coordinator (the driver then starts a new coordinator from the latest
+manifest), so a job never leaves orphaned actors behind. Those it creates
+(a restarted coordinator's, replacements) it owns; those of a fresh start
+the driver creates beside it, to save a start-up's worth of waiting, and
+hands over without keeping a reference, so that the coordinator holds the
+only one and Ray ends them when it dies (launcher.py). The coordinator
+only wires its collaborators: the Ray calls are in :class:`Deployment`, the checkpoint
 protocol in :class:`CheckpointCoordinator`, restoring and recovering in
 :class:`Failover`, the restart policy in :class:`RestartTracker`, the lease
 in ``checkpoint/lease.py`` and fault injection in :class:`FaultInjector`.
@@ -47,7 +50,7 @@ from rayflow._internal.plan import Plan, decode_plan
 from rayflow._internal.runtime.task import TaskOutcome
 from rayflow._internal.storage import StorageError, open_storage
 from rayflow._internal.storage.base import normalize_uri
-from rayflow.config import AT_LEAST_ONCE, Checkpointing, RestartStrategy, RuntimeConfig
+from rayflow.config import Checkpointing, RestartStrategy, RuntimeConfig
 from rayflow.errors import Failure
 from rayflow.testing import Fault
 
@@ -127,23 +130,22 @@ class JobCoordinator:
 
     # -- life cycle ----------------------------------------------------------
 
-    async def start(self) -> JobReport:
-        """Deploy and start every operator; returns the report (FAILED if that failed)."""
+    async def start(self, operators: dict[ActorKey, Any] | None = None) -> JobReport:
+        """Deploy and start every operator; returns the report (FAILED if that failed).
+
+        ``operators``: the actors of a fresh start, which the driver created
+        beside this coordinator (launcher.create_operators); else it creates them.
+        """
         self._finished = asyncio.Event()
         self._wake = asyncio.Event()
         try:
             plan = self.plan = decode_plan(self._plan_blob)
             cp = self._checkpointing
-            self.deployment = Deployment(
-                self.job,
-                plan,
-                self._config,
-                cp.full_every if cp else None,
-                align=not (cp and cp.mode == AT_LEAST_ONCE),
-                run_id=self.run_id,
-                final_checkpoint_id=self._start.first_checkpoint_id,
-                max_uncommitted=cp.max_uncommitted_records if cp else None,
+            self.deployment = Deployment.for_job(
+                self.job, plan, self._config, cp, self.run_id, self._start.first_checkpoint_id
             )
+            if operators is not None:
+                self.deployment.adopt(operators)
             point = self._recovery_point
             if cp is not None:
                 await self._claim_lease()
@@ -171,7 +173,10 @@ class JobCoordinator:
                 fault=self.faults.hit,
                 startup_timeout_s=self._startup_timeout_s,
             )
-            self.deployment.create()
+            if not self.deployment.handles:
+                # A restarted coordinator: the dying actors of its predecessor free their names
+                # a moment after it died.
+                await self.deployment.replace(self.deployment.keys())
             await self.deployment.wait_ready(self._startup_timeout_s)
             await self._run_from(point)
             self._report.running_at = time.time()

@@ -19,7 +19,7 @@ from rayflow._internal.checkpoint.restore import Assignment
 from rayflow._internal.checkpoint.snapshot import BarrierInfo
 from rayflow._internal.plan import Plan, encode_plan
 from rayflow._internal.runtime.actor import OperatorActor
-from rayflow.config import RuntimeConfig
+from rayflow.config import AT_LEAST_ONCE, Checkpointing, RuntimeConfig
 
 log = logging.getLogger("rayflow")
 
@@ -58,6 +58,29 @@ class Deployment:
         self.handles: dict[ActorKey, Any] = {}
         self._plan_ref: Any = None
 
+    @classmethod
+    def for_job(
+        cls,
+        job: str,
+        plan: Plan,
+        config: RuntimeConfig,
+        checkpointing: Checkpointing | None,
+        run_id: str,
+        first_checkpoint_id: int,
+    ) -> Deployment:
+        """The deployment of a run: the same whether the driver or the coordinator creates it."""
+        cp = checkpointing
+        return cls(
+            job,
+            plan,
+            config,
+            cp.full_every if cp else None,
+            align=not (cp and cp.mode == AT_LEAST_ONCE),
+            run_id=run_id,
+            final_checkpoint_id=first_checkpoint_id,
+            max_uncommitted=cp.max_uncommitted_records if cp else None,
+        )
+
     def keys(self) -> list[ActorKey]:
         return [(s.name, p) for s in self.plan.stages for p in range(s.parallelism)]
 
@@ -95,6 +118,13 @@ class Deployment:
                 self.final_checkpoint_id,
                 self.max_uncommitted,
             )
+
+    def adopt(self, handles: dict[ActorKey, Any]) -> None:
+        """Take over the actors of the first epoch that the driver created (see launcher.py)."""
+        missing = set(self.keys()) - set(handles)
+        if missing:
+            raise RuntimeError(f"the driver created no actor for {sorted(missing)}")
+        self.handles.update(handles)
 
     async def replace(self, keys: Iterable[ActorKey], timeout_s: float = 10.0) -> None:
         """Create new actors for dead ones; the name frees up once Ray saw the death."""
@@ -189,12 +219,12 @@ class Deployment:
         calls = []
         for (stage_name, p), handle in self.handles.items():
             stage = self.plan.stage(stage_name)
-            receivers: dict[tuple[int, int], tuple[str, Any]] = {}
+            # Names, not handles: see OperatorActor.connect.
+            receivers: dict[tuple[int, int], str] = {}
             for edge_id in stage.outputs:
                 edge = self.plan.edges[edge_id]
                 for q in edge.receivers_of(p):
-                    key = (edge.dst_stage, q)
-                    receivers[(edge_id, q)] = (self.name(key), self.handles[key])
+                    receivers[(edge_id, q)] = self.name((edge.dst_stage, q))
             calls.append(handle.connect.remote(receivers, coordinator))
         await asyncio.gather(*(_wrap(c) for c in calls))
 

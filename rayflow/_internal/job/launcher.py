@@ -18,6 +18,7 @@ from rayflow._internal.checkpoint import lease as leases
 from rayflow._internal.checkpoint.start import StartDecision
 from rayflow._internal.job.collector import Collector
 from rayflow._internal.job.coordinator import JobCoordinator
+from rayflow._internal.job.deployment import ActorKey, Deployment
 from rayflow._internal.plan import Plan, encode_plan
 from rayflow._internal.spec import StepKind
 from rayflow.config import Checkpointing, RestartStrategy, RuntimeConfig
@@ -106,6 +107,12 @@ def collect_sinks(plan: Plan) -> list[str]:
     ]
 
 
+def actors_of(plan: Plan) -> tuple[int, int]:
+    """The actors (each a Ray worker process) a job starts with: those beside the
+    driver (the coordinator, a collector) and the operators, which go anywhere."""
+    return 1 + (1 if collect_sinks(plan) else 0), sum(s.parallelism for s in plan.stages)
+
+
 def _beside_the_driver() -> Any:
     """Keep the job's control actors on the driver's node.
 
@@ -122,6 +129,48 @@ def create_collector(job: str) -> Any:
         num_cpus=0,
         scheduling_strategy=_beside_the_driver(),
     ).remote()
+
+
+def create_operators(
+    job: str,
+    plan: Plan,
+    config: RuntimeConfig,
+    checkpointing: Checkpointing | None,
+    start: StartDecision,
+) -> dict[ActorKey, Any] | None:
+    """Start a fresh run's operator actors from the driver, beside its coordinator.
+
+    Each actor waits for a Ray worker process and loads rayflow: done
+    here, that overlaps the coordinator's own start instead of following
+    it. The coordinator adopts them (``coordinator.start.remote(operators)``)
+    and the driver must then drop every reference it holds
+    (:func:`hand_over`): an actor lives while a handle to it does, so the
+    coordinator's is then the only one, and the operators die with it, as
+    those it creates itself. Until then the driver kills them if the start
+    fails. None if they could not be created here (e.g. a name still held
+    by an ending run of the job): then the coordinator creates them, and
+    reports what fails as a failed start.
+    """
+    deployment = Deployment.for_job(
+        job, plan, config, checkpointing, start.run_id, start.first_checkpoint_id
+    )
+    try:
+        deployment.create()
+    except Exception as exc:
+        log.debug("job %s: the coordinator creates the operators: %s", job, exc)
+        deployment.kill()
+        return None
+    return deployment.handles
+
+
+def hand_over(operators: dict[ActorKey, Any] | None, *, kill: bool) -> None:
+    """Forget (and with ``kill``, end) the operators created by :func:`create_operators`."""
+    if operators is None:
+        return
+    if kill:
+        for handle in operators.values():
+            kill_quietly(handle)
+    operators.clear()
 
 
 def create_coordinator(

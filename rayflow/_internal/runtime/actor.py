@@ -18,6 +18,7 @@ between slices of user code, or control would wait behind queued pushes.)
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from typing import Any
 
@@ -26,6 +27,7 @@ import ray
 from rayflow._internal.checkpoint.manifest import OperatorSnapshot
 from rayflow._internal.checkpoint.restore import Assignment
 from rayflow._internal.checkpoint.snapshot import BarrierInfo
+from rayflow._internal.naming import NAMESPACE
 from rayflow._internal.plan import decode_plan
 from rayflow._internal.runtime.channels import SendFn
 from rayflow._internal.runtime.task import StageTask, TaskOutcome
@@ -117,13 +119,23 @@ class OperatorActor:
     async def restore(self, assignment: Assignment) -> None:
         await self.task.restore(assignment)
 
-    async def connect(
-        self, receivers: dict[tuple[int, int], tuple[str, Any]], coordinator: Any
-    ) -> None:
-        """``receivers`` maps (edge id, receiver partition) to (actor name, handle)."""
+    async def connect(self, receivers: dict[tuple[int, int], str], coordinator: Any) -> None:
+        """``receivers`` maps (edge id, receiver partition) to the receiver's actor name.
+
+        Receivers are found by name, not sent as handles: the actors of a
+        fresh start belong to the driver, which leaves them to the
+        coordinator's handles so that they die with it, and a handle the
+        coordinator passed on would keep one alive after the coordinator
+        died, while one from ``ray.get_actor`` does not.
+        """
+        names = sorted(set(receivers.values()))
+        handles = await asyncio.to_thread(
+            lambda: {name: ray.get_actor(name, namespace=NAMESPACE) for name in names}
+        )
         senders: dict[tuple[int, int], tuple[str, SendFn]] = {}
-        for (edge_id, q), (name, handle) in receivers.items():
-            senders[(edge_id, q)] = (name, self._sender(handle, (edge_id, self.task.partition)))
+        for (edge_id, q), name in receivers.items():
+            channel = (edge_id, self.task.partition)
+            senders[(edge_id, q)] = (name, self._sender(handles[name], channel))
         key = (self.task.stage.name, self.task.partition)
         self.task.connect(senders, _CoordinatorLink(coordinator, key))
 

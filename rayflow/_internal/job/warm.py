@@ -1,0 +1,249 @@
+"""Warm Ray worker processes for the actors of jobs (best effort, driver side).
+
+Every actor of a job (its coordinator, each operator partition, a collector)
+runs in a Ray worker process of its own, and starting one costs ~0.3 s of CPU
+(Python, ``import ray``, connecting to Ray): most of a job's start-up. An
+actor that finds an idle worker takes it at once (~0.1 s), but Ray starts
+idle workers only with a node (as many as it has CPUs) and does not replace
+those that actors took (an actor's process ends with the actor). So the
+driver asks its node's raylet to start workers ahead of need (Ray's
+``PrestartWorkers`` call):
+
+- when a job starts, what the node's pool lacks for it, so that they start
+  while the coordinator starts instead of after it;
+- once the job ended, what it took, so that the next job finds them ready
+  (not before: that would take CPU from the running job).
+
+The pool is the node's idle and starting Python workers, counted among the
+raylet's child processes (Ray titles an idle one ``ray::IDLE``); a job needs
+one for its coordinator (and collector), which run beside the driver, and
+this node's share of the cluster's CPUs of its operators, which Ray may
+place anywhere. Workers are started for no job in particular, as those Ray
+starts with a node, so the next driver on this node (the next ``rayflow
+run``) finds them too; they are started with the job's runtime environment,
+as an actor only takes a worker started with its own. Each costs ~80 MB of
+memory. A job asks for no more than it needs, at most
+``RAYFLOW_WARM_WORKERS`` (default 8; 0 turns this off), and Ray's own
+trimming of idle workers (down to the node's free CPUs) leaves them alone
+for ``RAYFLOW_WARM_KEEP_S`` (default 300 s).
+
+Anything failing here (no local raylet under Ray Client, another Ray
+version) turns it off quietly: it can only make a start faster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger("rayflow")
+
+#: How long a request keeps topping the pool up (a slot frees as a worker registers).
+FILL_FOR_S = 10.0
+#: Pause between looks at the pool while topping it up.
+POLL_S = 0.05
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+class _Raylet:
+    """The local raylet: its process (to count workers) and its PrestartWorkers call."""
+
+    def __init__(self) -> None:
+        import psutil
+        import ray
+        from ray._private.grpc_utils import init_grpc_channel
+        from ray.core.generated import common_pb2, node_manager_pb2, node_manager_pb2_grpc
+
+        common: Any = common_pb2  # generated code: no stubs
+        messages: Any = node_manager_pb2
+
+        worker: Any = ray._private.worker.global_worker
+        node = worker.node
+        if node is None:
+            raise RuntimeError("no local Ray node (Ray Client?)")
+        port = node.node_manager_port
+        self.key = (node.node_ip_address, port)
+        flag = f"--node_id={ray.get_runtime_context().get_node_id()}"
+        self.pid = 0
+        self.concurrency = 1
+        self.cpus = 0.0  # this node's
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if cmd and os.path.basename(cmd[0]) == "raylet" and flag in cmd:
+                self.pid = proc.pid
+                for arg in cmd:
+                    name, _, value = arg.partition("=")
+                    if name == "--maximum_startup_concurrency":
+                        self.concurrency = max(1, int(value))
+                    elif name == "--static_resource_list":  # name,amount,name,amount...
+                        pairs = value.split(",")
+                        amounts = dict(zip(pairs[::2], pairs[1::2], strict=False))
+                        self.cpus = float(amounts.get("CPU", 0.0))
+                break
+        if not self.pid:
+            raise RuntimeError(f"no raylet process with {flag} on this machine")
+        self._process = psutil.Process(self.pid)
+        self._psutil_error = psutil.Error
+        job_config = worker.core_worker.get_job_config()
+        runtime_env = job_config.runtime_env_info.SerializeToString()
+        address = f"{node.node_ip_address}:{port}"
+        keep_s = _env_int("RAYFLOW_WARM_KEEP_S", 300)
+
+        def prestart(count: int) -> None:
+            request = messages.PrestartWorkersRequest(
+                language=common.PYTHON, keep_alive_duration_secs=keep_s, num_workers=count
+            )
+            request.runtime_env_info.ParseFromString(runtime_env)  # the job's
+            # A channel per call (a few per job): none is left open when Ray goes away.
+            channel = init_grpc_channel(address)
+            try:
+                stub = node_manager_pb2_grpc.NodeManagerServiceStub(channel)
+                stub.PrestartWorkers(request, timeout=5)
+            finally:
+                channel.close()
+
+        self.prestart = prestart
+
+    def count(self) -> tuple[int, int]:
+        """(idle, starting) Python workers of this raylet."""
+        idle = starting = 0
+        for child in self._process.children():
+            try:
+                cmd = child.cmdline()
+            except self._psutil_error:
+                continue
+            if not cmd:
+                continue
+            if cmd[0].startswith("ray::"):
+                idle += cmd[0].split()[0] == "ray::IDLE"
+            elif any(part.endswith(("default_worker.py", "setup_worker.py")) for part in cmd[:4]):
+                starting += "--worker-type=" not in " ".join(cmd)  # not a spill/restore worker
+        return idle, starting
+
+
+class WarmPool:
+    """Keeps this node's pool of idle Ray workers as large as the jobs here need."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._raylet: _Raylet | None = None
+        self._failed: Any = None  # the Ray node on which it failed (then: off there)
+        self._want = 0
+        self._until = 0.0
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def ensure(self, here: int, anywhere: int = 0) -> None:
+        """Have workers idle or starting on this node for ``here`` actors that run on
+        it and this node's share (of the cluster's CPUs) of ``anywhere`` others, up
+        to the cap.
+
+        Asks for what fits the raylet's start-up slots now (a few ms), and
+        leaves the rest to a background thread that asks as slots free up.
+        """
+        cap = _env_int("RAYFLOW_WARM_WORKERS", 8)
+        if cap <= 0:
+            return
+        try:
+            with self._lock:
+                raylet = self._link()
+                if raylet is None:
+                    return
+                workers = here
+                if anywhere:
+                    import ray
+
+                    cluster = float(ray.cluster_resources().get("CPU", 0.0))
+                    share = min(1.0, raylet.cpus / cluster) if cluster > 0 else 0.0
+                    workers += math.ceil(anywhere * share)
+                self._want = min(workers, cap)
+                self._until = time.monotonic() + FILL_FOR_S
+                self._top_up(raylet)
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(
+                        target=self._run, name="rayflow-warm-workers", daemon=True
+                    )
+                    self._thread.start()
+            self._wake.set()
+        except Exception as exc:
+            self._off(exc)
+
+    def after(self, done: threading.Event, here: int, anywhere: int = 0) -> None:
+        """:meth:`ensure` once ``done`` is set (a job ended and its actors with it).
+
+        Not while the job runs: starting processes takes CPU from it (~0.3 s
+        each), enough to halve what a new job does in its first second on a
+        small machine.
+        """
+
+        def then() -> None:
+            done.wait()
+            self.ensure(here, anywhere)
+
+        threading.Thread(target=then, name="rayflow-warm-after", daemon=True).start()
+
+    def _link(self) -> _Raylet | None:
+        import ray
+
+        node = ray._private.worker.global_worker.node
+        key = None if node is None else (node.node_ip_address, node.node_manager_port)
+        if key is None or key == self._failed:
+            return None
+        if self._raylet is None or self._raylet.key != key:
+            self._raylet = None
+            try:
+                self._raylet = _Raylet()
+            except Exception as exc:
+                self._failed = key
+                log.debug("warm workers: off on this node: %s", exc)
+                return None
+        return self._raylet
+
+    def _top_up(self, raylet: _Raylet) -> bool:
+        """Ask for what is missing and fits in the free start-up slots; True once none is."""
+        idle, starting = raylet.count()
+        missing = self._want - idle - starting
+        if missing <= 0:
+            return True
+        free = raylet.concurrency - starting
+        if free > 0:
+            # The raylet drops what exceeds its free slots: ask again as they free up.
+            raylet.prestart(min(missing, free))
+        return False
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while True:
+                time.sleep(POLL_S)
+                try:
+                    with self._lock:
+                        raylet = self._raylet
+                        if raylet is None or time.monotonic() > self._until:
+                            break
+                        if self._top_up(raylet):
+                            break
+                except Exception as exc:
+                    self._off(exc)
+                    break
+
+    def _off(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._raylet is not None:
+                self._failed = self._raylet.key
+            self._raylet = None
+        log.debug("warm workers: off on this node: %s", exc)
+
+
+POOL = WarmPool()
