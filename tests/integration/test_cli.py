@@ -45,7 +45,8 @@ FLOW_FILE = textwrap.dedent("""
         return 2 * x
 
     flow = rf.Dataflow("cli-flow", parallelism=2)
-    nums = flow.source("nums", rf.sources.Generator(lambda p, i: i, partitions=2, limit=5000))
+    nums = flow.source("nums", rf.sources.Generator(lambda p, i: i, partitions=2, limit=5000,
+                                                     rate=8000))
     nums.map("double", double).key_by("parity", lambda x: x % 4).reduce(
         "sum", lambda a, x: a + x, initial=0).sink("out", rf.testing.Discard())
 """)
@@ -128,6 +129,8 @@ def test_run_a_flow_file_with_checkpoints_then_list_show_and_delete(tmp_path: Pa
     listed = rayflow("checkpoints", "list", storage, "--json", address=False)
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)
+    # 1.25 s of input at 8,000 records/s: several checkpoints, one of them to delete.
+    assert len(rows) >= 2, rows
     assert [r["id"] for r in rows][-1] == final and {r["job"] for r in rows} == {"cli-flow"}
     table = rayflow("checkpoints", "list", storage, address=False).stdout
     assert table.splitlines()[0].split()[:3] == ["JOB", "ID", "KIND"]
