@@ -486,14 +486,33 @@ def summary(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def measured(data: dict[str, Any]) -> str:
+    """When and with which command each workload's cells were measured (runs of some
+    workloads only replace those workloads' cells, so one stamp would mislabel the rest)."""
+    default = {
+        "when": data.get("when", "?"),
+        "command": data.get("command", "python benchmarks/peers/run.py"),
+        "repeat": data.get("repeat", "?"),
+    }
+    stamps = data.get("measured", {})
+    present = sorted({k.split("|")[1] for k in data["results"]}, key=WORKLOADS.index)
+    groups: dict[tuple[str, str, Any], list[str]] = {}
+    for workload in present:
+        stamp = stamps.get(workload, default)
+        groups.setdefault((stamp["when"], stamp["command"], stamp["repeat"]), []).append(workload)
+    return "; ".join(
+        f"{', '.join(workloads)}: measured {when} with `{command.strip()}` ({repeat} runs each)"
+        for (when, command, repeat), workloads in groups.items()
+    )
+
+
 def table(data: dict[str, Any]) -> str:
     versions = data.get("versions", {})
     scale = data.get("scale", 1)
     notes = [
         "",
-        f"Machine: {data.get('machine', machine())}. Measured {data.get('when', '?')} with "
-        f"`{data.get('command', 'python benchmarks/peers/run.py')}`; each cell is the "
-        f"median of {data.get('repeat', '?')} runs (min-max in parentheses); throughput "
+        f"Machine: {data.get('machine', machine())}. {measured(data)}; each cell is the "
+        f"median of its runs (min-max in parentheses); throughput "
         "counts from the first record to the end of the run (start-up excluded, the final "
         "drain included). Memory is the peak resident set of the whole process tree (for "
         "rayflow that includes the Ray processes it starts).",
@@ -626,6 +645,11 @@ def main() -> None:
                     cell_p = 1 if system == "python" else p
                     record(data, system, workload, cell_p, cp, runs[system], problems.get(system))
                 save(data, args.scale)
+            data.setdefault("measured", {})[workload] = {
+                "when": time.strftime("%Y-%m-%d", time.gmtime()),
+                "command": "python benchmarks/peers/run.py " + " ".join(sys.argv[1:]),
+                "repeat": args.repeat,
+            }
     finally:
         if kafka is not None:
             kafka.stop()
