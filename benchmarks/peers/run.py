@@ -653,6 +653,11 @@ def main() -> None:
     finally:
         if kafka is not None:
             kafka.stop()
+    # Workloads measured before stamps were per workload keep the stamp they had.
+    before = {k: data[k] for k in ("when", "command", "repeat") if k in data}
+    for workload in {k.split("|")[1] for k in data["results"]}:
+        if before and workload not in data.setdefault("measured", {}):
+            data["measured"][workload] = before
     data.update(
         machine=machine(),
         when=time.strftime("%Y-%m-%d", time.gmtime()),
