@@ -354,28 +354,22 @@ class S3JsonLines(Sink):
             raise
 
     def _setup(self, client: Any, job: str, step: str, restored_checkpoint: int | None) -> None:
+        from rayflow._internal.storage.s3 import clean_sink_prefix
+
         self._claim(client, job, step)
-        start = self._key("part-")
-        paginator = client.get_paginator("list_multipart_uploads")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
-            for upload in page.get("Uploads", []):
-                after = _s3_part_after(upload["Key"])
-                if restored_checkpoint is None or after is None or after >= restored_checkpoint:
-                    # Begun after the restored checkpoint: it will never be committed.
-                    client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
-        if restored_checkpoint is None:
-            keys: list[str] = []
-            for page in client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=start
-            ):
-                keys.extend(o["Key"] for o in page.get("Contents", []))
-            for i in range(0, len(keys), 1000):
-                client.delete_objects(
-                    Bucket=self.bucket,
-                    Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
-                )
+
+        def abort(key: str) -> bool:
+            # Begun after the restored checkpoint: it will never be committed.
+            after = _s3_part_after(key)
+            return restored_checkpoint is None or after is None or after >= restored_checkpoint
+
+        clean_sink_prefix(
+            client,
+            self.bucket,
+            self._key("part-"),
+            abort=abort,
+            delete_all=restored_checkpoint is None,
+        )
 
     def open(self, ctx: SinkContext) -> SinkWriter:
         return _S3JsonLinesWriter(self, ctx)

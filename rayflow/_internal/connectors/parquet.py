@@ -189,32 +189,25 @@ class Parquet(Sink):
                 os.remove(path)  # in progress, or staged for a checkpoint that never committed
 
     def _setup_s3(self, client: Any, job: str, step: str, restored_checkpoint: int | None) -> None:
+        from rayflow._internal.storage.s3 import clean_sink_prefix
+
         s3 = self._s3
         assert s3 is not None
         s3._claim(client, job, step)
-        start = s3._key("part-")
-        for page in client.get_paginator("list_multipart_uploads").paginate(
-            Bucket=s3.bucket, Prefix=start
-        ):
-            for upload in page.get("Uploads", []):
-                if not upload["Key"].endswith(SUFFIX):
-                    continue  # not a Parquet sink's
-                staged = _checkpoint_of(upload["Key"].rsplit("/", 1)[-1])
-                if restored_checkpoint is None or staged is None or staged > restored_checkpoint:
-                    client.abort_multipart_upload(
-                        Bucket=s3.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
-        if restored_checkpoint is None:
-            keys: list[str] = []
-            for page in client.get_paginator("list_objects_v2").paginate(
-                Bucket=s3.bucket, Prefix=start
-            ):
-                keys.extend(o["Key"] for o in page.get("Contents", []))
-            for i in range(0, len(keys), 1000):
-                client.delete_objects(
-                    Bucket=s3.bucket,
-                    Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
-                )
+
+        def abort(key: str) -> bool:
+            if not key.endswith(SUFFIX):
+                return False  # not a Parquet sink's
+            staged = _checkpoint_of(key.rsplit("/", 1)[-1])
+            return restored_checkpoint is None or staged is None or staged > restored_checkpoint
+
+        clean_sink_prefix(
+            client,
+            s3.bucket,
+            s3._key("part-"),
+            abort=abort,
+            delete_all=restored_checkpoint is None,
+        )
 
     def open(self, ctx: SinkContext) -> SinkWriter:
         return _ParquetWriter(self, ctx)

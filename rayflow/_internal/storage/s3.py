@@ -9,7 +9,7 @@ declined in seconds, not hang the job for minutes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from rayflow._internal.extras import missing_extra
@@ -72,6 +72,32 @@ def is_transient(exc: BaseException) -> bool:
         code = exc.response.get("Error", {}).get("Code")
         return int(status) >= 500 or code in _TRANSIENT_CODES
     return isinstance(exc, (BotoCoreError, ConnectionError, TimeoutError))
+
+
+def clean_sink_prefix(
+    client: Any, bucket: str, prefix: str, *, abort: Callable[[str], bool], delete_all: bool
+) -> None:
+    """What a two-phase S3 sink does as it starts: abort the multipart uploads under
+    ``prefix`` whose key ``abort`` selects (staged for checkpoints that will never
+    commit), and with ``delete_all`` (a fresh start) delete every object under it."""
+    for page in client.get_paginator("list_multipart_uploads").paginate(
+        Bucket=bucket, Prefix=prefix
+    ):
+        for upload in page.get("Uploads", []):
+            if abort(upload["Key"]):
+                client.abort_multipart_upload(
+                    Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+    if not delete_all:
+        return
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys.extend(o["Key"] for o in page.get("Contents", []))
+    for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys
+        client.delete_objects(
+            Bucket=bucket,
+            Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True},
+        )
 
 
 class S3Storage(Storage):
