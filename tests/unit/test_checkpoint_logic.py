@@ -349,3 +349,59 @@ def test_restart_tracker_backs_off_and_gives_up_per_window() -> None:
     later.stable()
     assert later.failed(21.0, boom) == 1  # a completed checkpoint resets the backoff
     assert RestartTracker(None).failed(0.0, boom) is None  # no checkpointing: no restart
+
+
+def _layout_flow(map_parallelism: int, parallelism: int = 2) -> rf.Dataflow:
+    f = rf.Dataflow("j", parallelism=parallelism)
+    src = f.source("src", rf.testing.from_items([1, 2], partitions=2))
+    other = f.source("other", rf.testing.from_items([3], partitions=1), parallelism=1)
+    doubled = src.map("double", lambda x: 2 * x, parallelism=map_parallelism)
+    sums = (
+        doubled.union("both", other)
+        .key_by("k", str)
+        .reduce("sum", lambda a, b: a + b, initial=0, on_error="dead_letter")
+    )
+    sums.sink("out", rf.testing.Collect())
+    f.dead_letters().sink("dead", rf.testing.Collect())
+    return f
+
+
+@pytest.mark.parametrize("map_parallelism", [1, 2, 3])
+def test_edge_ids_are_rebuilt_from_the_manifest_as_the_plan_numbers_them(
+    map_parallelism: int,
+) -> None:
+    from rayflow._internal.checkpoint.manifest import describe_flow
+    from rayflow._internal.checkpoint.restore import _edges_of
+
+    plan = build_plan(_layout_flow(map_parallelism).spec())
+    assert _edges_of(describe_flow(plan)) == [(e.src_step, e.dst_step) for e in plan.edges]
+
+
+def test_r15_in_flight_data_is_restored_only_into_the_layout_it_was_taken_in() -> None:
+    """R15: an unaligned snapshot's in-flight records are addressed by edge id. A map at
+    parallelism 2 beside a source of 2 shares its actor; at 3 it does not, and every
+    edge id after it moves: those records would have gone to other steps (or been lost)."""
+    from rayflow._internal.checkpoint.manifest import describe_flow
+
+    old = build_plan(_layout_flow(2).spec())
+    ops = [
+        OperatorSnapshot(st.name, p, _obj(4, "plain", f"{st.name}-{p}"), inflight=True)
+        for st in old.stages
+        for p in range(st.parallelism)
+    ]
+    manifest = Manifest("j", 4, "checkpoint", 0.0, 1.0, describe_flow(old), tuple(ops))
+    # Another parallelism in the same layout (every step at 3): restored.
+    assert assign(build_plan(_layout_flow(3, 3).spec()), RestorePoint("/s", manifest))
+    with pytest.raises(rf.ConfigError, match=r"new: src -> double.*savepoint"):
+        assign(build_plan(_layout_flow(3).spec()), RestorePoint("/s", manifest))
+    # Without records in flight (an aligned checkpoint) the layout may change.
+    aligned = Manifest(
+        "j",
+        4,
+        "checkpoint",
+        0.0,
+        1.0,
+        describe_flow(old),
+        tuple(OperatorSnapshot(o.stage, o.partition, o.object) for o in ops),
+    )
+    assert assign(build_plan(_layout_flow(3).spec()), RestorePoint("/s", aligned))

@@ -214,6 +214,28 @@ def _check_compatible(plan: Plan, manifest: Manifest) -> None:
             f"the flow has {plan.flow.max_parallelism}. Key groups cannot change: build the "
             f"flow with Dataflow(..., max_parallelism={old_max})"
         )
+    if any(op.inflight for op in manifest.operators):
+        old_edges = _edges_of(manifest.flow)
+        new_edges = [(e.src_step, e.dst_step) for e in plan.edges]
+        if old_edges is not None and old_edges != new_edges:
+            # In-flight data is addressed by edge id, which only means the same
+            # connection in the same layout (rule R15).
+            gone = [f"{a} -> {b}" for a, b in old_edges if (a, b) not in new_edges]
+            added = [f"{a} -> {b}" for a, b in new_edges if (a, b) not in old_edges]
+            changes = [
+                f"{what}: {', '.join(edges)}"
+                for what, edges in (("new", added), ("gone", gone))
+                if edges
+            ]
+            raise ConfigError(
+                f"checkpoint {manifest.checkpoint_id} is unaligned and holds records in "
+                "flight between actors, but this flow connects its actors differently ("
+                + ("; ".join(changes) or "renumbered")
+                + "): a step's parallelism changed which steps share an actor. Restore it "
+                "with the parallelism it was taken with, stop that job with a savepoint "
+                "(savepoints are aligned: nothing in flight), and restore the savepoint "
+                "with the new parallelism"
+            )
     old_kinds = {s["name"]: s["kind"] for s in manifest.flow["steps"]}
     new_steps = {s.name: s for s in plan.flow.steps}
     for op in manifest.operators:
@@ -233,6 +255,20 @@ def _check_compatible(plan: Plan, manifest: Manifest) -> None:
                 f"{manifest.checkpoint_id} and is a {new_steps[step].kind.value} now; its "
                 "state cannot be restored into another kind of step"
             )
+
+
+def _edges_of(flow: dict[str, Any]) -> list[tuple[str, str]] | None:
+    """The (sender step, receiver step) of each edge id of the plan a manifest describes,
+    rebuilt as ``build_plan`` numbers them (None for a manifest without the inputs)."""
+    steps = flow.get("steps", [])
+    if not all("inputs" in s and "stage" in s for s in steps):
+        return None
+    return [
+        (inp, s["name"])
+        for s in steps
+        if s["kind"] != StepKind.SOURCE.value and s["stage"] == s["name"]
+        for inp in s["inputs"]
+    ]
 
 
 def read_keyed_state(point: RestorePoint, step: str) -> dict[Any, Any]:
