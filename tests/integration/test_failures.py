@@ -29,12 +29,15 @@ def test_user_exception_names_step_partition_record_and_traceback() -> None:
         rf.run(flow)
 
 
-def test_a_bad_key_is_blamed_on_the_key_by_step() -> None:
+@pytest.mark.parametrize("keyed_parallelism", [2, 1])
+def test_a_bad_key_is_blamed_on_the_key_by_step(keyed_parallelism: int) -> None:
+    """A shuffle's router checks keys; at parallelism 1 the keyed step shares the source's
+    actor (no router), and the key is checked all the same: it must work at any other."""
     flow = rf.Dataflow("badkey", parallelism=1)
     src = flow.source("src", rf.testing.from_items([1, 2, 3]))
     keyed = src.key_by("listkey", lambda x: [x])  # lists are not hashable
-    keyed.reduce("sum", lambda a, b: a + b, parallelism=2).sink(
-        "out", rf.testing.Collect(), parallelism=2
+    keyed.reduce("sum", lambda a, b: a + b, parallelism=keyed_parallelism).sink(
+        "out", rf.testing.Collect(), parallelism=keyed_parallelism
     )
     with pytest.raises(rf.JobFailedError) as info:
         rf.run(flow)

@@ -405,3 +405,50 @@ def test_r15_in_flight_data_is_restored_only_into_the_layout_it_was_taken_in() -
         tuple(OperatorSnapshot(o.stage, o.partition, o.object) for o in ops),
     )
     assert assign(build_plan(_layout_flow(3).spec()), RestorePoint("/s", aligned))
+
+
+def test_watermarks_restore_per_step_when_steps_share_actors_differently() -> None:
+    """At parallelism 1 a window joins its source's actor (plan.py); its restored watermark
+    must come from the actors that ran it before, whatever they were named."""
+    from rayflow._internal.checkpoint.manifest import describe_flow
+
+    def flow(par: int) -> rf.Dataflow:
+        f = rf.Dataflow("j", parallelism=par)
+        events = f.source("events", rf.testing.from_items([(1, 0.0)], partitions=2))
+        timed = events.with_event_time("ts", lambda e: e[1])
+        timed.key_by("k", lambda e: e[0]).window(
+            "count", rf.windows.Tumbling(60.0), rf.windows.Count()
+        ).sink("out", rf.testing.Collect())
+        return f
+
+    old = build_plan(flow(2).spec())
+    assert [s.name for s in old.stages] == ["events", "count"]
+    ops = []
+    for p in range(2):
+        ops.append(
+            OperatorSnapshot(
+                "events",
+                p,
+                _obj(3, "plain", f"e{p}"),
+                event_time={"input": None, "max_ts": {"ts": {str(p): 100.0 + p}}, "ops": {}},
+            )
+        )
+        obj = _obj(3, "full", f"c{p}")
+        ops.append(
+            OperatorSnapshot(
+                "count",
+                p,
+                obj,
+                "count",
+                (0, 64) if p == 0 else (64, 128),
+                (obj,),
+                event_time={"input": 90.0 + p, "max_ts": {}, "ops": {"count": 90.0 + p}},
+            )
+        )
+    manifest = Manifest("j", 3, "checkpoint", 0.0, 1.0, describe_flow(old), tuple(ops))
+    new = build_plan(flow(1).spec())
+    assert [s.name for s in new.stages] == ["events"]
+    (assignment,) = assign(new, RestorePoint("/s", manifest)).values()
+    assert assignment.event_time is not None
+    assert assignment.event_time["ops"] == {"count": 91.0}
+    assert assignment.event_time["max_ts"] == {"ts": {"0": 100.0, "1": 101.0}}

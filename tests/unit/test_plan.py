@@ -101,3 +101,33 @@ def test_describe_names_stages_and_edges() -> None:
     text = build_plan(_wordcount().spec()).describe()
     assert "stage 'lines' x2: lines -> split -> by_word" in text
     assert "'by_word'[2] --hash--> 'count'[2]" in text
+
+
+def test_a_key_by_between_steps_of_parallelism_1_moves_nothing_and_fuses() -> None:
+    flow = rf.Dataflow("wc", parallelism=1)
+    words = flow.source("lines", rf.testing.from_items(["a b"])).flat_map("split", str.split)
+    words.key_by("by_word", lambda w: w).reduce("count", lambda acc, w: acc + 1, initial=0).sink(
+        "out", rf.testing.Collect()
+    )
+    plan = build_plan(flow.spec())
+    assert [(s.name, s.steps) for s in plan.stages] == [
+        ("lines", ("lines", "split", "by_word", "count", "out")),
+    ]
+    assert plan.edges == ()
+    # A second keyed step stays apart: an actor snapshots one keyed state.
+    flow = rf.Dataflow("two", parallelism=1)
+    counts = (
+        flow.source("s", rf.testing.from_items([1]))
+        .key_by("k1", str)
+        .reduce("first", lambda a, x: a + 1, initial=0)
+    )
+    counts.key_by("k2", lambda kv: kv[1]).reduce("second", lambda a, x: a + 1, initial=0).sink(
+        "out", rf.testing.Collect()
+    )
+    two = build_plan(flow.spec())
+    assert [s.steps for s in two.stages] == [
+        ("s", "k1", "first", "k2"),
+        ("second", "out"),
+    ]
+    # Only at parallelism 1 on both sides: elsewhere the key decides the partition.
+    assert [s.name for s in build_plan(_wordcount(2, 2).spec()).stages] == ["lines", "count"]

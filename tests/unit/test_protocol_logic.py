@@ -436,8 +436,8 @@ def test_r14_no_checkpoint_starts_once_the_final_one_was_asked_for(tmp_path: Pat
 
 def test_r14_a_partition_that_ended_declines_an_unaligned_barrier(tmp_path: Path) -> None:
     """A barrier that reaches a partition after its sinks closed is declined at once."""
-    flow = rf.Dataflow("j")
-    src = flow.source("src", rf.testing.from_items(range(10), partitions=1))
+    flow = rf.Dataflow("j", parallelism=2)  # (at 1, the keyed step shares the source's actor)
+    src = flow.source("src", rf.testing.from_items(range(10), partitions=1), parallelism=1)
     src.key_by("k", lambda x: x % 3).reduce("sum", lambda a, b: a + b, initial=0).sink(
         "out", rf.sinks.JsonLines(tmp_path / "out")
     )
@@ -475,8 +475,8 @@ def test_r11_an_unaligned_trigger_before_the_task_runs_is_taken_once_it_can_be(
 ) -> None:
     """A source restored at its end reads nothing more: a trigger that came before it
     ran must still be answered (it waited for a next batch that never came)."""
-    flow = rf.Dataflow("j")
-    src = flow.source("src", rf.testing.from_items(range(10), partitions=1))
+    flow = rf.Dataflow("j", parallelism=2)  # (at 1, the keyed step shares the source's actor)
+    src = flow.source("src", rf.testing.from_items(range(10), partitions=1), parallelism=1)
     src.key_by("k", lambda x: x % 5).reduce("sum", lambda a, b: a + b, initial=0).sink(
         "out", rf.testing.Discard()
     )
@@ -497,7 +497,7 @@ def test_r11_an_unaligned_trigger_before_the_task_runs_is_taken_once_it_can_be(
             return fut
 
         edge = plan.stage("src").outputs[0]
-        task.connect({(edge, 0): ("sum/0", send)}, Acks())
+        task.connect({(edge, q): (f"sum/{q}", send) for q in (0, 1)}, Acks())
         barrier = BarrierInfo(9, "checkpoint", str(tmp_path), 0, "j/checkpoints/9/", "r1")
         task.trigger_checkpoint(dataclasses.replace(barrier, unaligned=True))
         run = asyncio.create_task(task.run())

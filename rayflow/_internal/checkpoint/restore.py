@@ -180,9 +180,19 @@ def assign(
                 for op in old_ops
                 if op.inflight and (old_par != stage.parallelism or op.partition == q)
             )
-            timed = [op.event_time for op in old_ops if op.event_time is not None]
-            if old_par == stage.parallelism:
-                timed = [op.event_time for op in old_ops if op.partition == q and op.event_time]
+            # Watermarks are per step: take them from the old actors that ran any of this
+            # stage's steps (the steps may have shared actors differently then).
+            old_here = {old_stage_of.get(s) for s in stage.steps} - {None}
+            timed_ops = [op for op in manifest.operators if op.stage in old_here]
+            same_par = all(
+                sum(1 for o in manifest.operators if o.stage == name) == stage.parallelism
+                for name in old_here
+            )
+            timed = [
+                op.event_time
+                for op in timed_ops
+                if op.event_time is not None and (not same_par or op.partition == q)
+            ]
             event_time = merge_restored(timed) if timed else None
             sink_objects: list[tuple[str, ObjectInfo]] = []
             for sink in sinks:

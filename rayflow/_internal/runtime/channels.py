@@ -337,13 +337,29 @@ def _checking_forward_router(channel: OutputChannel) -> Callable[[list[Any]], No
 
     A key that cannot be hashed stably would run at parallelism 1 and break
     the job at any other (a resume at parallelism 2 would fail for good).
-    The distinct keys of a batch are found at C speed; only new ones are hashed.
     """
     forward = forward_router(channel)
+    check = key_checker()
+
+    def route(items: list[Any]) -> None:
+        check(items)
+        forward(items)
+
+    return route
+
+
+def key_checker() -> Callable[[list[Any]], None]:
+    """Raises UnroutableKey for a ``(key, value)`` whose key cannot be hashed stably.
+
+    For keyed records that go to one partition without hashing (one receiver,
+    or a keyed step in the sender's actor): they must still be routable at
+    another parallelism. The distinct keys of a batch are found at C speed;
+    only new ones are hashed.
+    """
     checked: set[Any] = set()
     first = operator.itemgetter(0)
 
-    def route(items: list[Any]) -> None:
+    def check(items: list[Any]) -> None:
         try:
             keys = set(map(first, items))
         except TypeError:
@@ -362,9 +378,8 @@ def _checking_forward_router(channel: OutputChannel) -> Callable[[list[Any]], No
                 if len(checked) > 200_000:
                     checked.clear()
                 checked.update(new)
-        forward(items)
 
-    return route
+    return check
 
 
 def _key_message(key: Any, exc: BaseException) -> str:

@@ -71,6 +71,7 @@ from rayflow._internal.runtime.channels import (
     UnroutableKey,
     forward_router,
     hash_router,
+    key_checker,
     rebalance_router,
 )
 from rayflow._internal.runtime.event_time import EventTime
@@ -181,7 +182,11 @@ class StageTask:
             for c in plan.consumers_in_stage(step):
                 consumer = plan.step(c)
                 if consumer.kind is not StepKind.SIDE_OUTPUT:
-                    op.downstream.append(self.ops[c].feed)
+                    feed: Callable[[list[Any]], None] = self.ops[c].feed
+                    if plan.step(step).kind is StepKind.KEY_BY:
+                        # A keyed step in this actor (plan.py): no router checks the keys.
+                        feed = _checked(feed)
+                    op.downstream.append(feed)
                 elif consumer.port == LATE:
                     op.late_downstream.append(self.ops[c].feed)  # type: ignore[attr-defined]
                 else:
@@ -1438,6 +1443,17 @@ def _create_and_hash(storage: Storage, key: str, data: bytes) -> str:
 
 def _get_and_check(storage: Storage, info: ObjectInfo) -> dict[str, Any]:
     return snap.decode(storage.get(info.key), info)
+
+
+def _checked(feed: Callable[[list[Any]], None]) -> Callable[[list[Any]], None]:
+    """``feed`` behind the check a HASH router makes of every new key."""
+    check = key_checker()
+
+    def checked(items: list[Any]) -> None:
+        check(items)
+        feed(items)
+
+    return checked
 
 
 def _earliest(*deadlines: float | None) -> float | None:
