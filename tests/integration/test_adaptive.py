@@ -49,7 +49,11 @@ def test_credits_follow_a_step_whose_speed_changes(tmp_path: Path) -> None:
     pace = Pace(tmp_path, 0.0002)  # 0.2 ms a record
     flow = rf.Dataflow("debloat")
     src = flow.source("events", rf.sources.Generator(lambda p, i: (i % 100, i), partitions=1))
-    src.key_by("key", lambda r: r[0]).map("enrich", pace).sink("out", rf.testing.Discard())
+    # Its own actor (other resources than the source's; a key_by alone at parallelism 1
+    # would not separate them any more, plan.py).
+    src.key_by("key", lambda r: r[0]).map("enrich", pace, num_cpus=0.2).sink(
+        "out", rf.testing.Discard()
+    )
     # 0.5 s of work over 8 batches in flight: ~300 records a batch at 0.2 ms, ~30 at 2 ms.
     handle = rf.start(flow, runtime=rf.RuntimeConfig(target_inflight_s=0.5))
     try:
@@ -93,9 +97,9 @@ def test_control_is_answered_while_a_function_is_stuck_and_the_stall_alert_fires
     """Metrics, a checkpoint trigger and the alerts answer while user code is blocked."""
     flow = rf.Dataflow("stuck")
     src = flow.source("n", rf.sources.Generator(lambda p, i: i, partitions=1, rate=2000))
-    src.key_by("k", lambda i: i % 7).map("call", _stuck(str(tmp_path))).sink(
+    src.key_by("k", lambda i: i % 7).map("call", _stuck(str(tmp_path)), num_cpus=0.2).sink(
         "out", rf.testing.Discard()
-    )
+    )  # its own actor: other resources than the source's
     config = rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=3600)
     runtime = rf.RuntimeConfig(stall_after_s=1.0, target_inflight_s=0.2)
     handle = rf.start(flow, checkpoint=config, runtime=runtime)

@@ -43,7 +43,8 @@ def test_a_bad_key_is_blamed_on_the_key_by_step(keyed_parallelism: int) -> None:
         rf.run(flow)
     assert info.value.step == "listkey"
     text = str(info.value)
-    assert "step 'listkey' (partition 0): TypeError: key [1] of type list cannot be used" in text
+    assert "step 'listkey' (partition 0): TypeError:" in text
+    assert "[1]" in text and "list" in text and "keys must be" in text
     assert "record: 1\n" in text
 
 

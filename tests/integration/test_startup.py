@@ -59,12 +59,14 @@ def test_a_job_on_a_warm_ray_takes_workers_started_before_it() -> None:
     rf.run(_tiny("warm-up"))  # leaves the pool filled for a job like it
     raylet = warm.POOL._raylet
     assert raylet is not None, "the driver found no local raylet to prestart workers on"
-    _wait_for(lambda: raylet.count()[0] >= 3, 15, "3 idle workers")
+    # Its coordinator and three operators (the keyed step at parallelism 2 has actors
+    # of its own): four workers.
+    _wait_for(lambda: raylet.count()[0] >= 4, 15, "4 idle workers")
     submitted = time.time()
     handle = rf.start(_tiny("warm", limit=None))
     try:
         born: list[float] = []
-        for name in ("numbers/0", "sum/0"):
+        for name in ("numbers/0", "sum/0", "sum/1"):
             actor = ray.get_actor(f"rayflow/warm/{name}", namespace="rayflow")
             where: Any = ray.get(actor.where.remote())
             born.append(psutil.Process(where["pid"]).create_time())
@@ -79,7 +81,7 @@ def _tiny(name: str, limit: int | None = 100) -> rf.Dataflow:
         "numbers", rf.sources.Generator(lambda p, i: (i % 3, 1), limit=limit, rate=1000)
     )
     sums = numbers.key_by("by_key", lambda r: r[0]).reduce(
-        "sum", lambda acc, r: acc + r[1], initial=0
+        "sum", lambda acc, r: acc + r[1], initial=0, parallelism=2
     )
-    sums.sink("out", rf.testing.Discard())
+    sums.sink("out", rf.testing.Discard(), parallelism=2)
     return flow
