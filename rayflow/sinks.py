@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import tempfile
-import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -396,7 +395,7 @@ class _S3JsonLinesWriter(SinkWriter):
     """
 
     def __init__(self, sink: S3JsonLines, ctx: SinkContext):
-        from rayflow._internal.storage.s3 import s3_client
+        from rayflow._internal.storage.s3 import FailFastGate, s3_client
 
         self._sink = sink
         self._ctx = ctx
@@ -412,10 +411,9 @@ class _S3JsonLinesWriter(SinkWriter):
         )
         self._spill: IO[bytes] = os.fdopen(fd, "w+b")
         self._uploaded = 0  # bytes of the spill file uploaded as parts
-        # After S3 could not be reached, calls fail fast until _retry_at (doubling
-        # pauses): an outage must not hold up the records at every checkpoint.
-        self._retry_at = 0.0
-        self._pause = 1.0
+        # After S3 could not be reached, calls fail fast for a while: an outage must
+        # not hold up the records at every checkpoint.
+        self._gate = FailFastGate(f"S3JsonLines sink {ctx.step!r}: {sink.uri}")
 
     @property
     def spilled_bytes(self) -> int:
@@ -432,31 +430,9 @@ class _S3JsonLinesWriter(SinkWriter):
                 f"records: {exc}; convert the records with a map step before the sink"
             ) from None
         self._spill.write(data)
-        if self.spilled_bytes >= self._sink.part_bytes and time.monotonic() >= self._retry_at:
+        if self.spilled_bytes >= self._sink.part_bytes and self._gate.open:
             with contextlib.suppress(TransientSinkError):  # S3 is down: keep spilling
                 self._upload_parts(final=False)
-
-    def _s3(self, call: Any, **kwargs: Any) -> Any:
-        from rayflow._internal.storage.s3 import is_transient
-
-        now = time.monotonic()
-        if now < self._retry_at:
-            raise TransientSinkError(
-                f"S3JsonLines sink {self._ctx.step!r}: {self._sink.uri} was unreachable "
-                f"{self._pause:.0f} s ago; trying again in {self._retry_at - now:.1f} s"
-            )
-        try:
-            result = call(**kwargs)
-        except Exception as exc:
-            if is_transient(exc):
-                self._retry_at = time.monotonic() + self._pause
-                self._pause = min(self._pause * 2, 8.0)
-                raise TransientSinkError(
-                    f"S3JsonLines sink {self._ctx.step!r}: {self._sink.uri} unreachable: {exc}"
-                ) from exc
-            raise
-        self._pause = 1.0
-        return result
 
     def _upload_parts(self, *, final: bool) -> None:
         """Upload whole parts from the spill file (and the rest, if ``final``)."""
@@ -469,7 +445,7 @@ class _S3JsonLinesWriter(SinkWriter):
                     f"{self._ctx.run_id or 'r'}-{uuid.uuid4().hex[:8]}.jsonl"
                 )
                 key = self._sink._key(name)
-                created = self._s3(
+                created = self._gate.call(
                     self._client.create_multipart_upload, Bucket=self._sink.bucket, Key=key
                 )
                 self._upload = {"key": key, "upload_id": created["UploadId"], "parts": []}
@@ -478,7 +454,7 @@ class _S3JsonLinesWriter(SinkWriter):
             body = self._spill.read(size)
             self._spill.seek(end)
             number = len(self._upload["parts"]) + 1
-            response = self._s3(
+            response = self._gate.call(
                 self._client.upload_part,
                 Bucket=self._sink.bucket,
                 Key=self._upload["key"],
@@ -506,7 +482,7 @@ class _S3JsonLinesWriter(SinkWriter):
         from botocore.exceptions import ClientError
 
         try:
-            self._s3(
+            self._gate.call(
                 self._client.complete_multipart_upload,
                 Bucket=committable["bucket"],
                 Key=committable["key"],
@@ -516,7 +492,7 @@ class _S3JsonLinesWriter(SinkWriter):
         except ClientError as exc:
             # Completed before (a re-issued commit): then the object exists.
             try:
-                self._s3(
+                self._gate.call(
                     self._client.head_object, Bucket=committable["bucket"], Key=committable["key"]
                 )
             except ClientError:

@@ -29,7 +29,6 @@ import dataclasses
 import glob
 import os
 import tempfile
-import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -493,39 +492,6 @@ def _arrow_name(pa: Any, value: Any) -> str:
 # -- the writer -----------------------------------------------------------------------
 
 
-class _Gate:
-    """After the destination could not be reached, calls fail fast for a while.
-
-    (Pauses double up to 8 s.) An outage then costs no waiting at every
-    checkpoint; the checkpoints and commits retry.
-    """
-
-    def __init__(self, what: str):
-        self.what = what
-        self._retry_at = 0.0
-        self._pause = 1.0
-
-    def call(self, fn: Any, **kwargs: Any) -> Any:
-        from rayflow._internal.storage.s3 import is_transient
-
-        now = time.monotonic()
-        if now < self._retry_at:
-            raise TransientSinkError(
-                f"{self.what} was unreachable {self._pause:.0f} s ago; trying again in "
-                f"{self._retry_at - now:.1f} s"
-            )
-        try:
-            result = fn(**kwargs)
-        except Exception as exc:
-            if is_transient(exc):
-                self._retry_at = time.monotonic() + self._pause
-                self._pause = min(self._pause * 2, 8.0)
-                raise TransientSinkError(f"{self.what} unreachable: {exc}") from exc
-            raise
-        self._pause = 1.0
-        return result
-
-
 class _ParquetWriter(SinkWriter):
     def __init__(self, sink: Parquet, ctx: SinkContext):
         self._sink = sink
@@ -545,13 +511,13 @@ class _ParquetWriter(SinkWriter):
             os.makedirs(self._dir, exist_ok=True)
             self._client: Any = None
         else:
-            from rayflow._internal.storage.s3 import s3_client
+            from rayflow._internal.storage.s3 import FailFastGate, s3_client
 
             self._dir = os.environ.get("RAYFLOW_SPILL_DIR") or tempfile.gettempdir()
             # Few retries per call: the checkpoints retry, and a call in prepare_commit
             # holds up this partition's records while it waits.
             self._client = s3_client(attempts=2)
-            self._gate = _Gate(f"Parquet sink {ctx.step!r}: {sink.uri}")
+            self._gate = FailFastGate(f"Parquet sink {ctx.step!r}: {sink.uri}")
             self._orphans: list[tuple[str, str]] = []  # uploads to abort (key, upload id)
 
     @property

@@ -9,6 +9,7 @@ declined in seconds, not hang the job for minutes.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -72,6 +73,44 @@ def is_transient(exc: BaseException) -> bool:
         code = exc.response.get("Error", {}).get("Code")
         return int(status) >= 500 or code in _TRANSIENT_CODES
     return isinstance(exc, (BotoCoreError, ConnectionError, TimeoutError))
+
+
+class FailFastGate:
+    """After the destination could not be reached, calls fail fast for a while.
+
+    (Pauses double up to 8 s.) An outage then costs no waiting at every
+    checkpoint; the checkpoints and commits retry. Used by the S3 sinks.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        self._retry_at = 0.0
+        self._pause = 1.0
+
+    @property
+    def open(self) -> bool:
+        """Whether a call would be tried now (not failed fast)."""
+        return time.monotonic() >= self._retry_at
+
+    def call(self, fn: Any, **kwargs: Any) -> Any:
+        from rayflow.sinks import TransientSinkError
+
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise TransientSinkError(
+                f"{self.what} was unreachable {self._pause:.0f} s ago; trying again in "
+                f"{self._retry_at - now:.1f} s"
+            )
+        try:
+            result = fn(**kwargs)
+        except Exception as exc:
+            if is_transient(exc):
+                self._retry_at = time.monotonic() + self._pause
+                self._pause = min(self._pause * 2, 8.0)
+                raise TransientSinkError(f"{self.what} unreachable: {exc}") from exc
+            raise
+        self._pause = 1.0
+        return result
 
 
 def clean_sink_prefix(
