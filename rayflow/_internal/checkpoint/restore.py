@@ -147,6 +147,14 @@ def assign(
         head = plan.step(stage.steps[0])
         keyed = next((plan.step(s) for s in stage.steps if plan.step(s).kind.stateful), None)
         sinks = [s for s in stage.steps if plan.step(s).kind is StepKind.SINK]
+        # Watermarks are per step: take them from the old actors that ran any of this
+        # stage's steps (the steps may have shared actors differently then).
+        old_here = {old_stage_of.get(s) for s in stage.steps} - {None}
+        timed_ops = [op for op in manifest.operators if op.stage in old_here]
+        same_par = all(
+            sum(1 for o in manifest.operators if o.stage == name) == stage.parallelism
+            for name in old_here
+        )
         for q in range(stage.parallelism):
             source_offsets: dict[int, Any] = {}
             if head.kind is StepKind.SOURCE:
@@ -179,14 +187,6 @@ def assign(
                 (op.partition, op.object)
                 for op in old_ops
                 if op.inflight and (old_par != stage.parallelism or op.partition == q)
-            )
-            # Watermarks are per step: take them from the old actors that ran any of this
-            # stage's steps (the steps may have shared actors differently then).
-            old_here = {old_stage_of.get(s) for s in stage.steps} - {None}
-            timed_ops = [op for op in manifest.operators if op.stage in old_here]
-            same_par = all(
-                sum(1 for o in manifest.operators if o.stage == name) == stage.parallelism
-                for name in old_here
             )
             timed = [
                 op.event_time

@@ -338,14 +338,19 @@ def _checking_forward_router(channel: OutputChannel) -> Callable[[list[Any]], No
     A key that cannot be hashed stably would run at parallelism 1 and break
     the job at any other (a resume at parallelism 2 would fail for good).
     """
-    forward = forward_router(channel)
+    return keys_checked(forward_router(channel))
+
+
+def keys_checked(feed: Callable[[list[Any]], None]) -> Callable[[list[Any]], None]:
+    """``feed`` behind a :func:`key_checker`: keyed records that reach one partition
+    without a hash (one receiver, or a keyed step in the sender's actor)."""
     check = key_checker()
 
-    def route(items: list[Any]) -> None:
+    def checked(items: list[Any]) -> None:
         check(items)
-        forward(items)
+        feed(items)
 
-    return route
+    return checked
 
 
 def key_checker() -> Callable[[list[Any]], None]:

@@ -71,7 +71,7 @@ from rayflow._internal.runtime.channels import (
     UnroutableKey,
     forward_router,
     hash_router,
-    key_checker,
+    keys_checked,
     rebalance_router,
 )
 from rayflow._internal.runtime.event_time import EventTime
@@ -185,7 +185,7 @@ class StageTask:
                     feed: Callable[[list[Any]], None] = self.ops[c].feed
                     if plan.step(step).kind is StepKind.KEY_BY:
                         # A keyed step in this actor (plan.py): no router checks the keys.
-                        feed = _checked(feed)
+                        feed = keys_checked(feed)
                     op.downstream.append(feed)
                 elif consumer.port == LATE:
                     op.late_downstream.append(self.ops[c].feed)  # type: ignore[attr-defined]
@@ -1420,12 +1420,12 @@ class StageTask:
                 known = [b for b in backlogs if b is not None]
                 entry["source_backlog"] = sum(known) if known else None
                 # Kafka readers: records after their positions, in all and per topic partition.
+                # (A Kafka reader's lag is its backlog: the sum is source_backlog.)
                 kafka: list[Any] = [r for r in self._readers.values() if hasattr(r, "kafka_lag")]
                 if kafka:
-                    by_partition = {r.kafka_partition: r.kafka_lag for r in kafka}
-                    known_lags = [lag for lag in by_partition.values() if lag is not None]
-                    entry["kafka_lag"] = sum(known_lags) if known_lags else None
-                    entry["kafka_lag_by_partition"] = by_partition
+                    entry["kafka_lag"] = entry["source_backlog"]
+                    lags = {r.kafka_partition: r.kafka_lag for r in kafka}
+                    entry["kafka_lag_by_partition"] = lags
             if self.checkpointing and head:
                 entry["alignment_ms"] = self.last_alignment_ms
                 entry["last_snapshot"] = dict(self.last_snapshot)
@@ -1443,17 +1443,6 @@ def _create_and_hash(storage: Storage, key: str, data: bytes) -> str:
 
 def _get_and_check(storage: Storage, info: ObjectInfo) -> dict[str, Any]:
     return snap.decode(storage.get(info.key), info)
-
-
-def _checked(feed: Callable[[list[Any]], None]) -> Callable[[list[Any]], None]:
-    """``feed`` behind the check a HASH router makes of every new key."""
-    check = key_checker()
-
-    def checked(items: list[Any]) -> None:
-        check(items)
-        feed(items)
-
-    return checked
 
 
 def _earliest(*deadlines: float | None) -> float | None:
