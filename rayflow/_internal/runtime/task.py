@@ -876,6 +876,12 @@ class StageTask:
                     caught_up = False
                     continue
                 wanted = min(self.config.batch_size, max(1, int(room / self._fanout)))
+                if limit is not None:
+                    # Never read past the bound: it holds exactly, not within a read.
+                    budget = limit - (head.records_out - self._committed_emitted)
+                    if budget <= 0:
+                        break
+                    wanted = min(wanted, budget)
                 batch_size = self._cost.slice_records(wanted)
                 try:
                     items = reader.read(batch_size)
