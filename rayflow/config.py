@@ -144,6 +144,17 @@ class Checkpointing:
       ``"at_least_once"`` does not align (an operator with several inputs
       never holds one back, which saves latency under skew), so a recovery
       may apply some records twice, but never loses one.
+    - ``recovery``: ``"partial"`` (the default) restarts only the operator
+      partitions whose actors died, from their own snapshots, while their
+      senders resend what they logged since the checkpoint and everything
+      else keeps running; ``"global"`` resets every operator to the last
+      checkpoint on any failure. Partial recovery needs aligned exactly-once
+      checkpoints, and falls back to global where it cannot be exact (an
+      exception in a step, two neighbouring partitions lost together, a
+      second loss before a checkpoint completed, the job's end game);
+      ``handle.recoveries()`` says which (``scope``). Senders then keep what
+      they sent since the last completed checkpoint (in memory, spilled to
+      local disk past 64 MiB).
     """
 
     storage: str = "rayflow-checkpoints"
@@ -162,6 +173,7 @@ class Checkpointing:
     max_checkpoint_gap_s: float | None = 600.0
     max_backoff_s: float = 30.0
     max_uncommitted_records: int | None = 10_000_000
+    recovery: str = "partial"
 
     def __post_init__(self) -> None:
         from rayflow._internal.storage.base import normalize_uri
@@ -170,6 +182,10 @@ class Checkpointing:
             raise ConfigError(
                 f"Checkpointing.mode must be {EXACTLY_ONCE!r} or {AT_LEAST_ONCE!r}; "
                 f"got {self.mode!r}"
+            )
+        if self.recovery not in ("partial", "global"):
+            raise ConfigError(
+                f'Checkpointing.recovery must be "partial" or "global"; got {self.recovery!r}'
             )
         if not isinstance(self.storage, (str, os.PathLike)) or not os.fspath(self.storage):
             raise ConfigError(
@@ -227,6 +243,17 @@ class Checkpointing:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"Checkpointing.{name} must be an int >= 1; got {value!r}")
+
+    @property
+    def partial_recovery(self) -> bool:
+        """Whether operators log what they send for partial recovery (aligned exactly-once
+        checkpoints only: an unaligned snapshot's in-flight data is not replayable alone)."""
+        return (
+            self.recovery == "partial"
+            and self.mode == EXACTLY_ONCE
+            and not self.unaligned
+            and self.aligned_timeout_s is None
+        )
 
 
 @dataclass(frozen=True)

@@ -219,9 +219,18 @@ class JsonLines(Sink):
         step: str = "",
         run_id: str = "",
         restored_checkpoint: int | None,
+        partition: int | None = None,
     ) -> None:
         os.makedirs(self.folder, exist_ok=True)
         _claim_folder(self.folder, job, step)
+        if partition is not None:
+            # One partition restarted alone (partial recovery): only its staged files.
+            mine = f"part-{partition:05d}-"
+            for path in glob.glob(os.path.join(self.folder, ".staging", mine + "*")):
+                staged_id = _staged_checkpoint(os.path.basename(path))
+                if staged_id is None or staged_id > (restored_checkpoint or 0):
+                    os.remove(path)
+            return
         if restored_checkpoint is None:
             patterns = ("part-*.jsonl", ".part-*.jsonl.commit", ".staging/*")
             for pattern in patterns:
@@ -342,20 +351,30 @@ class S3JsonLines(Sink):
         step: str = "",
         run_id: str = "",
         restored_checkpoint: int | None,
+        partition: int | None = None,
     ) -> None:
         from rayflow._internal.storage.s3 import is_transient, s3_client
 
         try:
-            self._setup(s3_client(), job, step, restored_checkpoint)
+            self._setup(s3_client(), job, step, restored_checkpoint, partition)
         except Exception as exc:
             if is_transient(exc):
                 raise TransientSinkError(f"S3JsonLines {self.uri} unreachable: {exc}") from exc
             raise
 
-    def _setup(self, client: Any, job: str, step: str, restored_checkpoint: int | None) -> None:
+    def _setup(
+        self,
+        client: Any,
+        job: str,
+        step: str,
+        restored_checkpoint: int | None,
+        partition: int | None = None,
+    ) -> None:
         from rayflow._internal.storage.s3 import clean_sink_prefix
 
         self._claim(client, job, step)
+        if partition is not None:  # one partition restarted alone: only its uploads
+            restored_checkpoint = restored_checkpoint or 0
 
         def abort(key: str) -> bool:
             # Begun after the restored checkpoint: it will never be committed.
@@ -365,7 +384,7 @@ class S3JsonLines(Sink):
         clean_sink_prefix(
             client,
             self.bucket,
-            self._key("part-"),
+            self._key("part-" if partition is None else f"part-{partition:05d}-"),
             abort=abort,
             delete_all=restored_checkpoint is None,
         )

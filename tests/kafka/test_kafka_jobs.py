@@ -79,7 +79,8 @@ def _finish(
         raise AssertionError(
             f"{exc}; keys short {len(short)} (e.g. {list(short.items())[:3]} got "
             f"{[watch.highest.get(k) for k in list(short)[:3]]}); status {handle.status()}; "
-            f"recoveries {handle.recoveries()}; metrics {_summary(handle)}"
+            f"recoveries {handle.recoveries()}; metrics {_summary(handle)}; checkpoints "
+            f"{ {k: v for k, v in (handle.checkpoint_stats() or {}).items() if k != 'history'} }"
         ) from None
     finally:
         watch.close()

@@ -131,9 +131,15 @@ class OperatorSnapshot:
     inflight: bool = False  # the object holds in-flight data (an unaligned snapshot)
     # Watermarks of an event-time job (runtime/event_time.py), JSON-safe.
     event_time: dict[str, Any] | None = None
+    # Where its channels were at the barrier (local recovery; runtime/task.py), JSON-safe.
+    positions: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        extra = {"event_time": self.event_time} if self.event_time is not None else {}
+        extra: dict[str, Any] = {}
+        if self.event_time is not None:
+            extra["event_time"] = self.event_time
+        if self.positions is not None:
+            extra["positions"] = self.positions
         return {
             **extra,
             "stage": self.stage,
@@ -159,6 +165,7 @@ class OperatorSnapshot:
             sources=data.get("sources", {}),
             inflight=bool(data.get("inflight", False)),
             event_time=data.get("event_time"),
+            positions=data.get("positions"),
         )
 
 

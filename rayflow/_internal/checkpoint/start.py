@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rayflow._internal.checkpoint import lease as leases
@@ -55,6 +56,9 @@ class StartDecision:
     run_id: str
     lease: leases.Lease | None
     first_checkpoint_id: int
+    #: Names this start among the run's (a restarted coordinator makes another): channel
+    #: positions in snapshots hold only within one (runtime/task.py, local recovery).
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @property
     def restored_id(self) -> int | None:

@@ -151,20 +151,25 @@ class Parquet(Sink):
         step: str = "",
         run_id: str = "",
         restored_checkpoint: int | None,
+        partition: int | None = None,
     ) -> None:
+        if partition is not None:  # one partition restarted alone: only its staged files
+            restored_checkpoint = restored_checkpoint or 0
         if self._s3 is None:
-            self._setup_folder(job, step, restored_checkpoint)
+            self._setup_folder(job, step, restored_checkpoint, partition)
             return
         from rayflow._internal.storage.s3 import is_transient, s3_client
 
         try:
-            self._setup_s3(s3_client(), job, step, restored_checkpoint)
+            self._setup_s3(s3_client(), job, step, restored_checkpoint, partition)
         except Exception as exc:
             if is_transient(exc):
                 raise TransientSinkError(f"Parquet {self.uri} unreachable: {exc}") from exc
             raise
 
-    def _setup_folder(self, job: str, step: str, restored_checkpoint: int | None) -> None:
+    def _setup_folder(
+        self, job: str, step: str, restored_checkpoint: int | None, partition: int | None = None
+    ) -> None:
         folder = self.uri
         os.makedirs(folder, exist_ok=True)
         if not os.path.exists(os.path.join(folder, OWNER_FILE)):
@@ -182,12 +187,20 @@ class Parquet(Sink):
                 for path in glob.glob(os.path.join(folder, pattern)):
                     os.remove(path)
             return
-        for path in glob.glob(os.path.join(folder, STAGING, "*")):
+        mine = "*" if partition is None else f"part-{partition:05d}-*"
+        for path in glob.glob(os.path.join(folder, STAGING, mine)):
             staged = _checkpoint_of(os.path.basename(path))
             if staged is None or staged > restored_checkpoint:
                 os.remove(path)  # in progress, or staged for a checkpoint that never committed
 
-    def _setup_s3(self, client: Any, job: str, step: str, restored_checkpoint: int | None) -> None:
+    def _setup_s3(
+        self,
+        client: Any,
+        job: str,
+        step: str,
+        restored_checkpoint: int | None,
+        partition: int | None = None,
+    ) -> None:
         from rayflow._internal.storage.s3 import clean_sink_prefix
 
         s3 = self._s3
@@ -203,7 +216,7 @@ class Parquet(Sink):
         clean_sink_prefix(
             client,
             s3.bucket,
-            s3._key("part-"),
+            s3._key("part-" if partition is None else f"part-{partition:05d}-"),
             abort=abort,
             delete_all=restored_checkpoint is None,
         )

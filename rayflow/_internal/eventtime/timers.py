@@ -47,6 +47,7 @@ from typing import Any
 
 from rayflow._internal.eventtime import UserFunctionError
 from rayflow._internal.eventtime.timestamps import to_seconds
+from rayflow._internal.runtime import nondeterminism
 
 Items = list[Any]
 OnRecord = Callable[[Any, Any, "TimerContext"], tuple[Any, Iterable[Any]]]
@@ -93,6 +94,15 @@ class TimerContext:
                     f"at {when!r} for key {self.key!r}); a timer set at or before "
                     "ctx.watermark fires at once: set the next one after ctx.watermark"
                 )
+
+    def now(self) -> float:
+        """The wall-clock time (seconds since the epoch). Use this, not ``time.time()``:
+        after a partition is restarted alone, the replay gets the same values back."""
+        return nondeterminism.CURRENT.now()
+
+    def random(self) -> float:
+        """A random float in [0, 1), replayed like :meth:`now`."""
+        return nondeterminism.CURRENT.random()
 
     def delete_timer(self, ts: Any) -> None:
         """Cancel this key's timer at ``ts``, if there is one."""

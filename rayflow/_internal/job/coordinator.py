@@ -41,7 +41,7 @@ from rayflow._internal.checkpoint.restore import RestorePoint
 from rayflow._internal.checkpoint.start import StartDecision
 from rayflow._internal.job.alerts import AlertMonitor
 from rayflow._internal.job.deployment import ActorKey, Deployment
-from rayflow._internal.job.failover import Failover
+from rayflow._internal.job.failover import PING_TIMEOUT_S, Failover
 from rayflow._internal.job.faults import FaultInjector
 from rayflow._internal.job.ray_metrics import RayMetrics
 from rayflow._internal.job.report import JobReport, JobStatus
@@ -117,6 +117,11 @@ class JobCoordinator:
         self._fatal: list[Failure] = []
         self._fenced = False
         self._runs: dict[ActorKey, asyncio.Future[Any]] = {}
+        # Partial recovery: one happened since the recovery point completed (a second
+        # loss before the next checkpoint goes global), and one is under way.
+        self._partial_since_point = False
+        self._partial_checkpoint_floor = 0
+        self._partial_under_way = False
         self._events: list[dict[str, Any]] = []  # finished checkpoints and recoveries, for traces
         self._event_seq = 0
         self.alerts = AlertMonitor(
@@ -142,7 +147,13 @@ class JobCoordinator:
             plan = self.plan = decode_plan(self._plan_blob)
             cp = self._checkpointing
             self.deployment = Deployment.for_job(
-                self.job, plan, self._config, cp, self.run_id, self._start.first_checkpoint_id
+                self.job,
+                plan,
+                self._config,
+                cp,
+                self.run_id,
+                self._start.first_checkpoint_id,
+                self._start.instance,
             )
             if operators is not None:
                 self.deployment.adopt(operators)
@@ -374,6 +385,8 @@ class JobCoordinator:
         }
 
     def _checkpoint_completed(self, manifest: Manifest) -> None:
+        if manifest.kind == CHECKPOINT and manifest.checkpoint_id > self._partial_checkpoint_floor:
+            self._partial_since_point = False
         if manifest.kind == CHECKPOINT and self._checkpointing is not None:
             self._recovery_point = RestorePoint(
                 normalize_uri(self._checkpointing.storage), manifest
@@ -391,7 +404,8 @@ class JobCoordinator:
 
     async def source_done(self, key: ActorKey, epoch: int) -> None:
         """A source read everything (or was stopped); end the job once all have."""
-        if self._status is JobStatus.RECOVERING or epoch != self._deployed.epoch:
+        global_restart = self._status is JobStatus.RECOVERING and not self._partial_under_way
+        if global_restart or epoch != self._deployed.epoch:
             return  # a message from before a restart
         self._sources_done.add(_key(key))
         if self._final_task is not None or set(self._deployed.source_keys()) - self._sources_done:
@@ -503,6 +517,8 @@ class JobCoordinator:
     async def _recover(self, failures: list[Failure], delay: float) -> None:
         assert self.failover is not None
         self._set_status(JobStatus.RECOVERING)
+        if await self._recover_partially(failures, delay):
+            return
         # Step 1. Forget the end game, then quiesce: the recovery point is read only
         # once no manifest write is in flight (docs/protocol.md, rule R1).
         if self._final_task is not None:
@@ -537,13 +553,79 @@ class JobCoordinator:
             asyncio.get_running_loop().create_task(self._time_recovery(record, phases))
         )
 
-    async def _time_recovery(self, record: dict[str, Any], phases: dict[str, float]) -> None:
-        """Fill in how long it took from the failure to the first record processed again."""
+    async def _recover_partially(self, failures: list[Failure], delay: float) -> bool:
+        """Replace only the dead actors, if that can be exact (Checkpointing.recovery);
+        False: the caller restarts globally."""
+        assert self.failover is not None and self.deployment is not None
+        dep = self.deployment
+        if not dep.local_recovery or self.checkpoints is None:
+            return False
+        reason = None
+        if any(f.kind != "actor_died" or f.step is None for f in failures):
+            reason = f"the failure is not an actor's death ({order_failures(failures)[0].kind})"
+        elif self._stopping or self._final_task is not None:
+            reason = "the job is ending"
+        elif self._partial_since_point:
+            reason = "a partition was restarted alone since the last completed checkpoint"
+        dead: set[ActorKey] = set()
+        if reason is None:
+            dead = {(str(f.step), int(f.partition or 0)) for f in failures}
+            dead = {k for k in dead if k in dep.handles}
+            dead |= await dep.unresponsive(PING_TIMEOUT_S)
+            if not dead:
+                reason = "no actor is gone"
+        aborted_upto = self.checkpoints.next_id - 1
+        if reason is None:
+            await self.checkpoints.quiesce()
+            point = self._recovery_point
+            reason = self.failover.local_blocker(dead, point)
+        if reason is not None:
+            log.info("job %s: recovering globally: %s", self.job, reason)
+            return False
+        await asyncio.sleep(delay)
+        self._partial_under_way = True
+        self._partial_since_point = True
+        self._partial_checkpoint_floor = self.checkpoints.next_id - 1
+        try:
+            record, phases = await self.failover.recover_locally(dead, point, aborted_upto)
+        except Exception as exc:
+            log.warning(
+                "job %s: partial recovery failed (%s: %s); recovering globally",
+                self.job,
+                type(exc).__name__,
+                _first_line(exc),
+            )
+            return False
+        finally:
+            self._partial_under_way = False
+        for key in dead:
+            self._runs[key] = dep.run_one(key)
+        self.checkpoints.resume(point.manifest if point else None)
+        self._set_status(JobStatus.RUNNING)
+        record["cause"] = order_failures(failures)[0].describe()
+        self._report.recoveries.append(record)
+        log.warning(
+            "job %s: restarted %s alone from checkpoint %s (%d records resent from logs)",
+            self.job,
+            ", ".join(record["replaced"]),
+            record["restored_checkpoint"],
+            record["records_replayed"],
+        )
+        self._tasks.append(
+            asyncio.get_running_loop().create_task(self._time_recovery(record, phases, dead))
+        )
+        return True
+
+    async def _time_recovery(
+        self, record: dict[str, Any], phases: dict[str, float], keys: set[ActorKey] | None = None
+    ) -> None:
+        """Fill in how long it took from the failure to the first record processed again
+        (by the replaced actors, after a partial recovery)."""
         epoch = self._deployed.epoch
         deadline = time.monotonic() + 120
         try:
             while time.monotonic() < deadline and self._deployed.epoch == epoch:
-                firsts = await self._deployed.first_data_at()
+                firsts = await self._deployed.first_data_at(keys)
                 if firsts:
                     record["recovered_in_s"] = min(firsts) - record["detected_at"]
                     phases["first_record"] = min(firsts)
@@ -560,6 +642,7 @@ class JobCoordinator:
                     "restored_checkpoint": record["restored_checkpoint"],
                     "records_replayed": record["records_replayed"],
                     "replaced": record["replaced"],
+                    "scope": record.get("scope", "global"),
                 }
             )
 

@@ -45,6 +45,8 @@ class Deployment:
         run_id: str = "",
         final_checkpoint_id: int = 1,
         max_uncommitted: int | None = None,
+        local_recovery: bool = False,
+        instance: str = "",
     ):
         self.job = job
         self.plan = plan
@@ -54,6 +56,13 @@ class Deployment:
         self.run_id = run_id
         self.final_checkpoint_id = final_checkpoint_id
         self.max_uncommitted = max_uncommitted
+        self.local_recovery = local_recovery
+        #: Actors restarted alone (local recovery) since the last global restart, and their
+        #: generation: their messages carry it, and their receivers expect it.
+        self.gens: dict[ActorKey, int] = {}
+        #: This start among those of the run (StartDecision.instance): channel positions
+        #: in snapshots hold only within one, and one epoch of it.
+        self.instance = instance
         self.epoch = 0
         self.handles: dict[ActorKey, Any] = {}
         self._plan_ref: Any = None
@@ -67,6 +76,7 @@ class Deployment:
         checkpointing: Checkpointing | None,
         run_id: str,
         first_checkpoint_id: int,
+        instance: str = "",
     ) -> Deployment:
         """The deployment of a run: the same whether the driver or the coordinator creates it."""
         cp = checkpointing
@@ -79,6 +89,8 @@ class Deployment:
             run_id=run_id,
             final_checkpoint_id=first_checkpoint_id,
             max_uncommitted=cp.max_uncommitted_records if cp else None,
+            local_recovery=bool(cp and cp.partial_recovery),
+            instance=instance,
         )
 
     def keys(self) -> list[ActorKey]:
@@ -117,6 +129,8 @@ class Deployment:
                 self.run_id,
                 self.final_checkpoint_id,
                 self.max_uncommitted,
+                self.local_recovery,
+                self.instance,
             )
 
     def adopt(self, handles: dict[ActorKey, Any]) -> None:
@@ -165,8 +179,9 @@ class Deployment:
         )
         return dict(zip(wanted, results, strict=True))
 
-    async def first_data_at(self) -> list[float]:
-        calls = [_wrap(h.first_data_at.remote()) for h in self.handles.values()]
+    async def first_data_at(self, keys: Iterable[ActorKey] | None = None) -> list[float]:
+        wanted = list(self.handles) if keys is None else [k for k in keys if k in self.handles]
+        calls = [_wrap(self.handles[k].first_data_at.remote()) for k in wanted]
         results = await asyncio.gather(*calls, return_exceptions=True)
         return [r for r in results if isinstance(r, float)]
 
@@ -215,18 +230,60 @@ class Deployment:
             )
         )
 
-    async def connect(self, coordinator: Any) -> None:
+    async def connect(self, coordinator: Any, keys: Iterable[ActorKey] | None = None) -> None:
+        """Connect every actor's output channels (or those of ``keys``)."""
         calls = []
-        for (stage_name, p), handle in self.handles.items():
-            stage = self.plan.stage(stage_name)
+        for key in list(self.handles) if keys is None else list(keys):
+            handle = self.handles[key]
             # Names, not handles: see OperatorActor.connect.
-            receivers: dict[tuple[int, int], str] = {}
-            for edge_id in stage.outputs:
-                edge = self.plan.edges[edge_id]
-                for q in edge.receivers_of(p):
-                    receivers[(edge_id, q)] = self.name((edge.dst_stage, q))
-            calls.append(handle.connect.remote(receivers, coordinator))
+            receivers = {(edge_id, q): self.name(r) for edge_id, q, r in self.receivers_of(key)}
+            input_gens = {
+                (edge_id, p): self.gens[s]
+                for edge_id, p, s in self.senders_of(key)
+                if self.gens.get(s)
+            }
+            calls.append(
+                handle.connect.remote(receivers, coordinator, self.gens.get(key, 0), input_gens)
+            )
         await asyncio.gather(*(_wrap(c) for c in calls))
+
+    def receivers_of(self, key: ActorKey) -> list[tuple[int, int, ActorKey]]:
+        """(edge, receiver partition, receiver) of every output channel of ``key``."""
+        stage = self.plan.stage(key[0])
+        out = []
+        for edge_id in stage.outputs:
+            edge = self.plan.edges[edge_id]
+            for q in edge.receivers_of(key[1]):
+                out.append((edge_id, q, (edge.dst_stage, q)))
+        return out
+
+    def senders_of(self, key: ActorKey) -> list[tuple[int, int, ActorKey]]:
+        """(edge, sender partition, sender) of every input channel of ``key``."""
+        return [
+            (edge_id, p, (self.plan.edges[edge_id].src_stage, p))
+            for edge_id, p in self.plan.input_channels(key[0], key[1])
+        ]
+
+    # -- local recovery --------------------------------------------------------
+
+    async def abort_checkpoints(self, upto: int, keys: Iterable[ActorKey]) -> None:
+        await asyncio.gather(*(_wrap(self.handles[k].abort_checkpoints.remote(upto)) for k in keys))
+
+    async def reset_input(
+        self, receiver: ActorKey, channels: list[tuple[int, int]], gen: int
+    ) -> dict[Any, Any]:
+        return await _wrap(self.handles[receiver].reset_input.remote(channels, gen))
+
+    async def restore_one(
+        self, key: ActorKey, assignment: Assignment | None, local: dict[str, Any]
+    ) -> None:
+        await _wrap(self.handles[key].restore.remote(assignment, local))
+
+    async def reconnect(self, sender: ActorKey, edge: int, receiver: ActorKey, after: int) -> int:
+        return await _wrap(self.handles[sender].reconnect.remote(edge, self.name(receiver), after))
+
+    def run_one(self, key: ActorKey) -> asyncio.Future[Any]:
+        return _wrap(self.handles[key].run.remote())
 
     def run_all(self) -> dict[ActorKey, asyncio.Future[Any]]:
         return {key: _wrap(h.run.remote()) for key, h in self.handles.items()}

@@ -17,6 +17,13 @@ checkpoint, since records may have crossed every channel since):
    re-issue the commits the checkpoint covers (commit is idempotent).
 5. Reconnect the channels and run; checkpoints resume, with ids above
    every id used before (ids are never reused).
+
+Partial recovery (:meth:`Failover.recover_locally`; docs/protocol.md, "Local
+recovery") replaces only the dead actors while the others keep running:
+checkpoints in flight are aborted, each dead partition's receivers drop
+what it sent and they did not take (and hand back its causal log), the new
+actor restores its own snapshot and channel positions, and its senders
+resend from their logs what they sent after the checkpoint.
 """
 
 from __future__ import annotations
@@ -171,6 +178,7 @@ class Failover:
         }
         dead = {k for k in dead if k in dep.handles} | await dep.unresponsive(PING_TIMEOUT_S)
         dep.epoch += 1
+        dep.gens.clear()  # a new epoch: every channel starts afresh
         replayed = 0
         results = await dep.reset([k for k in dep.handles if k not in dead], restore_to)
         for key, result in results.items():
@@ -188,6 +196,7 @@ class Failover:
         phases["restored_and_running"] = time.time()
         record: dict[str, Any] = {
             "detected_at": detected,
+            "scope": "global",
             "replaced": sorted(dep.name(k) for k in dead),
             "restored_checkpoint": restored.manifest.checkpoint_id if restored else None,
             "records_replayed": replayed,
@@ -195,11 +204,128 @@ class Failover:
         }
         return record, phases, restored
 
+    def local_blocker(self, dead: set[ActorKey], point: RestorePoint | None) -> str | None:
+        """Why the loss of ``dead`` cannot be recovered partially (None: it can)."""
+        dep = self.deployment
+        if not dep.local_recovery:
+            return "partial recovery is off"
+        for key in dead:
+            neighbours = {s for _, _, s in dep.senders_of(key)}
+            neighbours |= {r for _, _, r in dep.receivers_of(key)}
+            lost = sorted(neighbours & dead)
+            if lost:
+                return (
+                    f"{dep.name(key)} and its neighbour {dep.name(lost[0])} were lost together "
+                    "(the log of one is the input of the other)"
+                )
+            if point is not None:
+                snapshot = _snapshot_of(point, key)
+                if snapshot is None or snapshot.positions is None:
+                    cid = point.manifest.checkpoint_id
+                    return f"checkpoint {cid} has no channel positions of {dep.name(key)}"
+        return None
 
-def setup_sink(sink: Sink, job: str, step: str, run_id: str, restored: int | None) -> None:
-    """Call ``sink.setup`` with what its signature takes (older sinks take fewer arguments)."""
+    async def recover_locally(
+        self, dead: set[ActorKey], point: RestorePoint | None, aborted_upto: int
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """Replace only ``dead``, from ``point``; returns the recovery record and phase times."""
+        detected = time.time()
+        dep = self.deployment
+        restore_to = point.manifest.checkpoint_id if point else 0
+        living = [k for k in dep.handles if k not in dead]
+        # Checkpoints in flight may have passed the dead partitions: given up everywhere.
+        await dep.abort_checkpoints(aborted_upto, living)
+        phases = {"aborted_checkpoints": time.time()}
+        gen = max(dep.gens.values(), default=0) + 1
+        forced: dict[ActorKey, list[int]] = {key: [] for key in dead}
+        for key in sorted(dead):
+            dep.gens[key] = gen
+            by_receiver: dict[ActorKey, list[tuple[int, int]]] = {}
+            for edge_id, _, receiver in dep.receivers_of(key):
+                by_receiver.setdefault(receiver, []).append((edge_id, key[1]))
+            for receiver, channels in by_receiver.items():
+                logs = await dep.reset_input(receiver, channels, gen)
+                for found in logs.values():
+                    # The receivers' logs are prefixes of one order: the longest covers all.
+                    if found is not None and found[0] == restore_to:
+                        if len(found[1]) > len(forced[key]):
+                            forced[key] = found[1]
+        phases["receivers_reset"] = time.time()
+        dep.kill(dead)
+        for key in sorted(dead):  # what a dead sink partition staged after the checkpoint goes
+            for name in self.plan.stage(key[0]).steps:
+                step = self.plan.step(name)
+                if step.kind is StepKind.SINK:
+                    await asyncio.to_thread(
+                        setup_sink, step.connector, self.job, name, self.run_id, restore_to, key[1]
+                    )
+        await dep.replace(sorted(dead))
+        await dep.wait_ready(self._startup_timeout_s, dead)
+        phases["replaced_dead"] = time.time()
+        assignments: dict[ActorKey, Any] = {}
+        if point is not None:
+            cp = self.checkpointing
+            assignments = assign(self.plan, point, continue_in=cp.storage if cp else None)
+        await asyncio.gather(
+            *(
+                dep.restore_one(
+                    key,
+                    assignments.get(key),
+                    {
+                        "positions": (s.positions if (s := _snapshot_of(point, key)) else None),
+                        "forced": forced[key],
+                        "aborted_upto": aborted_upto,
+                    },
+                )
+                for key in dead
+            )
+        )
+        await dep.connect(self._handle, keys=dead)
+        replayed = 0
+        for key in sorted(dead):
+            for edge_id, _, sender in dep.senders_of(key):
+                replayed += await dep.reconnect(sender, edge_id, key, restore_to)
+        phases["restored_and_running"] = time.time()
+        record: dict[str, Any] = {
+            "detected_at": detected,
+            "scope": "partial",
+            "replaced": sorted(dep.name(k) for k in dead),
+            "restored_checkpoint": point.manifest.checkpoint_id if point else None,
+            "records_replayed": replayed,
+            "recovered_in_s": None,
+        }
+        return record, phases
+
+
+def _snapshot_of(point: RestorePoint | None, key: ActorKey) -> Any:
+    if point is None:
+        return None
+    for snapshot in point.manifest.operators:
+        if (snapshot.stage, snapshot.partition) == key:
+            return snapshot
+    return None
+
+
+def setup_sink(
+    sink: Sink,
+    job: str,
+    step: str,
+    run_id: str,
+    restored: int | None,
+    partition: int | None = None,
+) -> None:
+    """Call ``sink.setup`` with what its signature takes (older sinks take fewer arguments).
+
+    With ``partition`` (one partition restarted alone), only a sink whose setup
+    takes ``partition`` is called: one that does not would clean up after
+    every partition, the running ones too (what the dead one staged then
+    stays behind, never committed)."""
     params = inspect.signature(sink.setup).parameters
     offered: dict[str, Any] = {"step": step, "run_id": run_id, "restored_checkpoint": restored}
+    if partition is not None:
+        if "partition" not in params:
+            return
+        offered["partition"] = partition
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         kwargs = offered
     else:

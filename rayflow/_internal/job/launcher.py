@@ -152,7 +152,7 @@ def create_operators(
     reports what fails as a failed start.
     """
     deployment = Deployment.for_job(
-        job, plan, config, checkpointing, start.run_id, start.first_checkpoint_id
+        job, plan, config, checkpointing, start.run_id, start.first_checkpoint_id, start.instance
     )
     try:
         deployment.create()

@@ -65,6 +65,8 @@ class OperatorActor:
         run_id: str = "",
         final_checkpoint_id: int = 1,
         max_uncommitted: int | None = None,
+        local_recovery: bool = False,
+        instance: str = "",
     ) -> None:
         # Streams allocate many short-lived tuples; the default gen-0 threshold
         # (700) makes the collector run thousands of times per second.
@@ -84,6 +86,8 @@ class OperatorActor:
                 run_id=run_id,
                 final_checkpoint_id=final_checkpoint_id,
                 max_uncommitted=max_uncommitted,
+                local_recovery=local_recovery,
+                instance=instance,
             )
 
         self._make = make
@@ -116,10 +120,18 @@ class OperatorActor:
 
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
-    async def restore(self, assignment: Assignment) -> None:
-        await self.task.restore(assignment)
+    async def restore(
+        self, assignment: Assignment | None, local: dict[str, Any] | None = None
+    ) -> None:
+        await self.task.restore(assignment, local)
 
-    async def connect(self, receivers: dict[tuple[int, int], str], coordinator: Any) -> None:
+    async def connect(
+        self,
+        receivers: dict[tuple[int, int], str],
+        coordinator: Any,
+        gen: int = 0,
+        input_gens: dict[tuple[int, int], int] | None = None,
+    ) -> None:
         """``receivers`` maps (edge id, receiver partition) to the receiver's actor name.
 
         Receivers are found by name, not sent as handles: the actors of a
@@ -137,16 +149,36 @@ class OperatorActor:
             channel = (edge_id, self.task.partition)
             senders[(edge_id, q)] = (name, self._sender(handles[name], channel))
         key = (self.task.stage.name, self.task.partition)
-        self.task.connect(senders, _CoordinatorLink(coordinator, key))
+        self.task.connect(senders, _CoordinatorLink(coordinator, key), gen, input_gens)
 
     def _sender(self, handle: Any, channel: tuple[int, int]) -> SendFn:
         task = self.task
         push = handle.push
 
-        def send(seq: int, kind: int, payload: Any, records: int = 0) -> Any:
-            return push.remote(task.epoch, channel, seq, kind, payload, records).future()
+        def send(seq: int, kind: int, payload: Any, records: int = 0, meta: Any = None) -> Any:
+            if meta is None:
+                return push.remote(task.epoch, channel, seq, kind, payload, records).future()
+            return push.remote(task.epoch, channel, seq, kind, payload, records, meta).future()
 
         return send
+
+    # -- local recovery ------------------------------------------------------
+
+    @ray.method(concurrency_group="control")
+    async def abort_checkpoints(self, upto: int) -> None:
+        await self.task.on_data_loop(_call(self.task.abort_checkpoints, upto))
+
+    @ray.method(concurrency_group="control")
+    async def reset_input(self, channels: list[tuple[int, int]], gen: int) -> dict[Any, Any]:
+        return await self.task.on_data_loop(_call(self.task.reset_input, channels, gen))
+
+    @ray.method(concurrency_group="control")
+    async def reconnect(self, edge: int, receiver: str, after: int) -> int:
+        """``receiver`` (an actor name) was replaced: resend what it lost, then go on."""
+        handle = await asyncio.to_thread(ray.get_actor, receiver, namespace=NAMESPACE)
+        channel = (edge, self.task.partition)
+        send = self._sender(handle, channel)
+        return await self.task.on_data_loop(self.task.reconnect_output(edge, receiver, send, after))
 
     async def run(self) -> TaskOutcome:
         return await self.task.run()
@@ -159,10 +191,11 @@ class OperatorActor:
         kind: int,
         payload: Any,
         records: int = 0,
+        meta: Any = None,
     ) -> tuple[int, int]:
         """Take a batch; return once it left the mailbox, with the records per batch
         this partition wants from its senders (credits by time)."""
-        done = self.task.offer(epoch, channel, seq, kind, payload, records)
+        done = self.task.offer(epoch, channel, seq, kind, payload, records, meta)
         if done is not None:
             await done
         return self.task.batch_hint()
@@ -186,3 +219,8 @@ class OperatorActor:
     @ray.method(concurrency_group="control")
     async def notify_complete(self, checkpoint_id: int, epoch: int) -> None:
         await self.task.on_data_loop(self.task.notify_complete(checkpoint_id, epoch))
+
+
+async def _call(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` as a coroutine (to run a plain method on the data plane's loop)."""
+    return fn(*args)

@@ -11,6 +11,16 @@ and they wait: that wait is the back-pressured time.
 
 Routers put records into channels: FORWARD to one channel, REBALANCE
 rotating over all, HASH by the key group of each ``(key, value)`` record.
+
+With local recovery on (docs/protocol.md, "Local recovery"), every message
+also goes into the sender's :class:`ReplayLog` and carries ``meta``: the
+channel's generation (a receiver drops messages of an older sender), the
+index of its first record on the channel (a receiver drops records it
+already consumed, whatever the batch boundaries of a re-emission), and the
+sender's causal log entries not sent on this channel yet. A receiver that
+dies does not fail the sender: the channel pauses until the coordinator
+reconnects it to the new receiver, which first gets the logged messages
+after its checkpoint again.
 """
 
 from __future__ import annotations
@@ -25,16 +35,24 @@ from typing import Any
 from rayflow._internal.keygroups import SUPPORTED_KEY_TYPES, KeyRouter, stable_hash
 from rayflow._internal.plan import ChannelId
 from rayflow._internal.runtime import serde
+from rayflow._internal.runtime.causal import CausalCursor, CausalLog
 from rayflow._internal.runtime.mailbox import DATA
 from rayflow._internal.runtime.pacing import INITIAL_BATCH
+from rayflow._internal.runtime.replay_log import ReplayLog
 from rayflow._internal.runtime.timing import BACKPRESSURED, TimeAccount
 
 #: Batches per channel a source may read ahead of what its receivers take.
 ROOM_BATCHES = 4
 
-#: send(seq, kind, payload, records) -> a future that resolves when the receiver
+#: Records per turn of a REBALANCE router: a fixed count, so that the same records
+#: go to the same receivers when a restarted sender emits them again.
+REBALANCE_RECORDS = 1024
+
+#: send(seq, kind, payload, records, meta) -> a future that resolves when the receiver
 #: consumed it; its result is the receiver's wish for records per batch (0: none).
-SendFn = Callable[[int, int, Any, int], "ConcurrentFuture[Any] | asyncio.Future[Any]"]
+#: ``meta`` is None, or (generation, first record index, causal log entries) with
+#: local recovery on.
+SendFn = Callable[..., "ConcurrentFuture[Any] | asyncio.Future[Any]"]
 
 
 class ChannelBroken(Exception):
@@ -53,17 +71,24 @@ class OutputChannel:
         "_send",
         "batch_limit",
         "buffer",
+        "causal",
         "channel",
         "credit_batches",
         "credit_bytes",
         "credit_max",
         "failure",
+        "gen",
         "hint",
         "in_flight",
         "in_flight_bytes",
+        "incarnation",
+        "key",
+        "log",
         "next_seq",
+        "paused",
         "pending",
         "receiver",
+        "records_sent",
         "since",
     )
 
@@ -95,8 +120,28 @@ class OutputChannel:
         self.failure: BaseException | None = None
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
+        # Local recovery (enable_log): the log key, generation, records sent so far,
+        # and whether sending waits for a reconnect (the receiver died) or a replay.
+        self.key = (channel[0], receiver)
+        self.log: ReplayLog | None = None
+        self.causal: CausalCursor | None = None
+        self.gen = 0
+        self.records_sent = 0
+        self.paused = False
+        self.incarnation = 0
+
+    def enable_log(self, log: ReplayLog, gen: int, causal: CausalLog | None) -> None:
+        """Local recovery: log every message, and survive the receiver's death."""
+        self.log = log
+        self.gen = gen
+        self.causal = CausalCursor(causal) if causal is not None else None
 
     def has_credit(self, size: int) -> bool:
+        if self.paused:
+            return False
+        return self._credit(size)
+
+    def _credit(self, size: int) -> bool:
         if self.in_flight >= self.credit_batches:
             return False
         return self.in_flight == 0 or self.in_flight_bytes + size <= self.credit_bytes
@@ -113,17 +158,35 @@ class OutputChannel:
         self._raise_if_broken()
         seq = self.next_seq
         self.next_seq = seq + 1
+        meta = None
+        log = self.log
+        if log is not None:
+            causal = self.causal
+            meta = (self.gen, self.records_sent, causal.take() if causal is not None else None)
+            log.append(self.key, seq, kind, payload, (self.records_sent, records))
+            self.records_sent += records
+        self._dispatch(seq, kind, payload, size, records, meta)
+
+    def _dispatch(
+        self, seq: int, kind: int, payload: Any, size: int, records: int, meta: Any
+    ) -> None:
         self.in_flight += 1
         self.in_flight_bytes += size
-        future = self._send(seq, kind, payload, records)
+        if meta is None:
+            future = self._send(seq, kind, payload, records)
+        else:
+            future = self._send(seq, kind, payload, records, meta)
         loop = self._loop
+        incarnation = self.incarnation
 
         def done(f: Any, size: int = size) -> None:
-            loop.call_soon_threadsafe(self._on_done, f, size)
+            loop.call_soon_threadsafe(self._on_done, f, size, incarnation)
 
         future.add_done_callback(done)
 
-    def _on_done(self, future: Any, size: int) -> None:
+    def _on_done(self, future: Any, size: int, incarnation: int = 0) -> None:
+        if incarnation != self.incarnation:
+            return  # a send to a receiver that was replaced since: its credit is void
         self.in_flight -= 1
         self.in_flight_bytes -= size
         if future.cancelled():
@@ -131,7 +194,11 @@ class OutputChannel:
         else:
             exc = future.exception()
             if exc is not None:
-                if self.failure is None:
+                if self.log is not None:
+                    # The receiver died: wait for the coordinator to reconnect this
+                    # channel to its replacement (or to restart the job).
+                    self.paused = True
+                elif self.failure is None:
                     self.failure = exc
             else:
                 hint = future.result()
@@ -146,10 +213,37 @@ class OutputChannel:
 
     async def drain(self) -> None:
         """Wait until the receiver consumed everything sent."""
-        while self.in_flight:
+        while self.in_flight or self.paused:
             self._event.clear()
             await self._event.wait()
         self._raise_if_broken()
+
+    def reconnect(self, send: SendFn, after: int) -> list[tuple[int, int, Any, Any]]:
+        """The receiver was replaced: send to the new one, starting with what was sent
+        after checkpoint ``after`` (returned; :meth:`replay` sends it)."""
+        assert self.log is not None
+        self.incarnation += 1
+        self._send = send
+        self.in_flight = 0
+        self.in_flight_bytes = 0
+        self.failure = None
+        self.credit_batches = 1
+        self.paused = True  # new messages wait behind the replay
+        return list(self.log.replay_with_meta(self.key, after))
+
+    async def replay(self, entries: list[tuple[int, int, Any, Any]]) -> None:
+        """Resend logged messages under their sequence numbers, within the credits."""
+        incarnation = self.incarnation
+        for seq, kind, payload, (first, records) in entries:
+            size = len(payload) if kind == DATA else 0
+            while not self._credit(size):
+                self._event.clear()
+                await self._event.wait()
+            if incarnation != self.incarnation:
+                return  # reconnected again meanwhile: that replay takes over
+            self._dispatch(seq, kind, payload, size, records, (self.gen, first, None))
+        self.paused = False
+        self._event.set()
 
     def _raise_if_broken(self) -> None:
         if self.failure is not None:
@@ -286,16 +380,29 @@ def forward_router(channel: OutputChannel) -> Callable[[list[Any]], None]:
 
 
 def rebalance_router(channels: list[OutputChannel]) -> Callable[[list[Any]], None]:
-    """Whole batches go round-robin over the receivers."""
-    state = {"next": 0}
+    """Runs of ``REBALANCE_RECORDS`` records go round-robin over the receivers.
+
+    By record count, not by batch: which receiver gets a record depends only
+    on its place in the stream, so a restarted sender sends the same records
+    to the same receivers (local recovery) whatever its batches are.
+    """
+    n = len(channels)
+    state = {"next": 0, "left": REBALANCE_RECORDS}
 
     def route(items: list[Any]) -> None:
-        ch = channels[state["next"]]
-        if not ch.buffer:
-            ch.since = time.monotonic()
-        ch.buffer.extend(items)
-        if len(ch.buffer) >= ch.batch_limit:
-            state["next"] = (state["next"] + 1) % len(channels)
+        i = 0
+        total = len(items)
+        while i < total:
+            ch = channels[state["next"]]
+            take = min(state["left"], total - i)
+            if not ch.buffer:
+                ch.since = time.monotonic()
+            ch.buffer.extend(items if (i == 0 and take == total) else items[i : i + take])
+            i += take
+            state["left"] -= take
+            if state["left"] == 0:
+                state["next"] = (state["next"] + 1) % n
+                state["left"] = REBALANCE_RECORDS
 
     return route
 

@@ -36,6 +36,7 @@ class Envelope:
     size: int
     done: asyncio.Future[None] | None = None
     records: int = 0
+    meta: Any = None  # local recovery: (generation, first record index, causal entries)
 
 
 class Mailbox:
@@ -70,7 +71,14 @@ class Mailbox:
     # -- receiving ---------------------------------------------------------
 
     def offer(
-        self, channel: ChannelId, seq: int, kind: int, payload: Any, size: int, records: int = 0
+        self,
+        channel: ChannelId,
+        seq: int,
+        kind: int,
+        payload: Any,
+        size: int,
+        records: int = 0,
+        meta: Any = None,
     ) -> asyncio.Future[None] | None:
         """Accept a batch; return a future that resolves when it is consumed.
 
@@ -86,7 +94,7 @@ class Mailbox:
         if seq < expected or seq in early:
             return None
         done = asyncio.get_running_loop().create_future()
-        env = Envelope(channel, seq, kind, payload, size, done, records)
+        env = Envelope(channel, seq, kind, payload, size, done, records, meta)
         self.depth += 1
         self.bytes += size
         self.records += records
@@ -130,6 +138,24 @@ class Mailbox:
             return env
         self._ready.clear()
         return None
+
+    def pop_from(self, channel: ChannelId) -> Envelope | None:
+        """The next envelope of ``channel`` (blocked or not), or None if none arrived yet
+        (a restarted partition taking its input in a logged order)."""
+        queue = self._queues[channel]
+        if not queue:
+            return None
+        if channel in self._blocked:
+            self._deferred.remove(channel)
+        else:
+            self._order.remove(channel)
+        env = queue.popleft()
+        self.depth -= 1
+        self.bytes -= env.size
+        self.records -= env.records
+        if env.done is not None and not env.done.done():
+            env.done.set_result(None)
+        return env
 
     async def wait(self, timeout: float | None) -> None:
         """Wait until something may be deliverable (or a poke), at most ``timeout`` seconds.
@@ -184,6 +210,24 @@ class Mailbox:
         """Every envelope of ``channel`` that arrived and was not popped, in sequence order."""
         queued = list(self._queues[channel])
         return queued + [self._early[channel][s] for s in sorted(self._early[channel])]
+
+    def reset_channel(self, channel: ChannelId, next_seq: int = 0) -> None:
+        """Its sender was replaced: drop what it sent and not consumed, and expect
+        ``next_seq`` next (the new sender numbers its messages afresh)."""
+        queue = self._queues[channel]
+        early = self._early[channel]
+        for env in [*queue, *early.values()]:
+            self.depth -= 1
+            self.bytes -= env.size
+            self.records -= env.records
+            if env.done is not None and not env.done.done():
+                env.done.set_result(None)
+        queue.clear()
+        early.clear()
+        self._order = deque(c for c in self._order if c != channel)
+        self._deferred = deque(c for c in self._deferred if c != channel)
+        self._blocked.discard(channel)
+        self._next_seq[channel] = next_seq
 
     def clear(self) -> None:
         """Drop everything (a reset to a checkpoint); pending senders are released."""

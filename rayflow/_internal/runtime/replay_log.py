@@ -52,6 +52,8 @@ class _Entry:
     #: Where a spilled payload is in the spill file.
     offset: int = -1
     pickled: bool = False
+    #: What the sender sent beside the payload (kept in memory, never spilled).
+    meta: Any = None
 
 
 class ReplayLog:
@@ -75,7 +77,9 @@ class ReplayLog:
 
     # -- writing -------------------------------------------------------------
 
-    def append(self, channel: Hashable, seq: int, kind: int, payload: Any) -> None:
+    def append(
+        self, channel: Hashable, seq: int, kind: int, payload: Any, meta: Any = None
+    ) -> None:
         """Keep one message sent on ``channel``; seqs of a channel must grow by one."""
         if self._closed:
             raise LogGone("the log is closed")
@@ -95,12 +99,20 @@ class ReplayLog:
         size = len(data)
         self._sent_upto[channel] = seq
         if self._in_memory + size <= self.memory_bytes:
-            entries.append(_Entry(seq, kind, payload if not pickled else data, size, -1, pickled))
+            entries.append(
+                _Entry(seq, kind, payload if not pickled else data, size, -1, pickled, meta)
+            )
             self._in_memory += size
         else:
             offset = self._write_spill(data)
-            entries.append(_Entry(seq, kind, None, size, offset, pickled))
+            entries.append(_Entry(seq, kind, None, size, offset, pickled, meta))
             self._spilled_live += 1
+
+    def start(self, checkpoint_id: int) -> None:
+        """This log begins at ``checkpoint_id`` (restored, or 0: the job's start): everything
+        appended from now on comes after it."""
+        self._marks = {checkpoint_id: {}}
+        self._trimmed_to = checkpoint_id
 
     def mark(self, checkpoint_id: int) -> None:
         """The barrier of ``checkpoint_id`` was sent on every channel (after what is logged)."""
@@ -129,6 +141,13 @@ class ReplayLog:
     def replay(self, channel: Hashable, after: int) -> Iterator[tuple[int, int, Any]]:
         """``(seq, kind, payload)`` of every message sent on ``channel`` after the barrier
         of checkpoint ``after``, in order (payloads as given to :meth:`append`)."""
+        for seq, kind, payload, _ in self.replay_with_meta(channel, after):
+            yield seq, kind, payload
+
+    def replay_with_meta(
+        self, channel: Hashable, after: int
+    ) -> Iterator[tuple[int, int, Any, Any]]:
+        """Like :meth:`replay`, with the ``meta`` each message was appended with."""
         if self._closed:
             raise LogGone("the log is closed")
         cut = self._marks.get(after)
@@ -140,7 +159,7 @@ class ReplayLog:
         start = cut.get(channel, -1)
         for entry in list(self._channels.get(channel, ())):
             if entry.seq > start:
-                yield entry.seq, entry.kind, self._payload(entry)
+                yield entry.seq, entry.kind, self._payload(entry), entry.meta
 
     def replayable(self, after: int) -> bool:
         """Whether :meth:`replay` can start after checkpoint ``after``."""

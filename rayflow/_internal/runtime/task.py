@@ -62,7 +62,8 @@ from rayflow._internal.checkpoint.manifest import (
 from rayflow._internal.checkpoint.restore import Assignment
 from rayflow._internal.keygroups import key_group_range, stable_hash
 from rayflow._internal.plan import ChannelId, Partitioning, Plan
-from rayflow._internal.runtime import serde
+from rayflow._internal.runtime import nondeterminism, serde
+from rayflow._internal.runtime.causal import CausalLog, CausalStore
 from rayflow._internal.runtime.channels import (
     ChannelBroken,
     OutputChannel,
@@ -88,6 +89,7 @@ from rayflow._internal.runtime.operators import (
     short_repr,
 )
 from rayflow._internal.runtime.pacing import CostMeter, Debloater
+from rayflow._internal.runtime.replay_log import ReplayLog
 from rayflow._internal.runtime.timing import BACKPRESSURED, BUSY, IDLE, RateWindow, TimeAccount
 from rayflow._internal.spec import LATE, StepKind
 from rayflow._internal.storage import Storage, open_storage
@@ -109,6 +111,9 @@ COMMIT_RETRY_MAX_S = 10.0
 MAX_UPLOADS = 2
 
 log = logging.getLogger("rayflow")
+
+#: An envelope whose records were all consumed before (local recovery drops it).
+_SKIPPED: Any = object()
 
 
 class Coordination(Protocol):
@@ -147,6 +152,8 @@ class StageTask:
         final_checkpoint_id: int = 1,
         run_id: str = "",
         max_uncommitted: int | None = None,
+        local_recovery: bool = False,
+        instance: str = "",
     ):
         """``full_every`` is set when the job checkpoints (it enables barriers).
 
@@ -274,7 +281,32 @@ class StageTask:
             config.batch_size,
         )
         self._uploads: set[asyncio.Task[None]] = set()
+        self._replays: set[asyncio.Task[None]] = set()
         self._commits: set[asyncio.Future[None]] = set()
+        # Local recovery (docs/protocol.md, "Local recovery"): what this partition sent
+        # since the last completed checkpoint, the records it consumed per input channel
+        # (re-emitted ones are dropped by that count), the generation of each input
+        # channel's sender, and the order it took its input in (several inputs).
+        self.local_recovery = local_recovery
+        # Channel positions are counted from the start of one epoch of one deployment.
+        self._positions_token = f"{run_id}/{instance}/{epoch}"
+        self._log: ReplayLog | None = ReplayLog() if local_recovery else None
+        if self._log is not None:
+            self._log.start(0)
+        self._in_records: dict[ChannelId, int] = dict.fromkeys(self.mailbox.channels, 0)
+        self._in_gen: dict[ChannelId, int] = {}
+        # Input order is logged only with several input channels (one is its own order);
+        # ctx.now()/ctx.random() values always (nondeterminism.py).
+        self._causal: CausalLog | None = CausalLog() if local_recovery else None
+        self._multi_input = len(self.mailbox.channels) > 1
+        self._causal_store = CausalStore()
+        self._channel_index = {c: i for i, c in enumerate(self.mailbox.channels)}
+        self._forced: deque[Any] = deque()  # the first run's causal log, to replay
+        nondeterminism.CURRENT.log = self._causal
+        nondeterminism.CURRENT.replay = self._forced
+        self._barrier_in_seq: dict[ChannelId, int] = {}  # the aligned barrier's seq per channel
+        self._restored_sent: dict[tuple[int, str], int] = {}  # output records at the restore
+        self._positions_at: dict[int, dict[str, Any]] = {}
         self.last_snapshot: dict[str, Any] = {}
         self._event_time_at: dict[int, dict[str, Any]] = {}  # checkpoint id -> watermarks
 
@@ -284,8 +316,14 @@ class StageTask:
         self,
         senders: dict[tuple[int, int], tuple[str, SendFn]],
         coordination: Coordination | None = None,
+        gen: int = 0,
+        input_gens: dict[ChannelId, int] | None = None,
     ) -> None:
-        """Create the output channels; ``senders`` maps (edge, receiver partition) to a sender."""
+        """Create the output channels; ``senders`` maps (edge, receiver partition) to a sender.
+
+        ``gen``: this partition's generation (its messages carry it); ``input_gens``:
+        those of its senders, where not 0 (local recovery)."""
+        self._in_gen.update(input_gens or {})
         self._loop = asyncio.get_running_loop()
         self._coordination = coordination
         for op in self._sinks:
@@ -316,6 +354,10 @@ class StageTask:
                         )
                     )
                 )
+            if self._log is not None:
+                for ch in channels:
+                    ch.enable_log(self._log, gen, self._causal)
+                    ch.records_sent = self._restored_sent.get(ch.key, 0)
             route: Callable[[list[Any]], None]
             if edge.partitioning is Partitioning.HASH:
                 route = hash_router(channels, self.plan.flow.max_parallelism)
@@ -337,11 +379,14 @@ class StageTask:
         kind: int,
         payload: Any,
         records: int = 0,
+        meta: Any = None,
     ) -> asyncio.Future[None] | None:
         if epoch != self.epoch:
             return None  # a batch from before a reset: drop it
+        if meta is not None and meta[0] != self._in_gen.get(channel, 0):
+            return None  # from a sender that was replaced since (local recovery)
         size = len(payload) if kind == DATA else 0
-        done = self.mailbox.offer(channel, seq, kind, payload, size, records)
+        done = self.mailbox.offer(channel, seq, kind, payload, size, records, meta)
         capture = self._capture
         if capture is not None:
             capture.offer(channel, seq, kind, payload)
@@ -494,6 +539,61 @@ class StageTask:
         else:
             self._enqueue(lambda: self._checkpoint(barrier))
 
+    # -- local recovery (docs/protocol.md, "Local recovery") ---------------
+
+    def abort_checkpoints(self, upto: int) -> None:
+        """Checkpoints up to ``upto`` are given up (a partition is restarted alone): an
+        alignment in progress ends, and their barriers are ignored from now on."""
+        self._last_barrier = max(self._last_barrier, upto)
+        if self._aligning is not None and self._aligning.checkpoint_id <= upto:
+            self._aligning = None
+            self.mailbox.unblock_all()
+        for old in [c for c in self._barrier_seqs if c <= upto]:
+            del self._barrier_seqs[old]
+
+    def reset_input(self, channels: list[ChannelId], gen: int) -> dict[ChannelId, Any]:
+        """The sender of ``channels`` is being replaced by one of generation ``gen``: drop
+        what the old one sent and was not taken; return its causal log as consumed here."""
+        found: dict[ChannelId, Any] = {}
+        for channel in channels:
+            self._in_gen[channel] = gen
+            self.mailbox.reset_channel(channel, 0)
+            found[channel] = self._causal_store.get(channel)
+        return found
+
+    async def reconnect_output(self, edge: int, receiver: str, send: SendFn, after: int) -> int:
+        """``receiver`` was replaced: send to the new one, first what was sent to the old
+        one after checkpoint ``after`` (from the log). Returns the records resent."""
+        assert self.outputs is not None
+        for ch in self.outputs.channels:
+            if ch.key == (edge, receiver):
+                entries = ch.reconnect(send, after)
+                task = asyncio.get_running_loop().create_task(ch.replay(entries))
+                self._replays.add(task)
+                task.add_done_callback(self._replays.discard)
+                return sum(meta[1] for _, kind, _, meta in entries if kind == DATA)
+        raise ValueError(f"{self.actor_name} sends nothing to {receiver} on edge {edge}")
+
+    def _restore_locally(self, checkpoint_id: int, local: dict[str, Any]) -> None:
+        """Restarted alone from ``checkpoint_id``: the channels where its barrier left them
+        (when it was taken in this epoch; else they started there), and the order in
+        which the first run took its input after it."""
+        positions = local.get("positions")
+        if positions is not None and positions.get("token") == self._positions_token:
+            for edge, p, seq, records in positions["in"]:
+                channel = (int(edge), int(p))
+                if channel in self._in_records:
+                    self.mailbox.reset_channel(channel, int(seq))
+                    self._in_records[channel] = int(records)
+            for edge, receiver, records in positions["out"]:
+                self._restored_sent[(int(edge), str(receiver))] = int(records)
+        self._forced = deque(local.get("forced") or ())
+        nondeterminism.CURRENT.replay = self._forced
+        # Barriers of the checkpoints given up for this recovery may come in the replay.
+        self._last_barrier = max(self._last_barrier, int(local.get("aborted_upto", 0)))
+        if self._causal is not None:
+            self._causal.restart(checkpoint_id)
+
     # -- unaligned checkpoints ---------------------------------------------
 
     def _barrier_arrived(self, channel: ChannelId, seq: int, barrier: snap.BarrierInfo) -> None:
@@ -620,6 +720,10 @@ class StageTask:
         """
         if self._ended or (epoch is not None and epoch != self.epoch):
             return
+        if self._log is not None:
+            self._log.trim(checkpoint_id)
+            for old in [c for c in self._positions_at if c < checkpoint_id]:
+                del self._positions_at[old]
         if self.is_source:
             # What a restart would replay starts at this checkpoint now (R: bounded).
             emitted = self._emitted_at_barrier.get(checkpoint_id)
@@ -788,7 +892,23 @@ class StageTask:
                 await self._run_control()
             if self._deferred_failure is not None:
                 raise self._deferred_failure
-            env = mailbox.pop()
+            forced = self._forced
+            if forced and self._multi_input:
+                while forced and not isinstance(forced[0], int):
+                    forced.popleft()  # a value the replay did not draw again
+            if forced and isinstance(forced[0], int):
+                # Restarted alone: the input in the order the first run took it.
+                env = mailbox.pop_from(mailbox.channels[forced[0]])
+                if env is None:
+                    await asyncio.sleep(0.001)
+                    continue
+                self._forced.popleft()
+            else:
+                env = mailbox.pop()
+            if env is not None and self._log is not None:
+                env = self._took(env)
+                if env is _SKIPPED:
+                    continue
             if env is None:
                 await outputs.flush()
                 if event_time:
@@ -814,7 +934,7 @@ class StageTask:
                 self.time.on_watermark(env.channel, watermark, idle)
                 await self._advance_time()
             elif env.kind == BARRIER:
-                await self._on_barrier(env.channel, env.payload)
+                await self._on_barrier(env.channel, env.payload, env.seq)
             elif env.kind == EOS:
                 self._open.discard(env.channel)
                 await self._maybe_aligned()
@@ -968,7 +1088,34 @@ class StageTask:
 
     # -- checkpoints -------------------------------------------------------
 
-    async def _on_barrier(self, channel: ChannelId, barrier: snap.BarrierInfo) -> None:
+    def _took(self, env: Any) -> Any:
+        """Local recovery's bookkeeping of a taken envelope; None if all of it was had."""
+        channel = env.channel
+        if self._causal is not None and self._multi_input:
+            self._causal.entries.append(self._channel_index[channel])
+        meta = env.meta
+        if meta is None:
+            return env
+        if meta[2] is not None:
+            self._causal_store.add(channel, meta[2])
+        if env.kind != DATA:
+            return env
+        first = meta[1]
+        had = self._in_records[channel]
+        self._in_records[channel] = max(had, first + env.records)
+        if first >= had:
+            return env
+        # A restarted sender emits again what this partition already consumed.
+        skip = had - first
+        if skip >= env.records:
+            return _SKIPPED
+        items = serde.loads(env.payload)[skip:]
+        return dataclasses.replace(env, payload=serde.dumps(items), records=len(items))
+
+    async def _on_barrier(
+        self, channel: ChannelId, barrier: snap.BarrierInfo, seq: int = -1
+    ) -> None:
+        self._barrier_in_seq[channel] = seq
         cid = barrier.checkpoint_id
         current = self._aligning
         if cid <= self._last_barrier or (current is not None and cid < current.checkpoint_id):
@@ -1000,6 +1147,8 @@ class StageTask:
         """Snapshot now, forward the barrier, upload and acknowledge in the background."""
         assert self.outputs is not None
         cid = barrier.checkpoint_id
+        if self.is_source and cid <= self._last_barrier:
+            return  # triggered before it was given up (a partial recovery aborted it)
         self._last_barrier = max(self._last_barrier, cid)
         # Step 1. Snapshot synchronously: the state matches the barrier's position.
         taken = self._snapshot_or_decline(barrier, snap.encode)
@@ -1009,10 +1158,26 @@ class StageTask:
         data, mode, sources = taken
         # Step 2. Forward the barrier behind everything already emitted.
         await self.outputs.send_control(BARRIER, barrier)
+        if self._log is not None:
+            self._positions_at[cid] = self._positions()
+            self._log.mark(cid)
+            if self._causal is not None:
+                self._causal.restart(cid)
         # Step 3. Upload while processing goes on; acknowledge when written.
         task = asyncio.get_running_loop().create_task(self._upload(barrier, data, mode, sources))
         self._uploads.add(task)
         task.add_done_callback(self._uploads.discard)
+
+    def _positions(self) -> dict[str, Any]:
+        """Where every channel is at the barrier just sent (local recovery restores it)."""
+        assert self.outputs is not None
+        inputs = []
+        for ch in self.mailbox.channels:
+            seq = self._barrier_in_seq.get(ch) if ch in self._open else None
+            after = seq + 1 if seq is not None and seq >= 0 else self.mailbox.next_unconsumed(ch)
+            inputs.append([ch[0], ch[1], after, self._in_records[ch]])
+        outputs = [[c.key[0], c.key[1], c.records_sent] for c in self.outputs.channels]
+        return {"token": self._positions_token, "in": inputs, "out": outputs}
 
     def _snapshot_or_decline(
         self, barrier: snap.BarrierInfo, encode: Callable[[dict[str, Any]], bytes]
@@ -1163,6 +1328,7 @@ class StageTask:
                     sources=sources,
                     inflight=inflight,
                     event_time=event_time,
+                    positions=self._positions_at.pop(cid, None),
                 ),
             )
 
@@ -1230,6 +1396,10 @@ class StageTask:
             await asyncio.wait(list(self._commits), timeout=60)
         self.mailbox.clear()
         self._ended = True
+        for replay in list(self._replays):
+            replay.cancel()
+        if self._log is not None:
+            self._log.close()
         for reader in self._readers.values():
             with contextlib.suppress(Exception):
                 reader.close()
@@ -1247,8 +1417,24 @@ class StageTask:
 
     # -- restore -----------------------------------------------------------
 
-    async def restore(self, assignment: Assignment) -> None:
-        """Load this partition's share of a checkpoint before the task runs."""
+    async def restore(
+        self, assignment: Assignment | None, local: dict[str, Any] | None = None
+    ) -> None:
+        """Load this partition's share of a checkpoint before the task runs.
+
+        ``local``: restarted alone (local recovery): channel positions and the
+        logged input order (see :meth:`_restore_locally`); ``assignment`` is None
+        when no checkpoint completed yet (the job's start is the point)."""
+        if assignment is None:
+            if local is not None:
+                self._restore_locally(0, local)
+            return
+        if self._log is not None:
+            self._log.start(assignment.checkpoint_id)
+        if local is not None:
+            self._restore_locally(assignment.checkpoint_id, local)
+        elif self._causal is not None:
+            self._causal.restart(assignment.checkpoint_id)
         storage = open_storage(assignment.storage)
         infos: dict[str, ObjectInfo] = {}
         for chain in assignment.keyed_chains:
