@@ -44,9 +44,7 @@ def chain_flow(name: str, out: Path, rate: float) -> rf.Dataflow:
     chained = src.key_by("by_key", lambda e: e[0]).reduce("chain", link, initial=(0, 0, -1))
     # A shuffle (key_by) puts the formatting in actors of their own: the receivers
     # that keep the chain partitions' causal logs. Records: (key, (key, acc)).
-    formatted = chained.key_by("again", lambda kv: kv[0]).map(
-        "fmt", lambda kv: [kv[0], *kv[1][1]]
-    )
+    formatted = chained.key_by("again", lambda kv: kv[0]).map("fmt", lambda kv: [kv[0], *kv[1][1]])
     formatted.sink("collected", rf.testing.Collect())
     formatted.sink("files", rf.sinks.JsonLines(out))
     return flow
