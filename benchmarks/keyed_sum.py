@@ -6,7 +6,11 @@ ratio. rayflow's rate is measured from the moment every operator runs to
 the job's end (end of input drained and committed); the time to deploy the
 actors is printed apart.
 
-    python benchmarks/keyed_sum.py [--records N] [--keys K] [--repeat R]
+With ``--recovery-overhead`` it runs instead with checkpoints every second,
+``recovery="partial"`` (senders log what they send for partial recovery)
+against ``"global"`` (no logs), alternated, and prints their ratio.
+
+    python benchmarks/keyed_sum.py [--records N] [--keys K] [--repeat R] [--recovery-overhead]
 """
 
 from __future__ import annotations
@@ -58,7 +62,9 @@ def pure_python(records: list[tuple[int, int]]) -> tuple[float, dict[int, int]]:
     return len(records) / (time.perf_counter() - start), sums
 
 
-def rayflow_run(n: int, keys: int, parallelism: int) -> tuple[float, float, dict[int, int]]:
+def rayflow_run(
+    n: int, keys: int, parallelism: int, recovery: str | None = None
+) -> tuple[float, float, dict[int, int]]:
     folder = tempfile.mkdtemp(prefix="rf-keyed-sum-")
     flow = rf.Dataflow(f"keyed-sum-p{parallelism}", parallelism=parallelism)
     src = flow.source(
@@ -72,7 +78,12 @@ def rayflow_run(n: int, keys: int, parallelism: int) -> tuple[float, float, dict
     sums = src.key_by("by_key", lambda r: r[0]).reduce("sum", lambda acc, r: acc + r[1], initial=0)
     sums.sink("latest", LatestPerKey(folder))
     t0 = time.time()
-    result = rf.run(flow)
+    checkpoint = None
+    if recovery is not None:
+        checkpoint = rf.Checkpointing(
+            storage=tempfile.mkdtemp(prefix="rf-keyed-sum-cp-"), interval_s=1.0, recovery=recovery
+        )
+    result = rf.run(flow, checkpoint=checkpoint)
     assert result.running_at is not None
     steady = n / (result.ended_at - result.running_at)
     deploy = result.running_at - t0
@@ -88,8 +99,13 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--keys", type=int, default=1_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--recovery-overhead", action="store_true")
     args = parser.parse_args()
     n, keys = args.records, args.keys
+    if args.recovery_overhead:
+        start_ray()
+        recovery_overhead(n, keys, args.repeat)
+        return
     records = [(i % keys, 1) for i in range(n)]
     start_ray()
 
@@ -109,6 +125,21 @@ def main() -> None:
             f"(best of {args.repeat}; deploy {deploy:.1f} s, runs "
             f"{', '.join(f'{r:,.0f}' for r, _ in runs)}); "
             f"ratio to pure Python {best / baseline:.1%}; sums verified"
+        )
+
+
+def recovery_overhead(n: int, keys: int, repeat: int) -> None:
+    """Checkpoints every 1 s: partial recovery's logs on against off, alternated."""
+    for parallelism in (1, 2):
+        rates: dict[str, list[float]] = {"partial": [], "global": []}
+        for _ in range(repeat):
+            for recovery in ("partial", "global"):
+                rates[recovery].append(rayflow_run(n, keys, parallelism, recovery)[0])
+        best = {r: max(v) for r, v in rates.items()}
+        print(
+            f"parallelism {parallelism}, checkpoints every 1 s: recovery=partial "
+            f"{best['partial']:,.0f} rec/s, recovery=global {best['global']:,.0f} rec/s "
+            f"(best of {repeat}); partial/global {best['partial'] / best['global']:.2f}x"
         )
 
 

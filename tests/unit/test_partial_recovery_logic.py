@@ -176,3 +176,20 @@ def test_rebalance_sends_the_same_records_to_the_same_receivers_whatever_the_bat
     first, second = asyncio.run(scenario())
     assert first == second
     assert sorted(r for buf in first for r in buf) == list(range(5 * REBALANCE_RECORDS + 17))
+
+
+def test_now_and_random_are_logged_and_a_replay_gets_the_same_values_back() -> None:
+    from collections import deque
+
+    from rayflow._internal.runtime.nondeterminism import Recorder
+
+    first = Recorder()
+    first.log = CausalLog(base=2)
+    first.log.entries.append(0)  # an input channel's entry, between the values
+    drawn = [first.random(), first.now(), first.random()]
+    assert first.log.entries[1:] == drawn
+    again = Recorder()
+    again.replay = deque(first.log.entries[1:])
+    assert [again.random(), again.now(), again.random()] == drawn
+    fresh = again.random()  # past the log: drawn anew
+    assert fresh not in drawn and not again.replay

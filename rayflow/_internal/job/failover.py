@@ -194,15 +194,26 @@ class Failover:
         # Steps 4 and 5. Restore the checkpoint, reconnect, run.
         restored = await self.run_from(point)
         phases["restored_and_running"] = time.time()
-        record: dict[str, Any] = {
+        record = self._record(detected, "global", dead, restored, replayed)
+        return record, phases, restored
+
+    def _record(
+        self,
+        detected: float,
+        scope: str,
+        dead: set[ActorKey],
+        restored: RestorePoint | None,
+        replayed: int,
+    ) -> dict[str, Any]:
+        """A recovery's entry in ``handle.recoveries()`` (recovered_in_s comes later)."""
+        return {
             "detected_at": detected,
-            "scope": "global",
-            "replaced": sorted(dep.name(k) for k in dead),
+            "scope": scope,
+            "replaced": sorted(self.deployment.name(k) for k in dead),
             "restored_checkpoint": restored.manifest.checkpoint_id if restored else None,
             "records_replayed": replayed,
             "recovered_in_s": None,
         }
-        return record, phases, restored
 
     def local_blocker(self, dead: set[ActorKey], point: RestorePoint | None) -> str | None:
         """Why the loss of ``dead`` cannot be recovered partially (None: it can)."""
@@ -233,34 +244,48 @@ class Failover:
         dep = self.deployment
         restore_to = point.manifest.checkpoint_id if point else 0
         living = [k for k in dep.handles if k not in dead]
-        # Checkpoints in flight may have passed the dead partitions: given up everywhere.
-        await dep.abort_checkpoints(aborted_upto, living)
-        phases = {"aborted_checkpoints": time.time()}
-        gen = max(dep.gens.values(), default=0) + 1
-        forced: dict[ActorKey, list[int]] = {key: [] for key in dead}
-        for key in sorted(dead):
-            dep.gens[key] = gen
-            by_receiver: dict[ActorKey, list[tuple[int, int]]] = {}
-            for edge_id, _, receiver in dep.receivers_of(key):
-                by_receiver.setdefault(receiver, []).append((edge_id, key[1]))
-            for receiver, channels in by_receiver.items():
-                logs = await dep.reset_input(receiver, channels, gen)
+        # The new actors take longest (a worker process starts): begin with them.
+        dep.kill(dead)
+        creating = asyncio.ensure_future(self._replace(dead))
+        try:
+            # Checkpoints in flight may have passed the dead partitions: given up everywhere.
+            await dep.abort_checkpoints(aborted_upto, living)
+            phases = {"aborted_checkpoints": time.time()}
+            gen = max(dep.gens.values(), default=0) + 1
+            resets: list[tuple[ActorKey, Awaitable[dict[Any, Any]]]] = []
+            for key in sorted(dead):
+                dep.gens[key] = gen
+                by_receiver: dict[ActorKey, list[tuple[int, int]]] = {}
+                for edge_id, _, receiver in dep.receivers_of(key):
+                    by_receiver.setdefault(receiver, []).append((edge_id, key[1]))
+                resets.extend(
+                    (key, dep.reset_input(receiver, channels, gen))
+                    for receiver, channels in by_receiver.items()
+                )
+            found_logs = await asyncio.gather(*(call for _, call in resets))
+            forced: dict[ActorKey, list[Any]] = {key: [] for key in dead}
+            for (key, _), logs in zip(resets, found_logs, strict=True):
                 for found in logs.values():
                     # The receivers' logs are prefixes of one order: the longest covers all.
                     if found is not None and found[0] == restore_to:
                         if len(found[1]) > len(forced[key]):
                             forced[key] = found[1]
-        phases["receivers_reset"] = time.time()
-        dep.kill(dead)
-        for key in sorted(dead):  # what a dead sink partition staged after the checkpoint goes
-            for name in self.plan.stage(key[0]).steps:
-                step = self.plan.step(name)
-                if step.kind is StepKind.SINK:
-                    await asyncio.to_thread(
-                        setup_sink, step.connector, self.job, name, self.run_id, restore_to, key[1]
-                    )
-        await dep.replace(sorted(dead))
-        await dep.wait_ready(self._startup_timeout_s, dead)
+            phases["receivers_reset"] = time.time()
+            for key in sorted(dead):  # what a dead sink partition staged after the checkpoint
+                for name in self.plan.stage(key[0]).steps:
+                    step = self.plan.step(name)
+                    if step.kind is StepKind.SINK:
+                        await asyncio.to_thread(
+                            setup_sink,
+                            step.connector,
+                            self.job,
+                            name,
+                            self.run_id,
+                            restore_to,
+                            key[1],
+                        )
+        finally:
+            await creating  # never leave a creation running behind a failure
         phases["replaced_dead"] = time.time()
         assignments: dict[ActorKey, Any] = {}
         if point is not None:
@@ -281,20 +306,20 @@ class Failover:
             )
         )
         await dep.connect(self._handle, keys=dead)
-        replayed = 0
-        for key in sorted(dead):
-            for edge_id, _, sender in dep.senders_of(key):
-                replayed += await dep.reconnect(sender, edge_id, key, restore_to)
+        resent = await asyncio.gather(
+            *(
+                dep.reconnect(sender, edge_id, key, restore_to)
+                for key in sorted(dead)
+                for edge_id, _, sender in dep.senders_of(key)
+            )
+        )
+        replayed = sum(resent)
         phases["restored_and_running"] = time.time()
-        record: dict[str, Any] = {
-            "detected_at": detected,
-            "scope": "partial",
-            "replaced": sorted(dep.name(k) for k in dead),
-            "restored_checkpoint": point.manifest.checkpoint_id if point else None,
-            "records_replayed": replayed,
-            "recovered_in_s": None,
-        }
-        return record, phases
+        return self._record(detected, "partial", dead, point, replayed), phases
+
+    async def _replace(self, dead: set[ActorKey]) -> None:
+        await self.deployment.replace(sorted(dead))
+        await self.deployment.wait_ready(self._startup_timeout_s, dead)
 
 
 def _snapshot_of(point: RestorePoint | None, key: ActorKey) -> Any:

@@ -44,6 +44,10 @@ from rayflow._internal.runtime.timing import BACKPRESSURED, TimeAccount
 #: Batches per channel a source may read ahead of what its receivers take.
 ROOM_BATCHES = 4
 
+#: Records a channel whose receiver is being replaced (paused) keeps buffered while
+#: the sender goes on serving its other channels; past this, the sender waits too.
+PAUSED_BUFFER_RECORDS = 200_000
+
 #: Records per turn of a REBALANCE router: a fixed count, so that the same records
 #: go to the same receivers when a restarted sender emits them again.
 REBALANCE_RECORDS = 1024
@@ -268,17 +272,23 @@ class Outputs:
         """When the oldest buffered record's linger time runs out (monotonic)."""
         deadline = None
         for ch in self.channels:
-            if ch.buffer:
+            if ch.buffer and not ch.paused:  # a paused one is sent when it is reconnected
                 d = ch.since + self.linger_s
                 if deadline is None or d < deadline:
                     deadline = d
         return deadline
 
-    async def flush(self, *, force: bool = False) -> None:
-        """Send full batches, and partial ones whose linger ran out (or all, with force)."""
+    async def flush(self, *, force: bool = False, paused_too: bool = False) -> None:
+        """Send full batches, and partial ones whose linger ran out (or all, with force).
+
+        A channel whose receiver is being replaced keeps its records (up to
+        ``PAUSED_BUFFER_RECORDS``) so that the others go on; ``paused_too`` waits
+        for it (a control message must follow its records)."""
         now = time.monotonic()
         for ch in self.channels:
             if not ch.buffer:
+                continue
+            if ch.paused and not paused_too and len(ch.buffer) < PAUSED_BUFFER_RECORDS:
                 continue
             while len(ch.buffer) >= ch.batch_limit:
                 await self._send_batch(ch, ch.batch_limit)
@@ -312,7 +322,7 @@ class Outputs:
 
     async def send_control(self, kind: int, payload: Any) -> None:
         """Send a barrier or end-of-stream on every channel, after its buffered records."""
-        await self.flush(force=True)
+        await self.flush(force=True, paused_too=True)
         for ch in self.channels:
             if not ch.has_credit(0):
                 previous = self._clock.switch(BACKPRESSURED)
@@ -349,7 +359,13 @@ class Outputs:
         linger time; with a slow receiver a batch is a few records anyway."""
         if not self.channels:
             return self.batch_size
-        return ROOM_BATCHES * sum(ch.batch_limit for ch in self.channels) - self.buffered
+        # What waits for a receiver being replaced does not hold up the others (up to a cap).
+        held = sum(
+            len(ch.buffer)
+            for ch in self.channels
+            if ch.paused and len(ch.buffer) < PAUSED_BUFFER_RECORDS
+        )
+        return ROOM_BATCHES * sum(ch.batch_limit for ch in self.channels) - self.buffered + held
 
     @property
     def in_flight(self) -> int:

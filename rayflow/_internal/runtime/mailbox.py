@@ -129,15 +129,19 @@ class Mailbox:
             if channel in self._blocked:
                 self._deferred.append(channel)
                 continue
-            env = self._queues[channel].popleft()
-            self.depth -= 1
-            self.bytes -= env.size
-            self.records -= env.records
-            if env.done is not None and not env.done.done():
-                env.done.set_result(None)
-            return env
+            return self._take(channel)
         self._ready.clear()
         return None
+
+    def _take(self, channel: ChannelId) -> Envelope:
+        """Dequeue the next envelope of ``channel`` and release its sender's credit."""
+        env = self._queues[channel].popleft()
+        self.depth -= 1
+        self.bytes -= env.size
+        self.records -= env.records
+        if env.done is not None and not env.done.done():
+            env.done.set_result(None)
+        return env
 
     def pop_from(self, channel: ChannelId) -> Envelope | None:
         """The next envelope of ``channel`` (blocked or not), or None if none arrived yet
@@ -149,13 +153,7 @@ class Mailbox:
             self._deferred.remove(channel)
         else:
             self._order.remove(channel)
-        env = queue.popleft()
-        self.depth -= 1
-        self.bytes -= env.size
-        self.records -= env.records
-        if env.done is not None and not env.done.done():
-            env.done.set_result(None)
-        return env
+        return self._take(channel)
 
     async def wait(self, timeout: float | None) -> None:
         """Wait until something may be deliverable (or a poke), at most ``timeout`` seconds.
