@@ -103,7 +103,7 @@ def _wait_completed(handle: rf.JobHandle, n: int, timeout: float = 60.0) -> None
 def _run(tmp_path: Path, name: str, kills: list[list[str]], rate: float = 10_000) -> Any:
     out = tmp_path / "out"
     flow = chain_flow(name, out, rate)
-    config = rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.4)
+    config = rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.4, recovery="partial")
     handle = rf.start(flow, checkpoint=config)
     _wait_completed(handle, 2)
     before = _ids(handle)
@@ -162,7 +162,9 @@ def test_a_kill_during_a_partial_recovery_falls_back_to_a_global_one(tmp_path: P
     out = tmp_path / "out"
     handle = rf.start(
         chain_flow(name, out, 10_000),
-        checkpoint=rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.4),
+        checkpoint=rf.Checkpointing(
+            storage=str(tmp_path / "cp"), interval_s=0.4, recovery="partial"
+        ),
     )
     _wait_completed(handle, 2)
     _kill(f"rayflow/{name}/chain/0")
