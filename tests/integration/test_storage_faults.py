@@ -50,7 +50,11 @@ def test_stopping_the_s3_server_declines_checkpoints_without_stopping_the_job(
         _wait_for(lambda: handle.checkpoint_stats()["failed"] >= 2, what="declined checkpoints")
         stats = handle.checkpoint_stats()
         reason = stats["last_failure"]["reason"]
-        assert "S3" in reason or "expired" in reason, reason
+        # The last failure may be any of: an S3 error, a checkpoint that expired waiting
+        # for the writes, or one declined while earlier snapshots are still being written.
+        assert any(
+            why in reason for why in ("S3", "expired", "the storage is slow or unreachable")
+        ), reason
         assert handle.status() is rf.JobStatus.RUNNING
         assert _records(handle) > before  # records keep flowing meanwhile
         completed_during_outage = stats["completed"]
@@ -62,6 +66,8 @@ def test_stopping_the_s3_server_declines_checkpoints_without_stopping_the_job(
         )
         assert handle.checkpoint_stats()["consecutive_failures"] == 0
     finally:
+        if s3_server.process is None:  # a failure above: the other tests need the server
+            s3_server.start()
         result = handle.stop()
     assert result.status is rf.JobStatus.STOPPED
     point = latest_checkpoint(storage, "outage")

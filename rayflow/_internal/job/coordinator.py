@@ -601,7 +601,9 @@ class JobCoordinator:
         for key in dead:
             self._runs[key] = dep.run_one(key)
         self.checkpoints.resume(point.manifest if point else None)
-        self._set_status(JobStatus.RUNNING)
+        self._set_status(JobStatus.STOPPING if self._stopping else JobStatus.RUNNING)
+        if self._stopping:  # a stop that came meanwhile (stop() leaves it to the recovery)
+            await self._deployed.stop_sources()
         record["cause"] = order_failures(failures)[0].describe()
         self._report.recoveries.append(record)
         log.warning(
