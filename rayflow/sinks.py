@@ -225,7 +225,7 @@ class JsonLines(Sink):
         _claim_folder(self.folder, job, step)
         if partition is not None:
             # One partition restarted alone (partial recovery): only its staged files.
-            mine = f"part-{partition:05d}-"
+            mine = _part_prefix(partition)
             for path in glob.glob(os.path.join(self.folder, ".staging", mine + "*")):
                 staged_id = _staged_checkpoint(os.path.basename(path))
                 if staged_id is None or staged_id > (restored_checkpoint or 0):
@@ -248,6 +248,12 @@ class JsonLines(Sink):
 
     def __repr__(self) -> str:
         return f"JsonLines({self.folder!r})"
+
+
+def _part_prefix(partition: int | None) -> str:
+    """How the names of a partition's part files (staged or published) begin; of every
+    partition's with None. A partition restarted alone cleans up only its own."""
+    return "part-" if partition is None else f"part-{partition:05d}-"
 
 
 def _staged_checkpoint(name: str) -> int | None:
@@ -384,7 +390,7 @@ class S3JsonLines(Sink):
         clean_sink_prefix(
             client,
             self.bucket,
-            self._key("part-" if partition is None else f"part-{partition:05d}-"),
+            self._key(_part_prefix(partition)),
             abort=abort,
             delete_all=restored_checkpoint is None,
         )

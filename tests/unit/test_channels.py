@@ -18,24 +18,7 @@ from rayflow._internal.runtime.channels import (
 )
 from rayflow._internal.runtime.mailbox import DATA, EOS, Mailbox
 from rayflow._internal.runtime.timing import BACKPRESSURED, TimeAccount
-
-
-def _sender_into(mailbox: Mailbox, channel: tuple[int, int]) -> Any:
-    """A send function that delivers straight into ``mailbox`` (what Ray does, minus Ray)."""
-
-    def send(seq: int, kind: int, payload: Any, records: int = 0) -> asyncio.Future[Any]:
-        size = len(payload) if kind == DATA else 0
-        done = mailbox.offer(channel, seq, kind, payload, size, records)
-        # What the receiving actor answers: its full credit, batches as large as they come.
-        grant = (10**6, mailbox.credit_batches)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if done is None:
-            fut.set_result(grant)
-        else:
-            done.add_done_callback(lambda _: fut.set_result(grant))
-        return fut
-
-    return send
+from tests.support.mailbox_sender import sender_into
 
 
 def test_mailbox_delivers_each_channel_in_sequence_order() -> None:
@@ -81,7 +64,7 @@ def test_credits_bound_batches_in_flight_and_return_on_consumption() -> None:
         ch = OutputChannel(
             (0, 0),
             "rx",
-            _sender_into(box, (0, 0)),
+            sender_into(box, (0, 0)),
             credit_batches=box.credit_batches,
             credit_bytes=box.credit_bytes,
             batch_size=10,
@@ -108,7 +91,7 @@ def test_byte_credits_and_an_outsized_batch_is_admitted_alone() -> None:
         ch = OutputChannel(
             (0, 0),
             "rx",
-            _sender_into(box, (0, 0)),
+            sender_into(box, (0, 0)),
             credit_batches=10,
             credit_bytes=box.credit_bytes,
             batch_size=10,
@@ -133,7 +116,7 @@ def test_a_slow_consumer_stops_a_fast_producer() -> None:
             OutputChannel(
                 (0, 0),
                 "rx",
-                _sender_into(box, (0, 0)),
+                sender_into(box, (0, 0)),
                 credit_batches=box.credit_batches,
                 credit_bytes=box.credit_bytes,
                 batch_size=10,
@@ -181,7 +164,7 @@ def test_hash_router_sends_each_key_to_its_key_group_owner() -> None:
             OutputChannel(
                 (0, 0),
                 f"rx{q}",
-                _sender_into(box, (0, 0)),
+                sender_into(box, (0, 0)),
                 credit_batches=100,
                 credit_bytes=10**6,
                 batch_size=1000,

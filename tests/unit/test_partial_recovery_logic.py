@@ -18,6 +18,7 @@ from rayflow._internal.runtime.channels import (
 from rayflow._internal.runtime.mailbox import BARRIER, DATA, Mailbox
 from rayflow._internal.runtime.replay_log import ReplayLog
 from rayflow._internal.runtime.timing import TimeAccount
+from tests.support.mailbox_sender import sender_into
 
 
 def test_receivers_keep_prefixes_of_one_order_and_the_longest_covers_them_all() -> None:
@@ -43,25 +44,6 @@ def test_receivers_keep_prefixes_of_one_order_and_the_longest_covers_them_all() 
     assert at_fast.get("x") == (7, [2])
 
 
-def _sender_into(box: Mailbox, channel: tuple[int, int], alive: list[bool]) -> Any:
-    def send(seq: int, kind: int, payload: Any, records: int = 0, meta: Any = None) -> Any:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if not alive[0]:
-            fut.set_exception(RuntimeError("the actor died"))
-            return fut
-        done = box.offer(
-            channel, seq, kind, payload, len(payload) if kind == DATA else 0, records, meta
-        )
-        grant = (10**6, box.credit_batches)
-        if done is None:
-            fut.set_result(grant)
-        else:
-            done.add_done_callback(lambda _: fut.set_result(grant))
-        return fut
-
-    return send
-
-
 def test_a_sender_waits_for_a_dead_receiver_and_replays_what_it_sent_after_the_checkpoint() -> None:
     async def scenario() -> None:
         channel = (0, 0)
@@ -70,7 +52,7 @@ def test_a_sender_waits_for_a_dead_receiver_and_replays_what_it_sent_after_the_c
         ch = OutputChannel(
             channel,
             "rx",
-            _sender_into(old, channel, alive),
+            sender_into(old, channel, alive),
             credit_batches=8,
             credit_bytes=10**6,
             batch_size=100,
@@ -114,7 +96,7 @@ def test_a_sender_waits_for_a_dead_receiver_and_replays_what_it_sent_after_the_c
         new = Mailbox([channel], capacity_batches=8, capacity_bytes=10**6)
         new.reset_channel(channel, 2)  # restored: the barrier of 1 was message 1
         alive[0] = True
-        entries = ch.reconnect(_sender_into(new, channel, alive), after=1)
+        entries = ch.reconnect(sender_into(new, channel, alive), after=1)
         replay = asyncio.ensure_future(ch.replay(entries))
         got: list[Any] = []
         while not replay.done():  # the new receiver takes its input as it comes

@@ -43,6 +43,7 @@ from rayflow.sinks import (
     SinkWriter,
     TransientSinkError,
     _claim_folder,
+    _part_prefix,
 )
 
 __all__ = ["Parquet"]
@@ -187,7 +188,7 @@ class Parquet(Sink):
                 for path in glob.glob(os.path.join(folder, pattern)):
                     os.remove(path)
             return
-        mine = "*" if partition is None else f"part-{partition:05d}-*"
+        mine = _part_prefix(partition) + "*"
         for path in glob.glob(os.path.join(folder, STAGING, mine)):
             staged = _checkpoint_of(os.path.basename(path))
             if staged is None or staged > restored_checkpoint:
@@ -216,7 +217,7 @@ class Parquet(Sink):
         clean_sink_prefix(
             client,
             s3.bucket,
-            s3._key("part-" if partition is None else f"part-{partition:05d}-"),
+            s3._key(_part_prefix(partition)),
             abort=abort,
             delete_all=restored_checkpoint is None,
         )

@@ -585,7 +585,7 @@ class JobCoordinator:
         await asyncio.sleep(delay)
         self._partial_under_way = True
         self._partial_since_point = True
-        self._partial_checkpoint_floor = self.checkpoints.next_id - 1
+        self._partial_checkpoint_floor = aborted_upto
         try:
             record, phases = await self.failover.recover_locally(dead, point, aborted_upto)
         except Exception as exc:

@@ -287,7 +287,6 @@ class StageTask:
         # since the last completed checkpoint, the records it consumed per input channel
         # (re-emitted ones are dropped by that count), the generation of each input
         # channel's sender, and the order it took its input in (several inputs).
-        self.local_recovery = local_recovery
         # Channel positions are counted from the start of one epoch of one deployment.
         self._positions_token = f"{run_id}/{instance}/{epoch}"
         self._log: ReplayLog | None = ReplayLog() if local_recovery else None
@@ -902,7 +901,7 @@ class StageTask:
                 if env is None:
                     await asyncio.sleep(0.001)
                     continue
-                self._forced.popleft()
+                forced.popleft()
             else:
                 env = mailbox.pop()
             if env is not None and self._log is not None:
@@ -1089,7 +1088,8 @@ class StageTask:
     # -- checkpoints -------------------------------------------------------
 
     def _took(self, env: Any) -> Any:
-        """Local recovery's bookkeeping of a taken envelope; None if all of it was had."""
+        """Local recovery's bookkeeping of a taken envelope; ``_SKIPPED`` if all of its
+        records were consumed before (a restarted sender emits them again)."""
         channel = env.channel
         if self._causal is not None and self._multi_input:
             self._causal.entries.append(self._channel_index[channel])
