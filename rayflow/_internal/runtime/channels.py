@@ -395,15 +395,21 @@ def forward_router(channel: OutputChannel) -> Callable[[list[Any]], None]:
     return route
 
 
-def rebalance_router(channels: list[OutputChannel]) -> Callable[[list[Any]], None]:
+def rebalance_router(channels: list[OutputChannel], sent: int = 0) -> Callable[[list[Any]], None]:
     """Runs of ``REBALANCE_RECORDS`` records go round-robin over the receivers.
 
     By record count, not by batch: which receiver gets a record depends only
     on its place in the stream, so a restarted sender sends the same records
-    to the same receivers (local recovery) whatever its batches are.
+    to the same receivers (local recovery) whatever its batches are. ``sent``:
+    the records the router had routed when the sender was restored (the sum
+    of its channels' positions), so a restarted router goes on mid-turn where
+    the first one was, not from the first receiver (rule P1).
     """
     n = len(channels)
-    state = {"next": 0, "left": REBALANCE_RECORDS}
+    state = {
+        "next": (sent // REBALANCE_RECORDS) % n,
+        "left": REBALANCE_RECORDS - sent % REBALANCE_RECORDS,
+    }
 
     def route(items: list[Any]) -> None:
         i = 0

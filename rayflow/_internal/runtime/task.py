@@ -301,6 +301,9 @@ class StageTask:
         self._causal_store = CausalStore()
         self._channel_index = {c: i for i, c in enumerate(self.mailbox.channels)}
         self._forced: deque[Any] = deque()  # the first run's causal log, to replay
+        # A source partition with several readers logs (split, records) per read: the
+        # readers race too (rule P1). A replayed read in progress: (split, records so far).
+        self._replay_read: tuple[int, list[Any]] | None = None
         nondeterminism.CURRENT.log = self._causal
         nondeterminism.CURRENT.replay = self._forced
         self._barrier_in_seq: dict[ChannelId, int] = {}  # the aligned barrier's seq per channel
@@ -361,7 +364,7 @@ class StageTask:
             if edge.partitioning is Partitioning.HASH:
                 route = hash_router(channels, self.plan.flow.max_parallelism)
             elif edge.partitioning is Partitioning.REBALANCE:
-                route = rebalance_router(channels)
+                route = rebalance_router(channels, sum(ch.records_sent for ch in channels))
             else:
                 route = forward_router(channels[0])
             self.ops[edge.src_step].downstream.append(route)
@@ -983,7 +986,12 @@ class StageTask:
                 continue
             progressed = False
             caught_up = True  # every read returned less than it was asked for
-            for sp in list(active):
+            log_reads = self._causal is not None and len(self._readers) > 1
+            # With one reader the log holds only ctx.now()/ctx.random() values.
+            forced = self._forced if log_reads else None
+            while forced and not isinstance(forced[0], tuple):
+                forced.popleft()  # a value the replay did not draw again
+            for sp in [forced[0][0]] if forced else list(active):
                 reader = self._readers[sp]
                 # Read about one slice of the chain's work (a checkpoint trigger, taken
                 # between reads where the offsets match what was emitted, waits no
@@ -1002,6 +1010,11 @@ class StageTask:
                         break
                     wanted = min(wanted, budget)
                 batch_size = self._cost.slice_records(wanted)
+                if forced:
+                    # Restarted alone: the reads of the first run, split by split, record
+                    # for record (a read may come back short: collect the rest first).
+                    so_far = self._replay_read[1] if self._replay_read else []
+                    batch_size = forced[0][1] - len(so_far)
                 try:
                     items = reader.read(batch_size)
                 except Exception as exc:
@@ -1013,10 +1026,24 @@ class StageTask:
                         f"{short_repr(_safe_offset(reader))}",
                     ) from exc
                 if items is None:
+                    if forced:  # it ended sooner than in the first run: no more to follow
+                        forced.clear()
+                        self._replay_read = None
                     active.remove(sp)
                     for gen in self.time.generators:
                         gen.ended.add(sp)
                     continue
+                if forced:
+                    so_far = [*self._replay_read[1], *items] if self._replay_read else items
+                    if len(so_far) < forced[0][1]:
+                        self._replay_read = (sp, so_far)
+                        continue  # its offset moves once the whole read is emitted
+                    forced.popleft()
+                    self._replay_read = None
+                    items = so_far
+                if log_reads and items:
+                    assert self._causal is not None
+                    self._causal.entries.append((sp, len(items)))
                 self._offsets[sp] = reader.offset()
                 if len(items) >= batch_size:
                     caught_up = False
