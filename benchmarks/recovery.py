@@ -17,16 +17,21 @@ partition processes again in under 1 s, the others never stop, the replay
 is at most 1/4 of a global one.
 
     python benchmarks/recovery.py [--repeat R] [--keys 10000 1000000] [--scopes-only]
+
+``RECOVERY_PHASES=1`` also prints, per run, the idle Ray workers before the
+kill and where the time went (``handle.recoveries()[i]["phases"]``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 import uuid
 
+import psutil
 import ray
 from _common import start_ray
 
@@ -113,6 +118,13 @@ def measure_scope(scope: str, rate: float = RATE_PER_PARTITION) -> dict[str, flo
         victim = ray.get_actor(f"rayflow/{name}/count/0", namespace="rayflow")
         before = _records_in(others)
         samples: list[tuple[float, int]] = []
+        if os.environ.get("RECOVERY_PHASES"):
+            idle = sum(
+                1
+                for p in psutil.process_iter(["cmdline"])
+                if (p.info["cmdline"] or [""])[0].startswith("ray::IDLE")
+            )
+            print(f"  {scope}: idle Ray workers before the kill: {idle}", flush=True)
         killed_at = time.time()
         ray.kill(victim)
         record: dict | None = None
@@ -142,6 +154,12 @@ def measure_scope(scope: str, rate: float = RATE_PER_PARTITION) -> dict[str, flo
             if c > last_c:
                 last_t, last_c = t, c
             longest = max(longest, t - last_t)
+        if os.environ.get("RECOVERY_PHASES"):
+            print(
+                f"  {scope}: killed -> detected {record['detected_at'] - killed_at:.3f} s, "
+                f"then (s after the detection) {record.get('phases')}",
+                flush=True,
+            )
         return {
             "scope": record.get("scope", "global"),
             "back_s": back_at - killed_at,

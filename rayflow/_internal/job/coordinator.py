@@ -631,6 +631,10 @@ class JobCoordinator:
                 if firsts:
                     record["recovered_in_s"] = min(firsts) - record["detected_at"]
                     phases["first_record"] = min(firsts)
+                    # Where the time went: each phase's end, in s after the detection.
+                    record["phases"] = {
+                        name: round(at - record["detected_at"], 3) for name, at in phases.items()
+                    }
                     return
                 await asyncio.sleep(0.02)
         finally:
