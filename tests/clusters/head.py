@@ -36,6 +36,7 @@ class HeadNode:
         dashboard: bool = False,
         autoscaling_config: str | None = None,
         port: int | None = None,
+        env: dict[str, str] | None = None,
     ):
         self.port = port or free_port()
         self.dashboard_port = free_port()
@@ -47,6 +48,7 @@ class HeadNode:
                 "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                 "RAY_AUTH_MODE": "disabled",
+                **(env or {}),
             }
         )
         cmd = [
