@@ -258,6 +258,33 @@ class Stream:
         """Apply ``fn`` to every record."""
         return self._step(name, StepKind.MAP, fn, 1, options)
 
+    def map_batches(
+        self,
+        name: str,
+        fn: Callable[[Any], Any],
+        *,
+        batch_format: str = "list",
+        **options: Any,
+    ) -> Stream:
+        """Apply ``fn`` to whole batches of records, in a format of Ray Data's:
+        ``"list"`` (a list of records), ``"numpy"`` (a dict of column -> array),
+        ``"pandas"`` (a DataFrame) or ``"pyarrow"`` (a Table). Dict records
+        become columns and rows come back as dicts; other records are the
+        column ``"item"``. ``fn`` returns a batch of the same format, with any
+        number of rows. A batch is what reaches the step at once (up to
+        ``RuntimeConfig.batch_size`` records). With ``on_error`` "skip" or
+        "dead_letter" a failing batch is set aside whole."""
+        from rayflow._internal.runtime.batches import check_format
+
+        return self._step(
+            name,
+            StepKind.MAP_BATCHES,
+            fn,
+            1,
+            options,
+            params=check_format(name, batch_format),
+        )
+
     def filter(self, name: str, fn: Callable[[Any], Any], **options: Any) -> Stream:
         """Keep the records for which ``fn`` returns a true value."""
         return self._step(name, StepKind.FILTER, fn, 1, options)

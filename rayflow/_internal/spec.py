@@ -15,6 +15,7 @@ from typing import Any
 class StepKind(enum.Enum):
     SOURCE = "source"
     MAP = "map"
+    MAP_BATCHES = "map_batches"  # fn on a whole batch (runtime/batches.py)
     FILTER = "filter"
     FLAT_MAP = "flat_map"
     KEY_BY = "key_by"
@@ -36,6 +37,7 @@ class StepKind(enum.Enum):
         """Steps that run a user function per record (they take ``on_error``)."""
         return self in (
             StepKind.MAP,
+            StepKind.MAP_BATCHES,
             StepKind.FILTER,
             StepKind.FLAT_MAP,
             StepKind.KEY_BY,

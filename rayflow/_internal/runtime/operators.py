@@ -21,6 +21,7 @@ from typing import Any
 
 from rayflow._internal.eventtime.timestamps import to_seconds
 from rayflow._internal.keygroups import stable_hash
+from rayflow._internal.runtime.batches import batch_function
 from rayflow._internal.spec import MISSING, StepKind, StepSpec
 from rayflow.errors import DeadLetter, Failure
 from rayflow.sinks import Sink, SinkContext, SinkWriter
@@ -201,6 +202,42 @@ class MapOp(Op):
         except Exception as exc:
             raise UserCodeError(self.name, x, exc, index=len(out), partial=out) from exc
         return out
+
+
+class MapBatchesOp(Op):
+    """``map_batches``: the function takes a batch of a format and returns one.
+
+    A failure concerns the whole batch (no record of it is to blame), so with
+    ``on_error`` "skip" the batch is dropped and with "dead_letter" each of its
+    records becomes a dead letter with the batch's error.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, name: str, fn: Callable[[Any], Any], batch_format: str):
+        super().__init__(name)
+        self.fn = batch_function(fn, batch_format)
+
+    def apply(self, items: list[Any]) -> list[Any]:
+        try:
+            return self.fn(items)
+        except Exception as exc:
+            raise UserCodeError(
+                self.name,
+                items[0],
+                exc,
+                what=f"a batch of {len(items)} records, the first being {short_repr(items[0])}",
+            ) from exc
+
+    def _apply_guarded(self, items: list[Any]) -> list[Any]:
+        try:
+            return self.apply(items)
+        except UserCodeError as exc:
+            if exc.step != self.name:
+                raise
+            for record in items:
+                self._set_aside(UserCodeError(self.name, record, exc.cause))
+            return []
 
 
 class FilterOp(MapOp):
@@ -625,6 +662,8 @@ def _build_op(spec: StepSpec, job: str, partition: int, run_id: str) -> Op:
     assert spec.fn is not None
     if kind is StepKind.MAP:
         return MapOp(spec.name, spec.fn)
+    if kind is StepKind.MAP_BATCHES:
+        return MapBatchesOp(spec.name, spec.fn, spec.params)
     if kind is StepKind.FILTER:
         return FilterOp(spec.name, spec.fn)
     if kind is StepKind.FLAT_MAP:
