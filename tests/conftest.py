@@ -59,6 +59,9 @@ os.environ["RAYFLOW_S3_READ_TIMEOUT"] = "5"
 def ray_session() -> Iterator[None]:
     import ray
 
+    from rayflow._internal.job.warm import preload_in_new_ray
+
+    preload_in_new_ray()  # as rayflow does when it starts a Ray itself
     ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=True)
     try:
         yield

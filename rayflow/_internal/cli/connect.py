@@ -141,6 +141,9 @@ def connect(address: Address, *, show_worker_output: bool = False) -> None:
     }
     try:
         if address.kind == "local":
+            from rayflow._internal.job.warm import preload_in_new_ray
+
+            preload_in_new_ray()
             ray.init(**options)  # starting a local Ray may take a while on a busy machine
         else:
             _init_within(options, CONNECT_TIMEOUT_S, address.value or "auto")

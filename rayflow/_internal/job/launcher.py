@@ -19,6 +19,7 @@ from rayflow._internal.checkpoint.start import StartDecision
 from rayflow._internal.job.collector import Collector
 from rayflow._internal.job.coordinator import JobCoordinator
 from rayflow._internal.job.deployment import ActorKey, Deployment
+from rayflow._internal.job.warm import preload_in_new_ray
 from rayflow._internal.plan import Plan, encode_plan
 from rayflow._internal.spec import StepKind
 from rayflow.config import Checkpointing, RestartStrategy, RuntimeConfig
@@ -34,6 +35,7 @@ _RemoteCollector = ray.remote(Collector)
 def ensure_ray() -> None:
     """Use the Ray this process is connected to; else join RAY_ADDRESS or start one."""
     if not ray.is_initialized():
+        preload_in_new_ray()
         ray.init()
 
 
