@@ -85,3 +85,24 @@ def _tiny(name: str, limit: int | None = 100) -> rf.Dataflow:
     )
     sums.sink("out", rf.testing.Discard(), parallelism=2)
     return flow
+
+
+def test_rays_workers_import_rayflow_before_they_take_work() -> None:
+    """A Ray that rayflow starts (here: the tests', the same way) has its workers import
+    rayflow's actor module when they start, not when an actor needs them (a replacement
+    actor then starts sooner: benchmarks/recovery.py)."""
+
+    @ray.remote(num_cpus=0)
+    def worker() -> tuple[list[str], bool]:
+        import sys
+
+        # sys.argv: the worker's command line as Ray started it (its process title
+        # is rewritten to ray::...).
+        return list(sys.argv), "rayflow._internal.runtime.actor" in sys.modules
+
+    cmdline, imported = ray.get(worker.remote(), timeout=60)
+    assert any(
+        a.startswith("--worker-preload-modules=") and "rayflow._internal.runtime.actor" in a
+        for a in cmdline
+    ), cmdline
+    assert imported
