@@ -154,8 +154,9 @@ def test_a_slow_throttling_flaky_s3_through_a_proxy(s3_server: Any, s3_proxy: An
     result = handle.wait(timeout=180)
     assert faults["errors"] > 0 and faults["drops"] > 0, faults
     assert result.status is rf.JobStatus.FINISHED and result.restarts == 0
-    # Checkpoints went on completing through the faults, and after them.
-    assert through_faults > before, (before, through_faults)
+    # The faults declined checkpoints (some may still have completed: 20% errors, 10%
+    # drops per request) without failing the job; after them checkpoints completed.
+    assert through_faults >= before, (before, through_faults)
     assert result.checkpoints is not None and result.checkpoints["completed"] > through_faults
     _check(result, s3_server, prefix, per_partition)
 
