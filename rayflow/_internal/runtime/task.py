@@ -302,8 +302,9 @@ class StageTask:
         self._channel_index = {c: i for i, c in enumerate(self.mailbox.channels)}
         self._forced: deque[Any] = deque()  # the first run's causal log, to replay
         # A source partition with several readers logs (split, records) per read: the
-        # readers race too (rule P1). A replayed read in progress: (split, records so far).
-        self._replay_read: tuple[int, list[Any]] | None = None
+        # readers race too (rule P1). The records of a replayed read so far (it may
+        # come back short; it is emitted whole).
+        self._replay_read: list[Any] = []
         nondeterminism.CURRENT.log = self._causal
         nondeterminism.CURRENT.replay = self._forced
         self._barrier_in_seq: dict[ChannelId, int] = {}  # the aligned barrier's seq per channel
@@ -1013,8 +1014,7 @@ class StageTask:
                 if forced:
                     # Restarted alone: the reads of the first run, split by split, record
                     # for record (a read may come back short: collect the rest first).
-                    so_far = self._replay_read[1] if self._replay_read else []
-                    batch_size = forced[0][1] - len(so_far)
+                    batch_size = forced[0][1] - len(self._replay_read)
                 try:
                     items = reader.read(batch_size)
                 except Exception as exc:
@@ -1028,19 +1028,17 @@ class StageTask:
                 if items is None:
                     if forced:  # it ended sooner than in the first run: no more to follow
                         forced.clear()
-                        self._replay_read = None
+                        self._replay_read = []
                     active.remove(sp)
                     for gen in self.time.generators:
                         gen.ended.add(sp)
                     continue
                 if forced:
-                    so_far = [*self._replay_read[1], *items] if self._replay_read else items
-                    if len(so_far) < forced[0][1]:
-                        self._replay_read = (sp, so_far)
+                    self._replay_read.extend(items)
+                    if len(self._replay_read) < forced[0][1]:
                         continue  # its offset moves once the whole read is emitted
                     forced.popleft()
-                    self._replay_read = None
-                    items = so_far
+                    items, self._replay_read = self._replay_read, []
                 if log_reads and items:
                     assert self._causal is not None
                     self._causal.entries.append((sp, len(items)))
