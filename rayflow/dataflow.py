@@ -293,7 +293,7 @@ class Stream:
         """Replace every record by the records of the iterable ``fn`` returns."""
         return self._step(name, StepKind.FLAT_MAP, fn, 1, options)
 
-    def key_by(self, name: str, key_fn: Callable[[Any], Any], **options: Any) -> KeyedStream:
+    def key_by(self, name: str, key_fn: Callable[[Any], Any] | str, **options: Any) -> KeyedStream:
         """Key every record by ``key_fn(record)``; records become ``(key, record)``.
 
         Records with equal keys go to the same partition of the next step,
@@ -301,9 +301,18 @@ class Stream:
         ``parallelism``, a ``key_by`` runs where its input runs (it only
         computes keys), so the shuffle starts right there: the records of
         one key from one input partition keep their order.
+
+        ``key_fn`` may name a column (a str): the key is ``record[column]``,
+        and chunks of a columnar stream (``Generator(batch_fn=...)``,
+        ``map_batches``) are hashed and split in NumPy, each row to the
+        partition a per-record key would reach.
         """
         if "parallelism" not in options:
             options = {**options, "parallelism": self.flow._steps[self.step].parallelism}
+        if isinstance(key_fn, str):
+            from rayflow._internal.runtime.operators import ColumnKey
+
+            key_fn = ColumnKey(key_fn)
         stream = self._step(name, StepKind.KEY_BY, key_fn, 1, options, keyed=True)
         assert isinstance(stream, KeyedStream)
         return stream
@@ -393,6 +402,12 @@ class Stream:
     def reduce(self, name: str, fn: Callable[[Any, Any], Any], **options: Any) -> Stream:
         raise BuildError(
             f"step {name!r}: reduce needs a keyed stream, and {self.step!r} is not keyed; "
+            f"call .key_by(name, key_fn) first"
+        )
+
+    def sum(self, name: str, column: str | None = None, **options: Any) -> Stream:
+        raise BuildError(
+            f"step {name!r}: sum needs a keyed stream, and {self.step!r} is not keyed; "
             f"call .key_by(name, key_fn) first"
         )
 
@@ -536,6 +551,22 @@ class KeyedStream(Stream):
         Without ``initial`` the first record of a key is its first accumulator.
         """
         return self._step(name, StepKind.REDUCE, fn, 2, options, initial=initial)
+
+    def sum(self, name: str, column: str | None = None, **options: Any) -> Stream:
+        """Each key's running sum, emitted on every record (Flink's ``sum``).
+
+        Without ``column`` records are numbers and ``(key, sum)`` comes out;
+        with it records are dicts (or rows of columns) and come out as
+        ``(key, record)`` with ``record[column]`` replaced by the sum. On a
+        columnar stream keyed by a column the sums are computed in NumPy, chunk
+        by chunk, and stay columns (floats may differ in their last bits from
+        a sum formed record by record).
+        """
+        if column is not None and not isinstance(column, str):
+            raise BuildError(f"step {name!r}: sum's column must be a str or None; got {column!r}")
+        from rayflow._internal.runtime.operators import ColumnSum
+
+        return self._step(name, StepKind.REDUCE, ColumnSum(column), 2, options)
 
     def stateful_map(self, name: str, fn: Callable[[Any, Any], Any], **options: Any) -> Stream:
         """Run ``fn(state_or_None, record) -> (state_or_None, outputs)`` per key.

@@ -96,7 +96,16 @@ class SinkWriter(ABC):
 
 
 class Sink(ABC):
-    """A destination; subclass it and return a writer from ``open``."""
+    """A destination; subclass it and return a writer from ``open``.
+
+    ``batch_format`` (a class attribute): None (the default) hands the writer
+    records; ``"numpy"``, ``"pandas"`` or ``"pyarrow"`` hands it batches of
+    that format instead (Ray Data's meanings, as ``map_batches``): each chunk
+    of a columnar stream as it is, without making Python objects of its rows,
+    and each run of records as one batch.
+    """
+
+    batch_format: str | None = None
 
     def location(self) -> str | None:
         """Where the sink writes (a folder, a URI), or None.

@@ -301,19 +301,44 @@ class Generator(Source):
     offset can be replayed exactly. ``rate`` caps the records per second of
     the whole source (split evenly over partitions); ``limit`` ends each
     partition after that many records.
+
+    Columnar instead: ``batch_fn(partition, offset, count)`` returns the
+    ``count`` records from ``offset`` on as columns (a dict of column name
+    -> NumPy array, a pandas DataFrame or a pyarrow Table), cut at multiples
+    of ``rows_per_batch``. They travel as one chunk, never as Python
+    objects, through ``map_batches``, a ``key_by`` on a column, ``sum`` and
+    sinks that take batches; any other step gets them as records (a dict
+    per row, or the value when the only column is ``"item"``).
     """
 
     def __init__(
         self,
-        fn: Callable[[int, int], Any],
+        fn: Callable[[int, int], Any] | None = None,
         *,
         partitions: int = 1,
         rate: float | None = None,
         limit: int | None = None,
+        batch_fn: Callable[[int, int, int], Any] | None = None,
+        rows_per_batch: int = 8192,
     ):
-        if not callable(fn):
+        if (fn is None) == (batch_fn is None):
+            raise ConfigError(
+                "Generator needs either fn(partition, offset) -> record or "
+                "batch_fn(partition, offset, count) -> columns; got "
+                + ("both" if fn is not None else "neither")
+            )
+        if fn is not None and not callable(fn):
             raise ConfigError(
                 f"Generator needs a function fn(partition, offset) -> record; got {fn!r}"
+            )
+        if batch_fn is not None and not callable(batch_fn):
+            raise ConfigError(
+                "Generator batch_fn must be a function (partition, offset, count) -> columns; "
+                f"got {batch_fn!r}"
+            )
+        if not isinstance(rows_per_batch, int) or rows_per_batch < 1:
+            raise ConfigError(
+                f"Generator rows_per_batch must be an int >= 1; got {rows_per_batch!r}"
             )
         if not isinstance(partitions, int) or partitions < 1:
             raise ConfigError(f"Generator partitions must be an int >= 1; got {partitions!r}")
@@ -322,6 +347,8 @@ class Generator(Source):
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise ConfigError(f"Generator limit must be an int >= 0 or None; got {limit!r}")
         self.fn = fn
+        self.batch_fn = batch_fn
+        self.rows_per_batch = rows_per_batch
         self._partitions = partitions
         self.rate = rate
         self.limit = limit
@@ -335,6 +362,16 @@ class Generator(Source):
 
     def open(self, partition: int, offset: Any | None) -> SourceReader:
         per_partition = None if self.rate is None else self.rate / self._partitions
+        if self.batch_fn is not None:
+            return _ColumnsReader(
+                self.batch_fn,
+                partition,
+                int(offset or 0),
+                per_partition,
+                self.limit,
+                self.rows_per_batch,
+            )
+        assert self.fn is not None
         return _GeneratorReader(self.fn, partition, int(offset or 0), per_partition, self.limit)
 
     def __repr__(self) -> str:
@@ -392,6 +429,54 @@ class _GeneratorReader(SourceReader):
 
     def offset(self) -> int:
         return self._next
+
+
+class _ColumnsReader(_GeneratorReader):
+    """Reads whole chunks of ``rows``, cut at multiples of ``rows`` (a replay cuts alike)."""
+
+    def __init__(
+        self,
+        batch_fn: Callable[[int, int, int], Any],
+        partition: int,
+        offset: int,
+        rate: float | None,
+        limit: int | None,
+        rows: int,
+    ):
+        super().__init__(lambda p, i: None, partition, offset, rate, limit)
+        self._batch_fn = batch_fn
+        self._rows = rows
+
+    def read(self, max_items: int) -> list[Any] | None:
+        from rayflow._internal.runtime.columns import Columns
+
+        start = self._next
+        if self._limit is not None and start >= self._limit:
+            return None
+        out: list[Any] = []
+        wanted = max(max_items, 1)
+        read = 0
+        while read < wanted:
+            stop = (start // self._rows + 1) * self._rows  # the end of this chunk
+            if self._limit is not None:
+                stop = min(stop, self._limit)
+            if stop <= start:
+                break
+            if self._rate is not None:
+                allowed = self._start_offset + int((time.monotonic() - self._started) * self._rate)
+                if allowed < stop:
+                    break  # a chunk goes whole or not at all
+            what = (
+                f"Generator batch_fn (partition {self._partition}, offset {start}, "
+                f"count {stop - start})"
+            )
+            chunk = Columns.of(self._batch_fn(self._partition, start, stop - start), what)
+            if len(chunk) != stop - start:
+                raise ValueError(f"{what} returned {len(chunk)} rows; return exactly count rows")
+            out.append(chunk)
+            read += stop - start
+            start = self._next = stop
+        return out
 
 
 # Connectors (rayflow/_internal/connectors/), re-exported here; they import this module.

@@ -94,6 +94,15 @@ class Plan:
     def step(self, name: str) -> StepSpec:
         return self.flow.step(name)
 
+    @property
+    def columnar(self) -> bool:
+        """Whether chunks of columns can flow (a source reads them: runtime/columns.py)."""
+        return any(
+            getattr(s.connector, "batch_fn", None) is not None
+            for s in self.flow.steps
+            if s.kind is StepKind.SOURCE
+        )
+
     def consumers_in_stage(self, step: str) -> list[str]:
         """Steps in the same stage that read ``step``'s output, in plan order."""
         stage = self.stage_of[step]

@@ -63,3 +63,62 @@ def test_every_batch_format_under_kills_counts_each_record_once(tmp_path: Path) 
     # Batch steps report their figures like every step (rows, per partition).
     assert {"weigh", "double", "plus_one", "drop_w"} <= set(result.metrics)
     assert all(len(result.metrics[s]) == 2 for s in ("weigh", "double", "plus_one", "drop_w"))
+
+
+SENSORS = 40
+ROWS = 50_000
+
+
+def _readings(p: int, offset: int, count: int) -> dict[str, np.ndarray]:
+    """Sensor ``2 * (j % 20) + p`` (each sensor read by one source partition), value j % 7."""
+    j = np.arange(offset, offset + count, dtype=np.int64)
+    return {"sensor": 2 * (j % (SENSORS // 2)) + p, "value": j % 7}
+
+
+def test_a_columnar_pipeline_under_kills_sums_each_reading_once_in_order(tmp_path: Path) -> None:
+    # Chunks all the way (batch_fn -> map_batches -> key_by column -> sum), rows only
+    # in the sinks; a shuffle between the two parallel stages (parallelism 2 each).
+    flow = rf.Dataflow("columns", parallelism=2)
+    readings = flow.source(
+        "readings",
+        rf.sources.Generator(
+            batch_fn=_readings, partitions=2, limit=ROWS, rate=25_000, rows_per_batch=1000
+        ),
+    )
+    scaled = readings.map_batches(
+        "scale", lambda b: {**b, "value": b["value"] * 3}, batch_format="numpy"
+    )
+    sums = scaled.key_by("by_sensor", "sensor").sum("sum", "value")
+    sums.sink("collected", rf.testing.Collect())
+    sums.sink("files", rf.sinks.JsonLines(tmp_path / "out"))
+    handle = rf.start(
+        flow, checkpoint=rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.4)
+    )
+    monkey = rf.testing.chaos(handle, seed=11, kills=3, targets=("operators",), every_s=0.7)
+    result = handle.wait(timeout=180)
+    monkey.check()
+    assert result.status is rf.JobStatus.FINISHED, result.failures
+    assert monkey.kills and result.restarts >= 1, monkey.kills
+    # Per sensor, in output order: the sums grow by each of its readings, in the
+    # order its source partition read them, each once.
+    want: dict[int, list[int]] = {}
+    for p in range(2):
+        chunk = _readings(p, 0, ROWS)
+        for s, v in zip(chunk["sensor"].tolist(), chunk["value"].tolist(), strict=True):
+            want.setdefault(s, []).append(v * 3)
+    for what, streams in (
+        ("Collect", collect_streams(result, "collected")),
+        ("JsonLines", json_lines_streams(tmp_path / "out")),
+    ):
+        got: dict[int, list[int]] = {}
+        last: dict[int, int] = {}
+        for stream in streams.values():
+            for key, row in stream:
+                assert row["sensor"] == key
+                got.setdefault(key, []).append(row["value"] - last.get(key, 0))
+                last[key] = row["value"]
+        assert sorted(got) == sorted(want), what
+        for key, increments in want.items():
+            assert got[key] == increments, f"{what}: sensor {key} differs"
+    # Figures count rows, not chunks (a partition makes 50 chunks).
+    assert max(m["records_out"] for m in result.metrics["readings"]) > ROWS // 1000

@@ -36,6 +36,7 @@ from rayflow._internal.keygroups import SUPPORTED_KEY_TYPES, KeyRouter, stable_h
 from rayflow._internal.plan import ChannelId
 from rayflow._internal.runtime import serde
 from rayflow._internal.runtime.causal import CausalCursor, CausalLog
+from rayflow._internal.runtime.columns import has_columns, hash_column, partitions_of, split
 from rayflow._internal.runtime.mailbox import DATA
 from rayflow._internal.runtime.pacing import INITIAL_BATCH
 from rayflow._internal.runtime.replay_log import ReplayLog
@@ -446,6 +447,9 @@ def hash_router(channels: list[OutputChannel], max_parallelism: int) -> Callable
                 buffers[i] = ch.buffer
             if not ch.buffer:
                 ch.since = time.monotonic()
+        if has_columns(items):
+            _route_chunks(items, channels, max_parallelism)
+            return
         get = cache.get
         kv: Any = None
         try:
@@ -459,6 +463,18 @@ def hash_router(channels: list[OutputChannel], max_parallelism: int) -> Callable
             raise UnroutableKey(kv[1], TypeError(_key_message(kv[0], exc))) from None
 
     return route
+
+
+def _route_chunks(items: list[Any], channels: list[OutputChannel], max_parallelism: int) -> None:
+    """Chunks keyed by a column: each split by its rows' partitions (hashed in NumPy)."""
+    n = len(channels)
+    for chunk in items:
+        try:
+            parts = partitions_of(chunk.data[chunk.key], max_parallelism, n)
+        except TypeError as exc:
+            raise UnroutableKey(chunk, TypeError(_key_message(chunk.key, exc))) from None
+        for p, piece in split(chunk, parts, n):
+            channels[p].buffer.append(piece)
 
 
 def _checking_forward_router(channel: OutputChannel) -> Callable[[list[Any]], None]:
@@ -494,6 +510,17 @@ def key_checker() -> Callable[[list[Any]], None]:
     first = operator.itemgetter(0)
 
     def check(items: list[Any]) -> None:
+        if has_columns(items):
+            # Chunks: numbers always hash; other key columns are hashed here once.
+            for chunk in items:
+                column = chunk.data[chunk.key]
+                if column.dtype.kind not in "iubf":
+                    try:
+                        hash_column(column)
+                    except TypeError as exc:
+                        error = TypeError(_key_message(chunk.key, exc))
+                        raise UnroutableKey(chunk, error) from None
+            return
         try:
             keys = set(map(first, items))
         except TypeError:

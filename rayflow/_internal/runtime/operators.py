@@ -22,6 +22,12 @@ from typing import Any
 from rayflow._internal.eventtime.timestamps import to_seconds
 from rayflow._internal.keygroups import stable_hash
 from rayflow._internal.runtime.batches import batch_function
+from rayflow._internal.runtime.columns import (
+    Columns,
+    count_rows,
+    has_columns,
+    running_sum,
+)
 from rayflow._internal.spec import MISSING, StepKind, StepSpec
 from rayflow.errors import DeadLetter, Failure
 from rayflow.sinks import Sink, SinkContext, SinkWriter
@@ -135,10 +141,16 @@ class Op:
         self.partition = 0
 
     def feed(self, items: list[Any]) -> None:
-        self.records_in += len(items)
+        self.records_in += _count(items)
         out = self.apply(items) if self.on_error == "fail" else self._apply_guarded(items)
         if out:
             self.emit(out)
+
+    @property
+    def takes_columns(self) -> bool:
+        """Whether the step takes chunks of columns (runtime/columns.py) as they are; a
+        step that does not gets their rows (the task wires it behind ``exploding``)."""
+        return False
 
     def _apply_guarded(self, items: list[Any]) -> list[Any]:
         """``apply``, setting aside every record the function fails on."""
@@ -172,7 +184,7 @@ class Op:
             target([letter])
 
     def emit(self, out: list[Any]) -> None:
-        self.records_out += len(out)
+        self.records_out += _count(out)
         for target in self.downstream:
             target(out)
 
@@ -212,11 +224,42 @@ class MapBatchesOp(Op):
     records becomes a dead letter with the batch's error.
     """
 
-    __slots__ = ("fn",)
+    __slots__ = ("batch_format", "fn", "user_fn")
 
     def __init__(self, name: str, fn: Callable[[Any], Any], batch_format: str):
         super().__init__(name)
         self.fn = batch_function(fn, batch_format)
+        self.user_fn = fn
+        self.batch_format = batch_format
+
+    @property
+    def takes_columns(self) -> bool:
+        return self.batch_format != "list"
+
+    def feed(self, items: list[Any]) -> None:
+        if not has_columns(items):
+            super().feed(items)
+            return
+        # Chunks stay chunks: one chunk in, one out (the same cut on a replay).
+        self.records_in += count_rows(items)
+        out: list[Any] = []
+        for chunk in items:
+            try:
+                result = self.user_fn(chunk.to_format(self.batch_format))
+                out.append(Columns.of(result, f"the function of step {self.name!r}"))
+            except Exception as exc:
+                error = UserCodeError(
+                    self.name,
+                    chunk,
+                    exc,
+                    what=f"a chunk of {len(chunk)} rows ({short_repr(chunk)})",
+                )
+                if self.on_error == "fail":
+                    raise error from exc
+                for record in chunk.rows():
+                    self._set_aside(UserCodeError(self.name, record, exc))
+        if out:
+            self.emit(out)
 
     def apply(self, items: list[Any]) -> list[Any]:
         try:
@@ -296,6 +339,40 @@ class KeyByOp(MapOp):
         try:
             for x in items:
                 append((fn(x), x))
+        except Exception as exc:
+            raise UserCodeError(self.name, x, exc, index=len(out), partial=out) from exc
+        return out
+
+
+class KeyByColumnOp(Op):
+    """``key_by`` on a column: a chunk keeps its columns and names the key column;
+    a dict record becomes ``(record[column], record)``."""
+
+    __slots__ = ("column",)
+
+    @property
+    def takes_columns(self) -> bool:
+        return True
+
+    def __init__(self, name: str, column: str):
+        super().__init__(name)
+        self.column = column
+
+    def apply(self, items: list[Any]) -> list[Any]:
+        column = self.column
+        out: list[Any] = []
+        append = out.append
+        x: Any = None
+        try:
+            for x in items:
+                if type(x) is Columns:
+                    if column not in x.data:
+                        raise KeyError(
+                            f"no column {column!r} to key by; the columns are {list(x.data)}"
+                        )
+                    append(Columns(x.data, column, x.n))
+                else:
+                    append((x[column], x))
         except Exception as exc:
             raise UserCodeError(self.name, x, exc, index=len(out), partial=out) from exc
         return out
@@ -437,6 +514,91 @@ class ReduceOp(KeyedOp):
         return out
 
 
+class SumOp(KeyedOp):
+    """``sum``: each key's running sum, emitted on every record (as Flink's ``sum``).
+
+    On chunks (after a ``key_by`` on a column) it works on the arrays: the
+    chunk comes out with ``column`` replaced by the running sums. On records
+    ``(key, value)`` it adds ``value[column]`` (or ``value`` itself without a
+    column) and emits ``(key, sum)``, or ``(key, record with the sum)``.
+    """
+
+    __slots__ = ("column",)
+
+    @property
+    def takes_columns(self) -> bool:
+        return True
+
+    def __init__(self, name: str, column: str | None):
+        super().__init__(name)
+        self.column = column
+
+    def feed(self, items: list[Any]) -> None:
+        if not has_columns(items):
+            super().feed(items)
+            return
+        self.records_in += count_rows(items)
+        self._batches += 1
+        out: list[Any] = []
+        for chunk in items:
+            try:
+                out.append(self._sum_chunk(chunk))
+            except Exception as exc:
+                what = f"a chunk of {len(chunk)} rows ({short_repr(chunk)})"
+                error = UserCodeError(self.name, chunk, exc, what=what)
+                if self.on_error == "fail":
+                    raise error from exc
+                for record in chunk.rows():
+                    self._set_aside(UserCodeError(self.name, record, exc))
+        if out:
+            self.emit(out)
+
+    def _sum_chunk(self, chunk: Columns) -> Columns:
+        if chunk.key is None:
+            raise TypeError(f"step {self.name!r} needs keyed records: put a key_by before it")
+        column = self.column
+        if column is None:
+            if len(chunk.data) != 1:
+                raise TypeError(
+                    f"records have the columns {list(chunk.data)}: name the one to add up, "
+                    f"sum({self.name!r}, column=...)"
+                )
+            column = next(iter(chunk.data))
+        if column not in chunk.data:
+            raise KeyError(f"no column {column!r} to add up; the columns are {list(chunk.data)}")
+        if self._batches % HOT_KEY_SAMPLE_EVERY == 0:
+            sample = chunk.data[chunk.key][::HOT_KEY_STRIDE].tolist()
+            self._keys.update(sample)
+            self._sampled += len(sample)
+            if self._sampled >= HOT_KEY_WINDOW:
+                self.hot = (self._sampled, self._keys)
+                self._keys, self._sampled = Counter(), 0
+        return running_sum(chunk, column, self.state.values, self._changed)
+
+    def apply(self, items: list[Any]) -> list[Any]:
+        values = self.state.values
+        get = values.get
+        column = self.column
+        out: list[Any] = []
+        append = out.append
+        kv: Any = None
+        try:
+            for kv in items:
+                key, value = kv
+                if column is None:
+                    acc = get(key, 0) + value
+                    append((key, acc))
+                else:
+                    acc = get(key, 0) + value[column]
+                    record = dict(value)
+                    record[column] = acc
+                    append((key, record))
+                values[key] = acc
+        except Exception as exc:
+            raise UserCodeError(self.name, kv, exc, index=len(out), partial=out) from exc
+        return out
+
+
 class StatefulMapOp(KeyedOp):
     __slots__ = ("fn",)
 
@@ -509,7 +671,13 @@ class SinkOp(Op):
         assert self._writer is not None
         return self._writer
 
+    @property
+    def takes_columns(self) -> bool:
+        return self._sink.batch_format is not None
+
     def apply(self, items: list[Any]) -> list[Any]:
+        if self._sink.batch_format is not None:
+            items = _as_batches(items, self._sink.batch_format)
         try:
             self.writer.write(items)
         except Exception as exc:
@@ -614,6 +782,16 @@ class SideOutputOp(Op):
     __slots__ = ()
 
 
+class UnionOp(Op):
+    """A union: what each input brings goes on as it is (chunks too)."""
+
+    __slots__ = ()
+
+    @property
+    def takes_columns(self) -> bool:
+        return True
+
+
 class SourceOp(Op):
     """The head of a source stage; the actor's loop calls ``emit`` with what it read."""
 
@@ -649,7 +827,7 @@ def _build_op(spec: StepSpec, job: str, partition: int, run_id: str) -> Op:
     if kind is StepKind.SOURCE:
         return SourceOp(spec.name)
     if kind is StepKind.UNION:
-        return Op(spec.name)
+        return UnionOp(spec.name)
     if kind is StepKind.SINK:
         ctx = SinkContext(
             job=job,
@@ -669,8 +847,12 @@ def _build_op(spec: StepSpec, job: str, partition: int, run_id: str) -> Op:
     if kind is StepKind.FLAT_MAP:
         return FlatMapOp(spec.name, spec.fn)
     if kind is StepKind.KEY_BY:
+        if isinstance(spec.fn, ColumnKey):
+            return KeyByColumnOp(spec.name, spec.fn.column)
         return KeyByOp(spec.name, spec.fn)
     if kind is StepKind.REDUCE:
+        if isinstance(spec.fn, ColumnSum):
+            return SumOp(spec.name, spec.fn.column)
         return ReduceOp(spec.name, spec.fn, spec.initial)
     if kind is StepKind.STATEFUL_MAP:
         return StatefulMapOp(spec.name, spec.fn)
@@ -678,6 +860,56 @@ def _build_op(spec: StepSpec, job: str, partition: int, run_id: str) -> Op:
 
 
 _UNSET = object()
+
+
+class ColumnKey:
+    """The key function of ``key_by(name, "column")``: the record's field ``column``."""
+
+    def __init__(self, column: str):
+        self.column = column
+
+    def __call__(self, record: Any) -> Any:
+        return record[self.column]
+
+    def __repr__(self) -> str:
+        return f"ColumnKey({self.column!r})"
+
+
+class ColumnSum:
+    """The fold of ``sum(name, column)`` (what a ``reduce`` would do, kept for specs)."""
+
+    def __init__(self, column: str | None):
+        self.column = column
+
+    def __call__(self, acc: Any, value: Any) -> Any:
+        return acc + (value if self.column is None else value[self.column])
+
+    def __repr__(self) -> str:
+        return f"ColumnSum({self.column!r})"
+
+
+def _count(items: list[Any]) -> int:
+    """Records in a batch, rows of chunks counted (one check per batch)."""
+    return count_rows(items) if has_columns(items) else len(items)
+
+
+def _as_batches(items: list[Any], batch_format: str) -> list[Any]:
+    """A sink's batches of its format: each chunk as one, runs of records as one."""
+    from rayflow._internal.runtime.batches import to_batch
+
+    out: list[Any] = []
+    run: list[Any] = []
+    for x in items:
+        if type(x) is Columns:
+            if run:
+                out.append(to_batch(run, batch_format))
+                run = []
+            out.append(x.to_format(batch_format))
+        else:
+            run.append(x)
+    if run:
+        out.append(to_batch(run, batch_format))
+    return out
 
 
 def _no_timers(step: str) -> Callable[[Any, float, Any], Any]:

@@ -75,6 +75,7 @@ from rayflow._internal.runtime.channels import (
     keys_checked,
     rebalance_router,
 )
+from rayflow._internal.runtime.columns import count_rows, exploding, has_columns
 from rayflow._internal.runtime.event_time import EventTime
 from rayflow._internal.runtime.inflight import InflightCapture
 from rayflow._internal.runtime.mailbox import BARRIER, DATA, EOS, WATERMARK, Mailbox
@@ -189,7 +190,7 @@ class StageTask:
             for c in plan.consumers_in_stage(step):
                 consumer = plan.step(c)
                 if consumer.kind is not StepKind.SIDE_OUTPUT:
-                    feed: Callable[[list[Any]], None] = self.ops[c].feed
+                    feed: Callable[[list[Any]], None] = self._feed_of(c)
                     if plan.step(step).kind is StepKind.KEY_BY:
                         # A keyed step in this actor (plan.py): no router checks the keys.
                         feed = keys_checked(feed)
@@ -212,7 +213,7 @@ class StageTask:
         )
         self.time = EventTime(plan, self.stage, self.ops, self.mailbox.channels)
         self._entry: dict[int, Feed] = {
-            e: self.ops[plan.edges[e].dst_step].feed for e in self.stage.inputs
+            e: self._feed_of(plan.edges[e].dst_step) for e in self.stage.inputs
         }
         self.outputs: Outputs | None = None
         head = plan.step(self.stage.steps[0])
@@ -854,6 +855,14 @@ class StageTask:
         for gen in self.time.generators:
             gen.set_splits(list(self._readers))  # a watermark per source partition
 
+    def _feed_of(self, step: str) -> Feed:
+        """Where records for ``step`` go in: its ``feed``, behind ``exploding`` if the
+        flow makes chunks of columns and the step takes records."""
+        op = self.ops[step]
+        if self.plan.columnar and not op.takes_columns:
+            return exploding(op.feed)
+        return op.feed
+
     def _routed(self) -> int:
         """Records the chain handed to its output channels so far."""
         return sum(self.ops[self.plan.edges[e].src_step].records_out for e in self.stage.outputs)
@@ -1043,7 +1052,10 @@ class StageTask:
                     assert self._causal is not None
                     self._causal.entries.append((sp, len(items)))
                 self._offsets[sp] = reader.offset()
-                if len(items) >= batch_size:
+                # A chunked read counts its rows (a reader of chunks returns whole
+                # chunks while they are due: any chunk means it has not caught up).
+                read = count_rows(items) if has_columns(items) else len(items)
+                if read >= batch_size or read > len(items):
                     caught_up = False
                 if items:
                     progressed = True
@@ -1055,7 +1067,7 @@ class StageTask:
                     await self._run_chain(head.emit, items, sliced_control=False)
                     # Output records per record read (a flat_map fans out): reads are
                     # sized in input records, the receivers' wishes in output records.
-                    fanout = (self._routed() - routed) / len(items)
+                    fanout = (self._routed() - routed) / read
                     self._fanout += 0.3 * (max(fanout, 0.01) - self._fanout)
                     await outputs.flush()
             if self.time.enabled:
