@@ -17,7 +17,7 @@ Every rayflow run's sums are checked against the NumPy loop's. rayflow's rate
 counts from the moment every operator runs to the job's end (deploy apart), at
 parallelism 1 (``--parallelism`` for more).
 
-    python benchmarks/numeric.py [--records 2000000] [--sensors 10000] [--repeat 3]
+    python benchmarks/numeric.py [--records 20000000] [--sensors 10000] [--repeat 3]
                                  [--parallelism 1]
 """
 
@@ -38,7 +38,7 @@ import rayflow as rf
 
 SCALE, LOW, HIGH = 1.5, 0.0, 100.0
 #: Rows per chunk of the columnar source.
-ROWS_PER_BATCH = 65_536
+ROWS_PER_BATCH = 262_144
 
 
 def reading(p: int, i: int, sensors: int, parts: int) -> tuple[int, float]:
@@ -176,7 +176,7 @@ def rayflow_run(n: int, sensors: int, batches: bool) -> tuple[float, float, dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=2_000_000)
+    parser.add_argument("--records", type=int, default=20_000_000)
     parser.add_argument("--sensors", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(

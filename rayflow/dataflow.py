@@ -310,7 +310,7 @@ class Stream:
         if "parallelism" not in options:
             options = {**options, "parallelism": self.flow._steps[self.step].parallelism}
         if isinstance(key_fn, str):
-            from rayflow._internal.runtime.operators import ColumnKey
+            from rayflow._internal.runtime.columns import ColumnKey
 
             key_fn = ColumnKey(key_fn)
         stream = self._step(name, StepKind.KEY_BY, key_fn, 1, options, keyed=True)
@@ -564,7 +564,7 @@ class KeyedStream(Stream):
         """
         if column is not None and not isinstance(column, str):
             raise BuildError(f"step {name!r}: sum's column must be a str or None; got {column!r}")
-        from rayflow._internal.runtime.operators import ColumnSum
+        from rayflow._internal.runtime.columns import ColumnSum
 
         return self._step(name, StepKind.REDUCE, ColumnSum(column), 2, options)
 

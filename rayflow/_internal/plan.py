@@ -19,6 +19,7 @@ Each (edge, upstream partition, downstream partition) is one channel.
 from __future__ import annotations
 
 import enum
+import functools
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -97,11 +98,26 @@ class Plan:
     @property
     def columnar(self) -> bool:
         """Whether chunks of columns can flow (a source reads them: runtime/columns.py)."""
-        return any(
-            getattr(s.connector, "batch_fn", None) is not None
-            for s in self.flow.steps
-            if s.kind is StepKind.SOURCE
-        )
+        return bool(self.chunk_steps)
+
+    @functools.cached_property
+    def chunk_steps(self) -> frozenset[str]:
+        """Steps whose output is chunks of columns (all of it: a stream is all chunks or
+        all records; a union of both kinds takes its inputs' rows, runtime/task.py)."""
+        from rayflow._internal.runtime.columns import ColumnKey, ColumnSum
+
+        found: set[str] = set()
+        for s in self.flow.steps:  # in build order: inputs come first
+            fed = bool(s.inputs) and all(i in found for i in s.inputs)
+            if (
+                (s.kind is StepKind.SOURCE and getattr(s.connector, "batch_fn", None) is not None)
+                or (s.kind is StepKind.MAP_BATCHES and s.params != "list" and fed)
+                or (s.kind is StepKind.KEY_BY and isinstance(s.fn, ColumnKey) and fed)
+                or (s.kind is StepKind.REDUCE and isinstance(s.fn, ColumnSum) and fed)
+                or (s.kind is StepKind.UNION and fed)
+            ):
+                found.add(s.name)
+        return frozenset(found)
 
     def consumers_in_stage(self, step: str) -> list[str]:
         """Steps in the same stage that read ``step``'s output, in plan order."""

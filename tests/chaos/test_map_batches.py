@@ -82,7 +82,7 @@ def test_a_columnar_pipeline_under_kills_sums_each_reading_once_in_order(tmp_pat
     readings = flow.source(
         "readings",
         rf.sources.Generator(
-            batch_fn=_readings, partitions=2, limit=ROWS, rate=25_000, rows_per_batch=1000
+            batch_fn=_readings, partitions=2, limit=ROWS, rate=40_000, rows_per_batch=1000
         ),
     )
     scaled = readings.map_batches(

@@ -69,3 +69,43 @@ def test_reduce_without_initial_and_flat_map_chain() -> None:
         final[key] = value  # per key, updates arrive in order
     assert final == {0: 98, 1: 99}
     assert len(out) == 200
+
+
+def _columns(p: int, offset: int, count: int) -> dict[str, Any]:
+    import numpy as np
+
+    j = np.arange(offset, offset + count)
+    return {"k": 2 * (j % 25) + p, "v": j % 11}  # key k is read by partition k % 2 only
+
+
+def _row(p: int, i: int) -> dict[str, int]:
+    return {"k": 2 * (i % 25) + p, "v": i % 11}
+
+
+def test_columnar_and_per_record_paths_give_the_same_records_in_the_same_partitions() -> None:
+    flow = rf.Dataflow("columns-vs-rows", parallelism=2)
+    cols = flow.source(
+        "cols",
+        rf.sources.Generator(batch_fn=_columns, partitions=2, limit=5000, rows_per_batch=700),
+    )
+    rows = flow.source("rows", rf.sources.Generator(_row, partitions=2, limit=5000))
+    cols.key_by("ck", "k").sum("csum", "v").sink("c_out", rf.testing.Collect())
+    rows.key_by("rk", lambda r: r["k"]).sum("rsum", "v").sink("r_out", rf.testing.Collect())
+    # A union of chunks and records: the steps after it get rows.
+    cols.union("mixed", rows).map("key", lambda r: r["k"]).sink("m_out", rf.testing.Collect())
+    result = rf.run(flow)
+
+    def per_key(records: list[Any]) -> dict[int, list[Any]]:
+        out: dict[int, list[Any]] = {}
+        for key, row in records:
+            out.setdefault(key, []).append(row)
+        return out
+
+    columnar, per_record = result.output_partitions("c_out"), result.output_partitions("r_out")
+    assert sorted(columnar) == sorted(per_record) == [0, 1]
+    for p in (0, 1):  # the same keys in each partition, the same sums in the same order
+        assert per_key(columnar[p]) == per_key(per_record[p])
+    assert sum(len(v) for v in columnar.values()) == 10_000
+    assert sorted(result.output("m_out")) == sorted(
+        2 * [r["k"] for p in (0, 1) for r in (_row(p, i) for i in range(5000))]
+    )

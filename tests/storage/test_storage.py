@@ -55,6 +55,7 @@ def test_an_unreachable_s3_gives_up_naming_the_object(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("RAYFLOW_S3_ATTEMPTS", "2")  # retried (with backoff), then given up
     storage = S3Storage("s3://bucket/prefix")
     with pytest.raises(StorageError, match=r"S3 put of s3://bucket/prefix/x failed"):
         storage.put("x", b"1")

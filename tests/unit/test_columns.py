@@ -259,3 +259,21 @@ def test_sum_needs_a_keyed_stream() -> None:
         src.sum("total")
     with pytest.raises(BuildError, match="column must be a str"):
         src.key_by("k", "sensor").sum("total", 3)  # type: ignore[arg-type]
+
+
+def test_the_plan_knows_which_streams_are_chunks() -> None:
+    from rayflow._internal.plan import build_plan
+
+    flow = rf.Dataflow("f", parallelism=2)
+    cols = flow.source(
+        "cols", rf.sources.Generator(batch_fn=lambda p, o, n: {"k": np.arange(n)}, limit=9)
+    )
+    recs = flow.source("recs", rf.sources.Generator(lambda p, i: {"k": i}, limit=9))
+    scaled = cols.map_batches("scale", lambda b: b, batch_format="numpy")
+    scaled.key_by("by_k", "k").sum("total", "k").sink("a", rf.testing.Collect())
+    scaled.map_batches("as_list", lambda b: b).sink("b", rf.testing.Collect())
+    scaled.union("both", recs).sink("c", rf.testing.Collect())  # mixed: rows
+    scaled.union("same", cols).key_by("k2", lambda r: r["k"]).sink("d", rf.testing.Collect())
+    plan = build_plan(flow.spec())
+    assert plan.columnar
+    assert plan.chunk_steps == {"cols", "scale", "by_k", "total", "same"}

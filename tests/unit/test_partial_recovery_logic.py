@@ -296,3 +296,39 @@ def test_a_source_restarted_alone_reads_its_splits_in_the_logged_order() -> None
     # Without the log, the same source sends other records under the same indexes.
     unlogged, _ = asyncio.run(run(2, None))
     assert unlogged != first
+
+
+class _Deployed:
+    """What source_done reads of a deployment: its epoch and its source partitions."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def source_keys(self) -> list[tuple[str, int]]:
+        return [("src", 0), ("src", 1)]
+
+
+def test_a_source_that_ends_while_a_recovery_is_decided_is_not_forgotten() -> None:
+    # Found by the union chaos scenario (the job never ended): a source's end that
+    # came after the failure was seen but before the recovery was found partial was
+    # dropped as "from before a restart"; the source, alive, never says it again.
+    from rayflow._internal.checkpoint.start import StartDecision
+    from rayflow._internal.job.coordinator import JobCoordinator
+    from rayflow.config import RuntimeConfig
+
+    coordinator = JobCoordinator(
+        "j",
+        b"",
+        RuntimeConfig(),
+        rf.Checkpointing(storage="/nonexistent", recovery="partial"),
+        StartDecision("fresh", None, "run", None, 1),
+    )
+    coordinator.deployment = _Deployed(epoch=3)  # type: ignore[assignment]
+    coordinator._status = rf.JobStatus.RECOVERING  # deciding: partial or global
+    asyncio.run(coordinator.source_done(("src", 0), 3))
+    assert coordinator._sources_done == {("src", 0)}
+    # From an earlier epoch, or while a global restart (every task anew) is under way: void.
+    asyncio.run(coordinator.source_done(("src", 1), 2))
+    coordinator._global_under_way = True
+    asyncio.run(coordinator.source_done(("src", 1), 3))
+    assert coordinator._sources_done == {("src", 0)}

@@ -118,10 +118,11 @@ class JobCoordinator:
         self._fenced = False
         self._runs: dict[ActorKey, asyncio.Future[Any]] = {}
         # Partial recovery: one happened since the recovery point completed (a second
-        # loss before the next checkpoint goes global), and one is under way.
+        # loss before the next checkpoint goes global). A global restart under way
+        # (decided: every task starts over) voids what sources say meanwhile.
         self._partial_since_point = False
         self._partial_checkpoint_floor = 0
-        self._partial_under_way = False
+        self._global_under_way = False
         self._events: list[dict[str, Any]] = []  # finished checkpoints and recoveries, for traces
         self._event_seq = 0
         self.alerts = AlertMonitor(
@@ -404,8 +405,9 @@ class JobCoordinator:
 
     async def source_done(self, key: ActorKey, epoch: int) -> None:
         """A source read everything (or was stopped); end the job once all have."""
-        global_restart = self._status is JobStatus.RECOVERING and not self._partial_under_way
-        if global_restart or epoch != self._deployed.epoch:
+        # Judged by its epoch, not by the status: a message of this epoch that comes while
+        # a recovery is being decided is kept (rule P7); a global restart clears them all.
+        if self._global_under_way or epoch != self._deployed.epoch:
             return  # a message from before a restart
         self._sources_done.add(_key(key))
         if self._final_task is not None or set(self._deployed.source_keys()) - self._sources_done:
@@ -519,6 +521,15 @@ class JobCoordinator:
         self._set_status(JobStatus.RECOVERING)
         if await self._recover_partially(failures, delay):
             return
+        # Every task starts over in a new epoch: what the sources said is void from here.
+        self._global_under_way = True
+        try:
+            await self._recover_globally(failures, delay)
+        finally:
+            self._global_under_way = False
+
+    async def _recover_globally(self, failures: list[Failure], delay: float) -> None:
+        assert self.failover is not None
         # Step 1. Forget the end game, then quiesce: the recovery point is read only
         # once no manifest write is in flight (docs/protocol.md, rule R1).
         if self._final_task is not None:
@@ -583,8 +594,10 @@ class JobCoordinator:
             log.info("job %s: recovering globally: %s", self.job, reason)
             return False
         await asyncio.sleep(delay)
-        self._partial_under_way = True
         self._partial_since_point = True
+        # A replaced source partition reads again from the checkpoint: its end, if it
+        # had said so, is to come again (else the final checkpoint could cut its replay).
+        self._sources_done -= dead
         self._partial_checkpoint_floor = aborted_upto
         try:
             record, phases = await self.failover.recover_locally(dead, point, aborted_upto)
@@ -596,8 +609,6 @@ class JobCoordinator:
                 _first_line(exc),
             )
             return False
-        finally:
-            self._partial_under_way = False
         for key in dead:
             self._runs[key] = dep.run_one(key)
         self.checkpoints.resume(point.manifest if point else None)

@@ -117,6 +117,32 @@ class Columns:
         return pa.table(self.data)
 
 
+class ColumnKey:
+    """The key function of ``key_by(name, "column")``: the record's field ``column``."""
+
+    def __init__(self, column: str):
+        self.column = column
+
+    def __call__(self, record: Any) -> Any:
+        return record[self.column]
+
+    def __repr__(self) -> str:
+        return f"ColumnKey({self.column!r})"
+
+
+class ColumnSum:
+    """The fold of ``sum(name, column)`` (what a ``reduce`` would do, kept for specs)."""
+
+    def __init__(self, column: str | None):
+        self.column = column
+
+    def __call__(self, acc: Any, value: Any) -> Any:
+        return acc + (value if self.column is None else value[self.column])
+
+    def __repr__(self) -> str:
+        return f"ColumnSum({self.column!r})"
+
+
 def _as_arrays(batch: Any, what: str) -> dict[str, np.ndarray]:
     import numpy as np
 
@@ -234,19 +260,24 @@ def split(chunk: Columns, parts: np.ndarray, parallelism: int) -> list[tuple[int
     return out
 
 
-def _stable_order(keys: np.ndarray) -> np.ndarray:
-    """The order that groups equal keys, rows of a key in their order (a stable sort).
+def _grouping(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, starts, sorted keys): a stable sort that groups equal keys (the rows of a
+    key in their order), where each key's run starts in it, and the keys so sorted.
 
     Integer keys within a span of 65,536 sort as uint16, where NumPy's stable
     sort is a radix sort (linear); others by a merge sort.
     """
     import numpy as np
 
-    if keys.dtype.kind in "iu" and len(keys):
+    sortable = keys
+    if keys.dtype.kind in "iu":
         lo, hi = int(keys.min()), int(keys.max())
         if hi - lo < 1 << 16:
-            return np.argsort((keys - lo).astype(np.uint16), kind="stable")
-    return np.argsort(keys, kind="stable")
+            sortable = (keys - lo).astype(np.uint16)
+    order = np.argsort(sortable, kind="stable")
+    ranked = sortable[order]
+    starts = np.flatnonzero(np.concatenate(([True], ranked[1:] != ranked[:-1])))
+    return order, starts, keys[order[starts]]
 
 
 def running_sum(
@@ -256,29 +287,31 @@ def running_sum(
 
     ``state`` holds each key's sum before the chunk (updated here); keys are
     Python values (``tolist``), as a per-record step keeps them, so snapshots
-    and rescaling treat them alike. Sums of floats are formed per chunk from
-    one cumulative sum, so their last bits may differ from adding row by row.
+    and rescaling treat them alike. Sums of floats are formed per chunk with
+    one cumulative sum over the rows grouped by key, so their last bits may
+    differ from adding row by row (integers are exact).
     """
     import numpy as np
 
     assert chunk.key is not None
-    keys, values = chunk.data[chunk.key], chunk.data[column]
-    n = len(keys)
+    values = chunk.data[column]
+    n = len(values)
     if n == 0:
         return chunk
-    order = _stable_order(keys)
-    sorted_keys, sorted_values = keys[order], values[order]
-    starts = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
-    counts = np.diff(np.append(starts, n))
-    distinct = sorted_keys[starts].tolist()
+    order, starts, distinct_keys = _grouping(chunk.data[chunk.key])
+    distinct = distinct_keys.tolist()
     get = state.get
     base = np.asarray([get(k, 0) for k in distinct])
-    totals = np.cumsum(sorted_values)
-    before = totals[starts] - sorted_values[starts]  # the chunk's sum up to each key's first row
-    sorted_sums = totals + np.repeat(base - before, counts)
-    sums = np.empty_like(sorted_sums)
-    sums[order] = sorted_sums
-    state.update(zip(distinct, sorted_sums[starts + counts - 1].tolist(), strict=True))
+    ranked = values[order]
+    final = base + np.add.reduceat(ranked, starts)
+    # One cumulative sum over the grouped rows: each run begins at its key's sum
+    # so far instead of where the previous run ended.
+    steps = ranked.astype(np.result_type(ranked, final), copy=True)
+    steps[starts] += base
+    steps[starts[1:]] -= final[:-1]
+    sums = np.empty_like(steps)
+    sums[order] = np.cumsum(steps)
+    state.update(zip(distinct, final.tolist(), strict=True))
     if changed is not None:
         changed.update(distinct)
     data = dict(chunk.data)

@@ -23,7 +23,9 @@ from rayflow._internal.eventtime.timestamps import to_seconds
 from rayflow._internal.keygroups import stable_hash
 from rayflow._internal.runtime.batches import batch_function
 from rayflow._internal.runtime.columns import (
+    ColumnKey,
     Columns,
+    ColumnSum,
     count_rows,
     has_columns,
     running_sum,
@@ -860,32 +862,6 @@ def _build_op(spec: StepSpec, job: str, partition: int, run_id: str) -> Op:
 
 
 _UNSET = object()
-
-
-class ColumnKey:
-    """The key function of ``key_by(name, "column")``: the record's field ``column``."""
-
-    def __init__(self, column: str):
-        self.column = column
-
-    def __call__(self, record: Any) -> Any:
-        return record[self.column]
-
-    def __repr__(self) -> str:
-        return f"ColumnKey({self.column!r})"
-
-
-class ColumnSum:
-    """The fold of ``sum(name, column)`` (what a ``reduce`` would do, kept for specs)."""
-
-    def __init__(self, column: str | None):
-        self.column = column
-
-    def __call__(self, acc: Any, value: Any) -> Any:
-        return acc + (value if self.column is None else value[self.column])
-
-    def __repr__(self) -> str:
-        return f"ColumnSum({self.column!r})"
 
 
 def _count(items: list[Any]) -> int:

@@ -859,8 +859,13 @@ class StageTask:
         """Where records for ``step`` go in: its ``feed``, behind ``exploding`` if the
         flow makes chunks of columns and the step takes records."""
         op = self.ops[step]
-        if self.plan.columnar and not op.takes_columns:
-            return exploding(op.feed)
+        plan = self.plan
+        if not plan.columnar:
+            return op.feed
+        spec = plan.step(step)
+        mixed = spec.kind is StepKind.UNION and step not in plan.chunk_steps
+        if mixed or not op.takes_columns:
+            return exploding(op.feed)  # records, or a union of chunks and records: rows
         return op.feed
 
     def _routed(self) -> int:
