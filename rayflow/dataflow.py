@@ -395,6 +395,16 @@ class Stream:
                 f"step {name!r}: sink must be a rayflow Sink such as rf.sinks.Print(), "
                 f"rf.sinks.JsonLines(folder) or rf.testing.Collect(); got {_describe(sink)}{hint}"
             )
+        fmt = getattr(sink, "batch_format", None)
+        if fmt not in (None, "numpy", "pandas", "pyarrow"):
+            raise BuildError(
+                f"step {name!r}: the sink's batch_format must be None (records), 'numpy', "
+                f"'pandas' or 'pyarrow'; got {fmt!r}"
+            )
+        if fmt is not None:
+            from rayflow._internal.runtime.batches import check_format
+
+            check_format(name, fmt)  # its library must be installed
         par, res = self._options(name, options)
         self.flow._check_sink_location(name, sink)
         self.flow._add(StepSpec(name, StepKind.SINK, (self.step,), par, res, connector=sink))

@@ -277,3 +277,13 @@ def test_the_plan_knows_which_streams_are_chunks() -> None:
     plan = build_plan(flow.spec())
     assert plan.columnar
     assert plan.chunk_steps == {"cols", "scale", "by_k", "total", "same"}
+
+
+def test_a_sink_with_an_unknown_batch_format_is_refused() -> None:
+    class Odd(rf.testing.Collect):
+        batch_format = "arrow"
+
+    flow = rf.Dataflow("f")
+    src = flow.source("s", rf.sources.Generator(lambda p, i: i, limit=3))
+    with pytest.raises(BuildError, match=r"step 'out': the sink's batch_format must be None"):
+        src.sink("out", Odd())

@@ -549,6 +549,8 @@ class JobCoordinator:
             self._report.savepoint = None
             await asyncio.to_thread(clear_savepoint, self._final_savepoint)
         record, phases, restored = await self.failover.recover(failures, delay, point)
+        # The tasks of the new epoch run: what they say counts (older epochs' does not).
+        self._global_under_way = False
         if restored is not point:
             self._recovery_point = restored
         self._report.restored_checkpoint = record["restored_checkpoint"]
