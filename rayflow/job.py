@@ -174,6 +174,9 @@ class JobHandle:
         self._done = threading.Event()
         self._recovering = False
         self._coordinator_recoveries: list[dict[str, Any]] = []
+        # Recoveries the current coordinator reported in telemetry polls: if it dies, its
+        # report dies with it, and these are what the result keeps of them.
+        self._polled_recoveries: list[dict[str, Any]] = []
         self._restarts = RestartTracker(launch.restart if launch.checkpoint else None)
         # Filled by the telemetry poll (no call of its own), closed with the final metrics.
         self._history = MetricsHistory(
@@ -195,6 +198,9 @@ class JobHandle:
             display = publisher.on_poll
 
             def observe(data: dict[str, Any]) -> None:
+                self._polled_recoveries.extend(
+                    _recovery_of(e) for e in data.get("events") or () if e.get("type") == "recovery"
+                )
                 self._history.record(time.time(), data)
                 self._journal.update(data)
                 if display is not None:
@@ -478,11 +484,15 @@ class JobHandle:
             if report.status is JobStatus.FAILED:
                 return report
             point = decision.point
+            # What the dead coordinator had recovered from, as far as the polls saw it.
+            seen, self._polled_recoveries = self._polled_recoveries, []
+            self._coordinator_recoveries.extend(seen)
             self._coordinator_recoveries.append(
                 {
                     "detected_at": detected,
                     "cause": failure.message,
                     "replaced": [naming.coordinator_actor(self.job), "every operator"],
+                    "scope": "global",
                     "restored_checkpoint": point.manifest.checkpoint_id if point else None,
                     "records_replayed": None,
                     "recovered_in_s": (report.running_at or time.time()) - detected,
@@ -698,3 +708,16 @@ def _release(checkpoint: Checkpointing | None, decision: StartDecision) -> None:
 def run(flow: Dataflow, **options: Any) -> JobResult:
     """Run ``flow`` to its end (bounded sources) or until stopped; return the result."""
     return start(flow, **options).wait()
+
+
+def _recovery_of(event: dict[str, Any]) -> dict[str, Any]:
+    """A recovery record (as ``JobHandle.recoveries`` gives) from a recovery event."""
+    return {
+        "detected_at": event["started"],
+        "cause": event.get("cause"),
+        "replaced": event.get("replaced"),
+        "restored_checkpoint": event.get("restored_checkpoint"),
+        "records_replayed": event.get("records_replayed"),
+        "recovered_in_s": event["ended"] - event["started"],
+        "scope": event.get("scope", "global"),
+    }

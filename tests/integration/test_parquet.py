@@ -165,7 +165,10 @@ def test_exactly_once_under_kills_at_every_protocol_point(tmp_path: Path, s3_ser
     monkey.check()
     assert monkey.kills, f"no fault struck (missed: {monkey.missed})"
     assert result.status is rf.JobStatus.FINISHED
-    assert result.restarts >= 2, (monkey.kills, result.recoveries)
+    # The coordinator's own restart at least; the recoveries of the coordinator that died
+    # are in the result as far as the driver's telemetry polls (1 s) saw them.
+    assert result.restarts >= 1, (monkey.kills, result.recoveries)
+    assert any("coordinator" in str(r["replaced"]) for r in result.recoveries), result.recoveries
     expected = expected_counts(per_partition)
     for what, files in (
         ("Parquet local", local_files(tmp_path / "out")),
