@@ -154,6 +154,23 @@ class Op:
         step that does not gets their rows (the task wires it behind ``exploding``)."""
         return False
 
+    def _feed_chunks(self, items: list[Any], fn: Callable[[Columns], Columns]) -> None:
+        """``fn`` on each chunk of a batch of chunks, one chunk out per chunk in; a chunk
+        ``fn`` fails on fails the task, or has its rows set aside (``on_error``)."""
+        self.records_in += count_rows(items)
+        out: list[Any] = []
+        for chunk in items:
+            try:
+                out.append(fn(chunk))
+            except Exception as exc:
+                what = f"a chunk of {len(chunk)} rows ({short_repr(chunk)})"
+                if self.on_error == "fail":
+                    raise UserCodeError(self.name, chunk, exc, what=what) from exc
+                for record in chunk.rows():
+                    self._set_aside(UserCodeError(self.name, record, exc))
+        if out:
+            self.emit(out)
+
     def _apply_guarded(self, items: list[Any]) -> list[Any]:
         """``apply``, setting aside every record the function fails on."""
         out: list[Any] = []
@@ -243,25 +260,11 @@ class MapBatchesOp(Op):
             super().feed(items)
             return
         # Chunks stay chunks: one chunk in, one out (the same cut on a replay).
-        self.records_in += count_rows(items)
-        out: list[Any] = []
-        for chunk in items:
-            try:
-                result = self.user_fn(chunk.to_format(self.batch_format))
-                out.append(Columns.of(result, f"the function of step {self.name!r}"))
-            except Exception as exc:
-                error = UserCodeError(
-                    self.name,
-                    chunk,
-                    exc,
-                    what=f"a chunk of {len(chunk)} rows ({short_repr(chunk)})",
-                )
-                if self.on_error == "fail":
-                    raise error from exc
-                for record in chunk.rows():
-                    self._set_aside(UserCodeError(self.name, record, exc))
-        if out:
-            self.emit(out)
+        self._feed_chunks(items, self._map_chunk)
+
+    def _map_chunk(self, chunk: Columns) -> Columns:
+        result = self.user_fn(chunk.to_format(self.batch_format))
+        return Columns.of(result, f"the function of step {self.name!r}")
 
     def apply(self, items: list[Any]) -> list[Any]:
         try:
@@ -539,21 +542,8 @@ class SumOp(KeyedOp):
         if not has_columns(items):
             super().feed(items)
             return
-        self.records_in += count_rows(items)
         self._batches += 1
-        out: list[Any] = []
-        for chunk in items:
-            try:
-                out.append(self._sum_chunk(chunk))
-            except Exception as exc:
-                what = f"a chunk of {len(chunk)} rows ({short_repr(chunk)})"
-                error = UserCodeError(self.name, chunk, exc, what=what)
-                if self.on_error == "fail":
-                    raise error from exc
-                for record in chunk.rows():
-                    self._set_aside(UserCodeError(self.name, record, exc))
-        if out:
-            self.emit(out)
+        self._feed_chunks(items, self._sum_chunk)
 
     def _sum_chunk(self, chunk: Columns) -> Columns:
         if chunk.key is None:
