@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
-import logging
 import os
 import tempfile
 import uuid
@@ -23,8 +22,6 @@ from typing import IO, Any
 
 from rayflow._internal.extras import require_installed
 from rayflow.errors import ConfigError, RayflowError
-
-log = logging.getLogger("rayflow")
 
 __all__ = [
     "JsonLines",
@@ -451,11 +448,6 @@ class _S3JsonLinesWriter(SinkWriter):
         # After S3 could not be reached, calls fail fast for a while: an outage must
         # not hold up the records at every checkpoint.
         self._gate = FailFastGate(f"S3JsonLines sink {ctx.step!r}: {sink.uri}")
-        # Uploads staged for checkpoints not committed yet (upload id -> key), and
-        # whether a create may have reached S3 with its answer lost (then an upload
-        # this writer never heard of stays open: it is found and aborted).
-        self._staged: dict[str, str] = {}
-        self._maybe_orphans = False
 
     @property
     def spilled_bytes(self) -> int:
@@ -487,15 +479,9 @@ class _S3JsonLinesWriter(SinkWriter):
                     f"{self._ctx.run_id or 'r'}-{uuid.uuid4().hex[:8]}.jsonl"
                 )
                 key = self._sink._key(name)
-                try:
-                    created = self._gate.call(
-                        self._client.create_multipart_upload, Bucket=self._sink.bucket, Key=key
-                    )
-                except Exception:
-                    self._maybe_orphans = True  # it may have been created all the same
-                    raise
-                if created.get("ResponseMetadata", {}).get("RetryAttempts"):
-                    self._maybe_orphans = True  # an earlier attempt may have created one
+                created = self._gate.call(
+                    self._client.create_multipart_upload, Bucket=self._sink.bucket, Key=key
+                )
                 self._upload = {"key": key, "upload_id": created["UploadId"], "parts": []}
             size = min(part, end - self._uploaded) if final else part
             self._spill.seek(self._uploaded)
@@ -522,7 +508,6 @@ class _S3JsonLinesWriter(SinkWriter):
         self._after = checkpoint_id
         if upload is None:
             return None
-        self._staged[upload["upload_id"]] = upload["key"]
         return {**upload, "bucket": self._sink.bucket, "checkpoint": checkpoint_id}
 
     def commit(self, committable: Any) -> None:
@@ -546,36 +531,9 @@ class _S3JsonLinesWriter(SinkWriter):
                 )
             except ClientError:
                 raise exc from None
-        self._staged.pop(committable["upload_id"], None)
-        if self._maybe_orphans:
-            self._abort_orphans()
-
-    def _abort_orphans(self) -> None:
-        """Abort this partition's uploads of this run that it does not know: created by
-        a request whose answer was lost (best effort; tried again after the next commit)."""
-        prefix = self._sink._key(f"part-{self._ctx.partition:05d}-")
-        run = f"-{self._ctx.run_id or 'r'}-"
-        known = set(self._staged) | ({self._upload["upload_id"]} if self._upload else set())
-        try:
-            pages = self._client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self._sink.bucket, Prefix=prefix
-            )
-            for page in pages:
-                for upload in page.get("Uploads", []):
-                    if run in upload["Key"] and upload["UploadId"] not in known:
-                        self._client.abort_multipart_upload(
-                            Bucket=self._sink.bucket,
-                            Key=upload["Key"],
-                            UploadId=upload["UploadId"],
-                        )
-        except Exception as exc:  # S3 unreachable again: after the next commit
-            log.debug("S3JsonLines sink %r: orphans not aborted yet: %s", self._ctx.step, exc)
-            return
-        self._maybe_orphans = False
 
     def abort(self, committable: Any) -> None:
         if committable is not None:
-            self._staged.pop(committable["upload_id"], None)
             with contextlib.suppress(Exception):
                 self._client.abort_multipart_upload(
                     Bucket=committable["bucket"],
