@@ -395,11 +395,16 @@ class _GeneratorReader(SourceReader):
         self._started = time.monotonic()
         self._start_offset = offset
 
+    def _due(self) -> int:
+        """With a rate: the offset up to which records are due by now."""
+        assert self._rate is not None
+        return self._start_offset + int((time.monotonic() - self._started) * self._rate)
+
     def backlog(self) -> int | None:
         """With a rate: the records due by now that were not read yet."""
         if self._rate is None:
             return None
-        due = self._start_offset + int((time.monotonic() - self._started) * self._rate)
+        due = self._due()
         if self._limit is not None:
             due = min(due, self._limit)
         return max(0, due - self._next)
@@ -412,8 +417,7 @@ class _GeneratorReader(SourceReader):
                 return None
             stop = min(stop, self._limit)
         if self._rate is not None:
-            allowed = self._start_offset + int((time.monotonic() - self._started) * self._rate)
-            stop = min(stop, max(start, allowed))
+            stop = min(stop, max(start, self._due()))
         fn, p = self._fn, self._partition
         out: list[Any] = []
         append = out.append
@@ -462,10 +466,8 @@ class _ColumnsReader(_GeneratorReader):
                 stop = min(stop, self._limit)
             if stop <= start:
                 break
-            if self._rate is not None:
-                allowed = self._start_offset + int((time.monotonic() - self._started) * self._rate)
-                if allowed < stop:
-                    break  # a chunk goes whole or not at all
+            if self._rate is not None and self._due() < stop:
+                break  # a chunk goes whole or not at all
             what = (
                 f"Generator batch_fn (partition {self._partition}, offset {start}, "
                 f"count {stop - start})"

@@ -180,6 +180,11 @@ def count_rows(items: list[Any]) -> int:
     return sum(x.n if type(x) is Columns else 1 for x in items)
 
 
+def rows_in(items: list[Any]) -> int:
+    """Records in a batch, a chunk counted by its rows (one check per batch of records)."""
+    return count_rows(items) if has_columns(items) else len(items)
+
+
 def exploding(feed: Any) -> Any:
     """``feed`` for a step that takes records: chunks reach it as their rows."""
 

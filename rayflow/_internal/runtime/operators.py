@@ -28,6 +28,7 @@ from rayflow._internal.runtime.columns import (
     ColumnSum,
     count_rows,
     has_columns,
+    rows_in,
     running_sum,
 )
 from rayflow._internal.spec import MISSING, StepKind, StepSpec
@@ -143,7 +144,7 @@ class Op:
         self.partition = 0
 
     def feed(self, items: list[Any]) -> None:
-        self.records_in += _count(items)
+        self.records_in += rows_in(items)
         out = self.apply(items) if self.on_error == "fail" else self._apply_guarded(items)
         if out:
             self.emit(out)
@@ -203,7 +204,7 @@ class Op:
             target([letter])
 
     def emit(self, out: list[Any]) -> None:
-        self.records_out += _count(out)
+        self.records_out += rows_in(out)
         for target in self.downstream:
             target(out)
 
@@ -349,9 +350,10 @@ class KeyByOp(MapOp):
         return out
 
 
-class KeyByColumnOp(Op):
+class KeyByColumnOp(KeyByOp):
     """``key_by`` on a column: a chunk keeps its columns and names the key column;
-    a dict record becomes ``(record[column], record)``."""
+    a dict record becomes ``(record[column], record)`` (``KeyByOp`` with a ``ColumnKey``).
+    A batch is all chunks or all records (``Plan.chunk_steps``)."""
 
     __slots__ = ("column",)
 
@@ -360,26 +362,19 @@ class KeyByColumnOp(Op):
         return True
 
     def __init__(self, name: str, column: str):
-        super().__init__(name)
+        super().__init__(name, ColumnKey(column))
         self.column = column
 
     def apply(self, items: list[Any]) -> list[Any]:
+        if not has_columns(items):
+            return super().apply(items)
         column = self.column
         out: list[Any] = []
-        append = out.append
-        x: Any = None
-        try:
-            for x in items:
-                if type(x) is Columns:
-                    if column not in x.data:
-                        raise KeyError(
-                            f"no column {column!r} to key by; the columns are {list(x.data)}"
-                        )
-                    append(Columns(x.data, column, x.n))
-                else:
-                    append((x[column], x))
-        except Exception as exc:
-            raise UserCodeError(self.name, x, exc, index=len(out), partial=out) from exc
+        for x in items:
+            if column not in x.data:
+                error = KeyError(f"no column {column!r} to key by; the columns are {list(x.data)}")
+                raise UserCodeError(self.name, x, error, index=len(out), partial=out)
+            out.append(Columns(x.data, column, x.n))
         return out
 
 
@@ -852,11 +847,6 @@ def _build_op(spec: StepSpec, job: str, partition: int, run_id: str) -> Op:
 
 
 _UNSET = object()
-
-
-def _count(items: list[Any]) -> int:
-    """Records in a batch, rows of chunks counted (one check per batch)."""
-    return count_rows(items) if has_columns(items) else len(items)
 
 
 def _as_batches(items: list[Any], batch_format: str) -> list[Any]:

@@ -75,7 +75,7 @@ from rayflow._internal.runtime.channels import (
     keys_checked,
     rebalance_router,
 )
-from rayflow._internal.runtime.columns import count_rows, exploding, has_columns
+from rayflow._internal.runtime.columns import exploding, rows_in
 from rayflow._internal.runtime.event_time import EventTime
 from rayflow._internal.runtime.inflight import InflightCapture
 from rayflow._internal.runtime.mailbox import BARRIER, DATA, EOS, WATERMARK, Mailbox
@@ -1059,7 +1059,7 @@ class StageTask:
                 self._offsets[sp] = reader.offset()
                 # A chunked read counts its rows (a reader of chunks returns whole
                 # chunks while they are due: any chunk means it has not caught up).
-                read = count_rows(items) if has_columns(items) else len(items)
+                read = rows_in(items)
                 if read >= batch_size or read > len(items):
                     caught_up = False
                 if items:
