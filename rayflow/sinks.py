@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import os
 import tempfile
 import uuid
@@ -22,6 +23,8 @@ from typing import IO, Any
 
 from rayflow._internal.extras import require_installed
 from rayflow.errors import ConfigError, RayflowError
+
+log = logging.getLogger("rayflow")
 
 __all__ = [
     "JsonLines",
@@ -448,6 +451,11 @@ class _S3JsonLinesWriter(SinkWriter):
         # After S3 could not be reached, calls fail fast for a while: an outage must
         # not hold up the records at every checkpoint.
         self._gate = FailFastGate(f"S3JsonLines sink {ctx.step!r}: {sink.uri}")
+        # Keys whose CreateMultipartUpload may have reached S3 with its answer lost
+        # (the call failed, or succeeded only on a retry), each with the upload id
+        # this writer uses (None: none). Every other upload under such a key is an
+        # orphan nobody will complete: aborted after the next commit and on close.
+        self._suspects: dict[str, str | None] = {}
 
     @property
     def spilled_bytes(self) -> int:
@@ -479,9 +487,15 @@ class _S3JsonLinesWriter(SinkWriter):
                     f"{self._ctx.run_id or 'r'}-{uuid.uuid4().hex[:8]}.jsonl"
                 )
                 key = self._sink._key(name)
-                created = self._gate.call(
-                    self._client.create_multipart_upload, Bucket=self._sink.bucket, Key=key
-                )
+                try:
+                    created = self._gate.call(
+                        self._client.create_multipart_upload, Bucket=self._sink.bucket, Key=key
+                    )
+                except Exception:
+                    self._suspects[key] = None  # never used again: the next name is new
+                    raise
+                if created.get("ResponseMetadata", {}).get("RetryAttempts"):
+                    self._suspects[key] = created["UploadId"]
                 self._upload = {"key": key, "upload_id": created["UploadId"], "parts": []}
             size = min(part, end - self._uploaded) if final else part
             self._spill.seek(self._uploaded)
@@ -531,6 +545,33 @@ class _S3JsonLinesWriter(SinkWriter):
                 )
             except ClientError:
                 raise exc from None
+        if self._suspects:
+            self._abort_orphans()
+
+    def _abort_orphans(self) -> None:
+        """Abort the uploads under suspect keys that this writer does not use.
+
+        Only keys this writer named (each holds a fresh random id), so no other
+        partition's or incarnation's upload is ever touched. Best effort: a key
+        whose listing or abort fails stays suspect for the next try.
+        """
+        for key, keep in list(self._suspects.items()):
+            try:
+                listed = self._client.list_multipart_uploads(Bucket=self._sink.bucket, Prefix=key)
+                for upload in listed.get("Uploads", []):
+                    if upload["Key"] == key and upload["UploadId"] != keep:
+                        self._client.abort_multipart_upload(
+                            Bucket=self._sink.bucket, Key=key, UploadId=upload["UploadId"]
+                        )
+            except Exception as exc:  # S3 unreachable again: tried after the next commit
+                log.debug(
+                    "S3JsonLines sink %r: orphans of %s not aborted yet: %s",
+                    self._ctx.step,
+                    key,
+                    exc,
+                )
+                continue
+            del self._suspects[key]
 
     def abort(self, committable: Any) -> None:
         if committable is not None:
@@ -545,6 +586,8 @@ class _S3JsonLinesWriter(SinkWriter):
         if self._upload is not None:  # staged but never to be committed
             self.abort({**self._upload, "bucket": self._sink.bucket})
             self._upload = None
+        if self._suspects:
+            self._abort_orphans()
         with contextlib.suppress(OSError):
             self._spill.close()
             os.remove(self._spill_path)

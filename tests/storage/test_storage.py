@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
@@ -77,3 +78,53 @@ def test_uris_are_normalized() -> None:
         normalize_uri("gs://bucket/x")
     with pytest.raises(ValueError, match="no bucket"):
         normalize_uri("s3:///x")
+
+
+def test_uploads_created_by_requests_whose_answer_was_lost_are_aborted(
+    s3_server: object, s3_proxy: Any
+) -> None:
+    # Through a flaky network a CreateMultipartUpload can reach S3 while its answer is
+    # lost (seen in the flaky-S3 test: an upload left open per partition). The proxy
+    # loses three answers: both attempts of a first create (the call fails), then the
+    # first attempt of the next one (it succeeds on its retry). The three uploads S3
+    # made for nothing are aborted once the next commit is through; the used one is
+    # completed, and another writer's upload is left alone.
+    import time
+    import uuid
+
+    import rayflow as rf
+    from rayflow._internal.storage.s3 import s3_client
+
+    bucket = "rayflow-test"
+    sink = rf.sinks.S3JsonLines(f"s3://{bucket}/lost-{uuid.uuid4().hex[:6]}")
+    client = s3_client()
+    other = client.create_multipart_upload(
+        Bucket=bucket, Key=sink._key("part-00000-0000000000-run1-other.jsonl")
+    )
+    ctx = rf.sinks.SinkContext(job="j", step="out", partition=0, parallelism=1, run_id="run1")
+    writer = sink.open(ctx)
+    writer.write([{"a": 1}, {"a": 2}])
+
+    def open_uploads() -> dict[str, str]:
+        listed = client.list_multipart_uploads(Bucket=bucket, Prefix=sink._key(""))
+        return {u["UploadId"]: u["Key"] for u in listed.get("Uploads", [])}
+
+    s3_proxy.lose_answers(3)
+    with pytest.raises(rf.sinks.TransientSinkError, match="unreachable"):
+        writer.prepare_commit(1)
+    time.sleep(1.1)  # the sink fails fast for a second after S3 could not be reached
+    committable = writer.prepare_commit(1)
+    assert s3_proxy.counts["lost"] >= 3 and s3_proxy.lost_answers == 0
+    assert len(open_uploads()) == 5  # 3 made for nothing, the staged one, the other's
+    writer.commit(committable)
+    assert open_uploads() == {
+        other["UploadId"]: sink._key("part-00000-0000000000-run1-other.jsonl")
+    }
+    body = client.get_object(Bucket=bucket, Key=committable["key"])["Body"].read()
+    assert body.decode().splitlines() == ['{"a": 1}', '{"a": 2}']
+    writer.close()
+    client.abort_multipart_upload(
+        Bucket=bucket,
+        Key=sink._key("part-00000-0000000000-run1-other.jsonl"),
+        UploadId=other["UploadId"],
+    )

@@ -4,7 +4,9 @@ Between rayflow and the S3 server of the tests. By default it passes
 everything through; a test sets ``latency_s`` (added to every chunk a
 client sends), ``error_rate`` (a new connection answers its first request
 with ``503 SlowDown`` and closes), ``drop_rate`` (a new connection is cut
-after its first bytes) or ``down`` (connections are closed at once). Every
+after its first bytes), ``down`` (connections are closed at once) or
+``lose_answers(n)`` (the next n connections pass their request on and lose
+its answer: the server acted, the client never hears). Every
 listener binds 127.0.0.1 only; it runs in threads of the test process.
 """
 
@@ -28,7 +30,8 @@ class FaultProxy:
         self.error_rate = 0.0
         self.drop_rate = 0.0
         self.down = False
-        self.counts = {"connections": 0, "errors": 0, "drops": 0, "refused": 0}
+        self.lost_answers = 0  # connections still to lose their answer
+        self.counts = {"connections": 0, "errors": 0, "drops": 0, "refused": 0, "lost": 0}
         self._rng = random.Random(seed)
         self._server = socket.create_server(("127.0.0.1", port))
         self.port = self._server.getsockname()[1]
@@ -51,6 +54,14 @@ class FaultProxy:
     def clear(self) -> None:
         self.latency_s = self.error_rate = self.drop_rate = 0.0
         self.down = False
+        self.lost_answers = 0
+
+    def lose_answers(self, n: int) -> None:
+        """The next ``n`` connections reach the server and lose its answer; open ones
+        are cut, so that the next requests open new connections."""
+        self.lost_answers = n
+        for sock in list(self._open):
+            _cut(sock)
 
     def faults(
         self, *, latency_s: float = 0.0, error_rate: float = 0.0, drop_rate: float = 0.0
@@ -75,6 +86,17 @@ class FaultProxy:
         try:
             if self.down:
                 self.counts["refused"] += 1
+                return
+            if self.lost_answers > 0:
+                self.lost_answers -= 1
+                self.counts["lost"] += 1
+                upstream = socket.create_connection(self.upstream, timeout=5)
+                threading.Thread(
+                    target=self._pipe, args=(client, upstream, 0.0), daemon=True
+                ).start()
+                upstream.recv(65536)  # the server answered ... and the answer is lost
+                _cut(client, upstream)
+                upstream.close()
                 return
             if roll < self.error_rate:
                 self.counts["errors"] += 1
