@@ -75,9 +75,21 @@ def _readings(p: int, offset: int, count: int) -> dict[str, np.ndarray]:
     return {"sensor": 2 * (j % (SENSORS // 2)) + p, "value": j % 7}
 
 
+def _parquet_streams(folder: Path) -> dict[int, list[tuple[int, dict[str, Any]]]]:
+    """Per partition, its committed rows as (sensor, row), files in commit (name) order."""
+    import pyarrow.parquet as pq
+
+    streams: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+    for path in sorted(folder.glob("part-*.parquet")):
+        rows = streams.setdefault(int(path.name.split("-")[1]), [])
+        rows.extend((row["sensor"], row) for row in pq.read_table(path).to_pylist())
+    return streams
+
+
 def test_a_columnar_pipeline_under_kills_sums_each_reading_once_in_order(tmp_path: Path) -> None:
     # Chunks all the way (batch_fn -> map_batches -> key_by column -> sum), rows only
-    # in the sinks; a shuffle between the two parallel stages (parallelism 2 each).
+    # in two sinks (Parquet takes the chunks as Arrow tables); a shuffle between the
+    # two parallel stages (parallelism 2 each).
     flow = rf.Dataflow("columns", parallelism=2)
     readings = flow.source(
         "readings",
@@ -91,6 +103,7 @@ def test_a_columnar_pipeline_under_kills_sums_each_reading_once_in_order(tmp_pat
     sums = scaled.key_by("by_sensor", "sensor").sum("sum", "value")
     sums.sink("collected", rf.testing.Collect())
     sums.sink("files", rf.sinks.JsonLines(tmp_path / "out"))
+    sums.sink("parquet", rf.sinks.Parquet(tmp_path / "pq", rows_per_file=20_000))  # as tables
     handle = rf.start(
         flow, checkpoint=rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.4)
     )
@@ -109,6 +122,7 @@ def test_a_columnar_pipeline_under_kills_sums_each_reading_once_in_order(tmp_pat
     for what, streams in (
         ("Collect", collect_streams(result, "collected")),
         ("JsonLines", json_lines_streams(tmp_path / "out")),
+        ("Parquet", _parquet_streams(tmp_path / "pq")),
     ):
         got: dict[int, list[int]] = {}
         last: dict[int, int] = {}

@@ -314,6 +314,40 @@ def test_commits_are_idempotent_per_run_and_a_restore_drops_later_staged_files(
     assert not list((tmp_path / "out").glob("part-*"))
 
 
+def test_chunks_of_columns_are_cast_to_the_schema_or_refused_clearly(tmp_path: Path) -> None:
+    # Chunks of columns reach the writer as Arrow tables (runtime/operators.py).
+    import numpy as np
+
+    from rayflow._internal.runtime.columns import Columns
+
+    chunk = Columns({"k": np.arange(3, dtype=np.int32), "v": np.array([1, 2, 3])}, key="k")
+    # Without schema=, the first chunk fixes it.
+    w = _writer(rf.sinks.Parquet(tmp_path / "inferred"), "r000001aaaaaa")
+    w.write([chunk.to_arrow(), chunk.to_arrow()])
+    w.commit(w.prepare_commit(1))
+    w.close()
+    ((_, rows),) = committed_files(tmp_path / "inferred")
+    assert rows == 2 * [{"k": 0, "v": 1}, {"k": 1, "v": 2}, {"k": 2, "v": 3}]
+    # With schema=, columns are cast exactly; a column the schema lacks, a value that
+    # does not fit, a missing non-nullable column: each named, with the fix.
+    schema = pa.schema([("k", pa.int64()), ("v", pa.float64()), ("note", pa.string())])
+    w = _writer(rf.sinks.Parquet(tmp_path / "given", schema=schema), "r000001aaaaaa")
+    w.write([chunk.to_arrow()])
+    with pytest.raises(ValueError, match=r"'out'.*column 'extra'.*add it to schema="):
+        w.write([pa.table({"k": [1], "v": [1.0], "extra": [1]})])
+    with pytest.raises(ValueError, match=r"column 'k' of type double.*does not fit exactly"):
+        w.write([pa.table({"k": [1.5], "v": [1.0]})])
+    strict = pa.schema([pa.field("k", pa.int64(), nullable=False), ("v", pa.float64())])
+    w2 = _writer(rf.sinks.Parquet(tmp_path / "strict", schema=strict), "r000001aaaaaa")
+    with pytest.raises(ValueError, match=r"no column 'k', which is not nullable"):
+        w2.write([pa.table({"v": [1.0]})])
+    w2.close()
+    w.commit(w.prepare_commit(1))
+    w.close()
+    ((_, rows),) = committed_files(tmp_path / "given")
+    assert rows == [{"k": k, "v": float(k + 1), "note": None} for k in range(3)]
+
+
 def test_records_of_every_shape_and_clear_errors_for_misfits(tmp_path: Path) -> None:
     from collections import namedtuple
     from dataclasses import dataclass

@@ -3,8 +3,9 @@
 Two-phase commit, as :class:`rayflow.sinks.JsonLines`:
 
 - ``write`` turns records into Arrow columns (checking them against the
-  schema at once) and appends them to an in-progress Parquet file on local
-  disk (``<folder>/.staging/`` for a folder, the temp folder or
+  schema at once; chunks of columns come as Arrow tables already) and
+  appends them to an in-progress Parquet file on local disk
+  (``<folder>/.staging/`` for a folder, the temp folder or
   ``RAYFLOW_SPILL_DIR`` for S3), a file of at most ``rows_per_file`` rows;
   a full one is closed and the next begun. Memory holds at most a row group.
 - ``prepare_commit(n)`` closes the in-progress file and stages the files of
@@ -93,12 +94,21 @@ class Parquet(Sink):
     Each partition infers its own schema, and a restarted one infers it again:
     for one schema in every file, pass ``schema``.
 
+    Chunks of columns (``rf.sources.Generator(batch_fn=...)`` and the steps
+    that keep them columnar) are written as Arrow tables of their columns,
+    with no row becoming a Python object: a keyed chunk's columns include
+    its key column. The first chunk fixes the schema (or ``schema`` does;
+    columns are cast to it exactly, as records are).
+
     Local: files in ``uri`` (a folder), staged in its hidden ``.staging/``.
     S3: credentials and ``AWS_ENDPOINT_URL`` as for checkpoint storage
     (``pip install 'rayflow[s3]'``). The place belongs to one sink of one job
     (``.rayflow-sink.json``); a fresh (not resumed) run of that job deletes
     the part files an earlier run left.
     """
+
+    #: Records arrive as records, chunks of columns as ``pyarrow.Table`` (operators.py).
+    _arrow_chunks = True
 
     def __init__(
         self,
@@ -444,6 +454,58 @@ class _Converter:
             raise self._unfit(str(exc)) from None
         return pa.Table.from_arrays(arrays, schema=schema)
 
+    def fit(self, table: Any) -> Any:
+        """A chunk's table as a table of the schema (fixing it from the first chunk when
+        none is known yet); a column that does not fit raises ValueError."""
+        pa = self._pa
+        if self.schema is None:
+            self.schema = table.schema
+            self.inferred_from = table.num_rows
+            return table
+        schema = self.schema
+        extra = [name for name in table.column_names if schema.get_field_index(name) < 0]
+        if extra:
+            raise self._unfit(
+                f"a chunk of columns has the column {extra[0]!r}, which the schema of its "
+                "Parquet files does not have. Fix: "
+                + ("add it to schema=" if self.given else "drop it in the map_batches step")
+            )
+        arrays = []
+        for field in schema:
+            if field.name not in table.column_names:
+                if not field.nullable:
+                    raise self._unfit(
+                        f"a chunk of columns has no column {field.name!r}, which is not "
+                        "nullable. Fix: add the column, or make the field nullable in schema="
+                    )
+                arrays.append(pa.nulls(table.num_rows, field.type))
+                continue
+            column = table.column(field.name)
+            if column.type != field.type:
+                column = self._cast_column(field, column)
+            if not field.nullable and column.null_count:
+                raise self._unfit(
+                    f"a chunk of columns has nulls in the non-nullable column {field.name!r}. "
+                    "Fix: give every row a value, or make the field nullable in schema="
+                )
+            arrays.append(column)
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    def _cast_column(self, field: Any, column: Any) -> Any:
+        pa = self._pa
+        if _castable(pa, column.type, field.type):
+            try:
+                return column.cast(field.type, safe=True)
+            except (pa.ArrowException, TypeError, ValueError) as exc:
+                reason = f"a value does not fit exactly ({exc})"
+        else:
+            reason = "the types do not convert"
+        raise self._unfit(
+            f"a chunk of columns has the column {field.name!r} of type {column.type}, which "
+            f"does not go into its {field.type} column: {reason}. Fix: convert it in the "
+            "map_batches step before the sink" + (", or change schema=" if self.given else "")
+        )
+
     def _cast(self, field: Any, array: Any, values: list[Any], records: list[Any]) -> Any:
         pa = self._pa
         if _castable(pa, array.type, field.type):
@@ -550,6 +612,13 @@ class _ParquetWriter(SinkWriter):
     def write(self, items: list[Any]) -> None:
         if not items:
             return
+        if isinstance(items[0], self._pa.Table):  # chunks of columns: no row is a record
+            if self._pending:  # (a stream is all chunks or all records; to be safe)
+                self._add(self._convert.infer(self._pending))
+                self._pending = []
+            for table in items:
+                self._add(self._convert.fit(table))
+            return
         if self._convert.schema is None:
             self._pending.extend(items)
             if len(self._pending) < INFER_ROWS:
@@ -558,6 +627,10 @@ class _ParquetWriter(SinkWriter):
             table = self._convert.infer(items)
         else:
             table = self._convert.convert(items)
+        self._add(table)
+
+    def _add(self, table: Any) -> None:
+        """Buffer a table of the schema; a full row group goes to the file."""
         self._tables.append(table)
         self._buffered += table.num_rows
         self._buffered_bytes += table.nbytes

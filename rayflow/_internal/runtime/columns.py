@@ -104,6 +104,15 @@ class Columns:
             return values
         return list(zip(self.data[self.key].tolist(), values, strict=True))
 
+    def to_arrow(self) -> Any:
+        """The chunk as a ``pyarrow.Table`` of its columns (one named ``item`` alone, a
+        chunk of plain values, is named ``value``, as rows of plain values are)."""
+        import pyarrow as pa
+
+        if list(self.data) == [ITEM]:
+            return pa.table({"value": self.data[ITEM]})
+        return pa.table(self.data)
+
     def to_format(self, batch_format: str) -> Any:
         """The chunk as a batch of ``batch_format`` ("numpy", "pandas", "pyarrow")."""
         if batch_format == "numpy":

@@ -660,11 +660,13 @@ class SinkOp(Op):
 
     @property
     def takes_columns(self) -> bool:
-        return self._sink.batch_format is not None
+        return self._sink.batch_format is not None or getattr(self._sink, "_arrow_chunks", False)
 
     def apply(self, items: list[Any]) -> list[Any]:
         if self._sink.batch_format is not None:
             items = _as_batches(items, self._sink.batch_format)
+        elif items and type(items[0]) is Columns:  # a sink that takes chunks as tables
+            items = [chunk.to_arrow() for chunk in items]
         try:
             self.writer.write(items)
         except Exception as exc:
