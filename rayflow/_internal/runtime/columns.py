@@ -252,7 +252,11 @@ def partitions_of(values: np.ndarray, max_parallelism: int, parallelism: int) ->
     """The partition of every key, as ``KeyRouter.partition`` finds it per record."""
     import numpy as np
 
-    groups = (hash_column(values) % np.uint64(max_parallelism)).astype(np.int64)
+    hashes = hash_column(values)
+    if max_parallelism & (max_parallelism - 1) == 0:  # a power of two: masks and shifts
+        groups = (hashes & np.uint64(max_parallelism - 1)).astype(np.int64)
+        return (groups * parallelism) >> (max_parallelism.bit_length() - 1)
+    groups = (hashes % np.uint64(max_parallelism)).astype(np.int64)
     return groups * parallelism // max_parallelism
 
 
@@ -263,8 +267,15 @@ def split(chunk: Columns, parts: np.ndarray, parallelism: int) -> list[tuple[int
     counts = np.bincount(parts, minlength=parallelism)
     if int(np.count_nonzero(counts)) == 1:
         return [(int(parts[0]), chunk)]
-    order = np.argsort(parts, kind="stable")
     out: list[tuple[int, Columns]] = []
+    if parallelism <= 8:  # a pass per receiver beats a sort over the rows
+        for p in range(parallelism):
+            if counts[p]:
+                out.append((p, chunk.take(np.flatnonzero(parts == p))))
+        return out
+    # A stable sort of small ints is a radix sort (linear).
+    ranks = parts.astype(np.uint16) if parallelism <= 1 << 16 else parts
+    order = np.argsort(ranks, kind="stable")
     start = 0
     for p in range(parallelism):
         n = int(counts[p])
