@@ -127,26 +127,29 @@ class LatestColumns(rf.sinks.Sink):
 class _LatestColumnsWriter(rf.sinks.SinkWriter):
     def __init__(self, path: str):
         self.path = path
-        self.sensors = np.zeros(0, dtype=np.int64)
         self.sums = np.zeros(0)
+        self.seen = np.zeros(0, dtype=bool)
 
     def write(self, items: list[Any]) -> None:
         for batch in items:
-            # The last row of each sensor in the batch holds its latest sum.
-            rev_sensor = batch["sensor"][::-1]
-            distinct, first = np.unique(rev_sensor, return_index=True)
-            self.sensors = np.concatenate([self.sensors, distinct])
-            self.sums = np.concatenate([self.sums, batch["value"][::-1][first]])
-            if len(self.sensors) > 1 << 20:
-                self._compact()
-
-    def _compact(self) -> None:
-        distinct, last = np.unique(self.sensors[::-1], return_index=True)
-        self.sensors, self.sums = distinct, self.sums[::-1][last]
+            sensor, value = batch["sensor"], batch["value"]
+            if len(sensor) == 0:
+                continue
+            size = int(sensor.max()) + 1
+            if size > len(self.sums):  # sensors are small ints: arrays indexed by them
+                self.sums = np.concatenate([self.sums, np.zeros(size - len(self.sums))])
+                self.seen = np.concatenate([self.seen, np.zeros(size - len(self.seen), bool)])
+            # The last row of each sensor holds its latest sum: np.maximum.at keeps each
+            # sensor's highest row index (ufunc.at is defined for repeated indices).
+            last = np.full(size, -1)
+            np.maximum.at(last, sensor, np.arange(len(sensor)))
+            present = np.flatnonzero(last >= 0)
+            self.sums[present] = value[last[present]]
+            self.seen[present] = True
 
     def prepare_commit(self, checkpoint_id: int) -> Any:
-        self._compact()
-        return list(zip(self.sensors.tolist(), self.sums.tolist(), strict=True))
+        present = np.flatnonzero(self.seen)
+        return list(zip(present.tolist(), self.sums[present].tolist(), strict=True))
 
     def commit(self, committable: Any) -> None:
         with open(self.path, "w") as f:

@@ -20,6 +20,7 @@ into one per receiver, in row order).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -325,8 +326,7 @@ def running_sum(
         return chunk
     order, starts, distinct_keys = _grouping(chunk.data[chunk.key])
     distinct = distinct_keys.tolist()
-    get = state.get
-    base = np.asarray([get(k, 0) for k in distinct])
+    base = np.asarray(list(map(state.get, distinct, itertools.repeat(0))))
     ranked = values[order]
     final = base + np.add.reduceat(ranked, starts)
     # One cumulative sum over the grouped rows: each run begins at its key's sum

@@ -393,6 +393,8 @@ HOT_KEY_SAMPLE_EVERY = 4
 HOT_KEY_STRIDE = 8
 #: Sampled records a window covers before it is judged and a new one starts.
 HOT_KEY_WINDOW = 5_000
+#: Rows sampled from one chunk of columns, at most (about).
+HOT_KEY_CHUNK_SAMPLE = 1_024
 
 
 class KeyedOp(Op):
@@ -554,7 +556,9 @@ class SumOp(KeyedOp):
         if column not in chunk.data:
             raise KeyError(f"no column {column!r} to add up; the columns are {list(chunk.data)}")
         if self._batches % HOT_KEY_SAMPLE_EVERY == 0:
-            sample = chunk.data[chunk.key][::HOT_KEY_STRIDE].tolist()
+            # At most ~1,000 rows of a chunk: a big chunk's 1/8 would be many windows.
+            stride = max(HOT_KEY_STRIDE, len(chunk) // HOT_KEY_CHUNK_SAMPLE)
+            sample = chunk.data[chunk.key][::stride].tolist()
             self._keys.update(sample)
             self._sampled += len(sample)
             if self._sampled >= HOT_KEY_WINDOW:
