@@ -294,6 +294,9 @@ class StageTask:
         if self._log is not None:
             self._log.start(0)
         self._in_records: dict[ChannelId, int] = dict.fromkeys(self.mailbox.channels, 0)
+        # Checkpoints whose barrier a restarted sender sent before it had re-emitted what
+        # this partition consumed from it: (channel, its records sent, records consumed).
+        self._cut_behind: dict[int, tuple[ChannelId, int, int]] = {}
         self._in_gen: dict[ChannelId, int] = {}
         # Input order is logged only with several input channels (one is its own order);
         # ctx.now()/ctx.random() values always (nondeterminism.py).
@@ -1141,6 +1144,14 @@ class StageTask:
         if meta[2] is not None:
             self._causal_store.add(channel, meta[2])
         if env.kind != DATA:
+            if env.kind == BARRIER and meta[1] < self._in_records[channel]:
+                # A restarted sender's barrier before it re-emitted all this partition
+                # consumed from it: its snapshot would be behind this one (rule P8).
+                self._cut_behind[env.payload.checkpoint_id] = (
+                    channel,
+                    meta[1],
+                    self._in_records[channel],
+                )
             return env
         first = meta[1]
         had = self._in_records[channel]
@@ -1230,6 +1241,19 @@ class StageTask:
         if self._finishing:
             # Its streams are ending and its sinks closed (R14): nothing to snapshot.
             self._decline(cid, f"partition {self.partition} has ended its streams")
+            return None
+        behind = self._cut_behind.get(cid)
+        for old in [c for c in self._cut_behind if c <= cid]:
+            del self._cut_behind[old]
+        if behind is not None:
+            channel, sent, consumed = behind
+            self._decline(
+                cid,
+                f"partition {self.partition} had consumed {consumed} records on channel "
+                f"{channel}, and the sender that restarted alone had sent only {sent} of "
+                "them again when it took its snapshot: the checkpoint would count the "
+                "others twice (rule P8); the next one is taken once it caught up",
+            )
             return None
         if len(self._uploading) >= MAX_UPLOADS:
             # The storage is slow or down: a bounded number of snapshots in memory.
