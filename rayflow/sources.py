@@ -73,6 +73,14 @@ class Source(ABC):
         """Whether every partition ends (the job then ends by itself)."""
         return True
 
+    @property
+    def replays_in_order(self) -> bool:
+        """Whether a partition reopened at an offset reads the same records in the same
+        order as the first time. Partial recovery restarts only a lost partition of a
+        source that does; one that does not (tailing files, whose lines interleave as
+        they come) is recovered by a global restart."""
+        return True
+
     def restore_offsets(self, offsets: dict[int, Any]) -> dict[int, Any]:
         """The offsets to reopen partitions at, from those a checkpoint holds.
 
@@ -141,6 +149,11 @@ class _LineFiles(Source):
 
     @property
     def bounded(self) -> bool:
+        return not self.tail
+
+    @property
+    def replays_in_order(self) -> bool:
+        # Tailing, one partition's files interleave as lines come: not again alike.
         return not self.tail
 
     def _owner(self, name: str) -> int | None:

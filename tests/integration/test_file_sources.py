@@ -189,6 +189,8 @@ def test_tailing_is_exactly_once_under_kills(tmp_path: Path) -> None:
         result = handle.stop()
     monkey.check()
     assert result.restarts >= 1, (monkey.kills, result.recoveries)
+    # A tailing partition re-reads its files in another interleaving: never alone (P6).
+    assert all(r["scope"] == "global" for r in result.recoveries), result.recoveries
     seen = Counter(_committed_lines(out))
     assert set(seen) == set(writer.written)
     assert [line for line, n in seen.items() if n != 1] == []  # each line exactly once

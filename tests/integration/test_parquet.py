@@ -441,6 +441,38 @@ def test_s3_unreachable_declines_and_keeps_the_data_for_the_next_checkpoint(
     assert [_place(name)[1] for name, _ in files] == [2, 2, 2]
 
 
+def test_uploads_created_by_requests_whose_answer_was_lost_are_aborted(
+    tmp_path: Path, s3_proxy: Any, s3_server: Any
+) -> None:
+    # A CreateMultipartUpload that reached S3 with its answer lost leaves an upload
+    # nobody completes (as for S3JsonLines): once a create succeeded only on its retry,
+    # once every attempt was lost; the uploads S3 made for nothing are aborted.
+    prefix = f"parquet-lost-{uuid.uuid4().hex[:6]}"
+    client = s3_server.client()
+    w = _writer(rf.sinks.Parquet(f"s3://{BUCKET}/{prefix}", rows_per_file=100), "r1")
+
+    def open_uploads() -> list[Any]:
+        return client.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads", [])
+
+    w.write([{"a": i} for i in range(3)])
+    s3_proxy.lose_answers(1)  # the first attempt's answer is lost, the retry's is not
+    first = w.prepare_commit(1)
+    assert s3_proxy.counts["lost"] >= 1 and len(open_uploads()) == 2
+    w.commit(first)
+    assert open_uploads() == []
+    w.write([{"a": i} for i in range(3, 6)])
+    s3_proxy.lose_answers(3)  # every attempt (botocore makes 3 here) lost: the call fails
+    with pytest.raises(TransientSinkError, match="unreachable"):
+        w.prepare_commit(2)
+    assert open_uploads() == []  # S3 answers again: aborted on the way out
+    time.sleep(1.1)  # the writer fails fast for a second after an outage
+    w.commit(w.prepare_commit(3))
+    w.close()
+    assert open_uploads() == []
+    files = s3_files(s3_server, prefix)
+    assert [r["a"] for _, rows in files for r in rows] == list(range(6))
+
+
 def test_a_missing_pyarrow_is_named_with_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # None: import raises ImportError
     with pytest.raises(rf.ConfigError, match=re.escape("pip install 'rayflow[parquet]'")) as info:

@@ -595,6 +595,10 @@ class _ParquetWriter(SinkWriter):
             self._client = s3_client(attempts=2)
             self._gate = FailFastGate(f"Parquet sink {ctx.step!r}: {sink.uri}")
             self._orphans: list[tuple[str, str]] = []  # uploads to abort (key, upload id)
+            # Keys whose create may have reached S3 with its answer lost (it failed, or
+            # succeeded only on a retry), with the upload id in use (None: none yet):
+            # every other upload under such a key is an orphan (sinks.S3JsonLines too).
+            self._suspects: dict[str, str | None] = {}
 
     @property
     def spilled_bytes(self) -> int | None:
@@ -713,9 +717,16 @@ class _ParquetWriter(SinkWriter):
         try:
             for path, name in zip(self._done, names, strict=True):
                 key = s3._key(name)
-                created = self._gate.call(
-                    self._client.create_multipart_upload, Bucket=s3.bucket, Key=key
-                )
+                try:
+                    created = self._gate.call(
+                        self._client.create_multipart_upload, Bucket=s3.bucket, Key=key
+                    )
+                except Exception:
+                    self._suspects[key] = None
+                    raise
+                retried = created.get("ResponseMetadata", {}).get("RetryAttempts")
+                if retried or key in self._suspects:  # (names repeat when a prepare is retried)
+                    self._suspects[key] = created["UploadId"]
                 upload: dict[str, Any] = {"key": key, "upload_id": created["UploadId"], "parts": []}
                 uploads.append(upload)
                 with open(path, "rb") as f:
@@ -746,6 +757,8 @@ class _ParquetWriter(SinkWriter):
     def _abort_orphans(self) -> None:
         s3 = self._sink._s3
         assert s3 is not None
+        if self._suspects:
+            self._abort_unknown()
         while self._orphans:
             key, upload_id = self._orphans[0]
             with contextlib.suppress(TransientSinkError):
@@ -758,6 +771,23 @@ class _ParquetWriter(SinkWriter):
                 self._orphans.pop(0)
                 continue
             return  # unreachable now: later
+
+    def _abort_unknown(self) -> None:
+        """Abort the uploads under suspect keys but the one in use (best effort: a key
+        whose listing or abort fails stays suspect for the next try)."""
+        s3 = self._sink._s3
+        assert s3 is not None
+        for key, keep in list(self._suspects.items()):
+            try:
+                listed = self._client.list_multipart_uploads(Bucket=s3.bucket, Prefix=key)
+                for upload in listed.get("Uploads", []):
+                    if upload["Key"] == key and upload["UploadId"] != keep:
+                        self._client.abort_multipart_upload(
+                            Bucket=s3.bucket, Key=key, UploadId=upload["UploadId"]
+                        )
+            except Exception:  # unreachable again: at the next try
+                continue
+            del self._suspects[key]
 
     def commit(self, committable: Any) -> None:
         if committable is None:
@@ -802,6 +832,8 @@ class _ParquetWriter(SinkWriter):
                     self._gate.call(client.head_object, Bucket=bucket, Key=upload["key"])
                 except ClientError:
                     raise exc from None
+        if self._suspects:
+            self._abort_unknown()
 
     def abort(self, committable: Any) -> None:
         if committable is None:
@@ -830,7 +862,7 @@ class _ParquetWriter(SinkWriter):
             with contextlib.suppress(OSError):
                 os.remove(path)
         self._done, self._tables, self._pending = [], [], []
-        if self._client is not None and self._orphans:
+        if self._client is not None and (self._orphans or self._suspects):
             with contextlib.suppress(Exception):
                 self._abort_orphans()
 

@@ -221,6 +221,12 @@ class Failover:
         if not dep.local_recovery:
             return "partial recovery is off"
         for key in dead:
+            head = self.plan.step(self.plan.stage(key[0]).steps[0])
+            if head.kind is StepKind.SOURCE and not head.connector.replays_in_order:
+                return (
+                    f"{dep.name(key)} reads {head.connector!r}, which does not read the same "
+                    "records in the same order again (rule P6)"
+                )
             neighbours = {s for _, _, s in dep.senders_of(key)}
             neighbours |= {r for _, _, r in dep.receivers_of(key)}
             lost = sorted(neighbours & dead)
