@@ -86,7 +86,7 @@ def _outage(server: Any, seconds: float) -> tuple[float, float]:
 def test_a_5_s_outage_the_job_runs_through_and_its_output_is_exact(s3_server: Any) -> None:
     per_partition = 30_000
     flow, prefix = _job("outage-5s", per_partition, rate=6000)
-    config = rf.Checkpointing(storage=f"s3://{BUCKET}/{prefix}/cp", interval_s=0.5)
+    config = rf.Checkpointing(storage=f"s3://{BUCKET}/{prefix}/cp", interval_s=0.5, max_backoff_s=2)
     handle = rf.start(flow, checkpoint=config)
     watch = Watch(handle)
     watch.start()
@@ -108,14 +108,18 @@ def test_a_5_s_outage_the_job_runs_through_and_its_output_is_exact(s3_server: An
 def test_a_long_outage_bounds_what_is_uncommitted_and_loses_nothing(
     s3_server: Any, request: pytest.FixtureRequest
 ) -> None:
-    # 12 s: the sources reach the bound within ~2 s and then wait; --chaos-full waits 60 s
+    # 8 s: the sources reach the bound within ~2 s and then wait; --chaos-full waits 60 s
     # (benchmarks/storage_outage.py: 2 minutes).
-    seconds = 60.0 if request.config.getoption("--chaos-full") else 12.0
+    seconds = 60.0 if request.config.getoption("--chaos-full") else 8.0
     per_partition = 25_000
     limit = 8_000
     flow, prefix = _job("outage-60s", per_partition, rate=4000)
+    # Retries at most 2 s apart: the job goes on soon after the storage is back.
     config = rf.Checkpointing(
-        storage=f"s3://{BUCKET}/{prefix}/cp", interval_s=0.5, max_uncommitted_records=limit
+        storage=f"s3://{BUCKET}/{prefix}/cp",
+        interval_s=0.5,
+        max_uncommitted_records=limit,
+        max_backoff_s=2,
     )
     handle = rf.start(flow, checkpoint=config)
     watch = Watch(handle)
