@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
-import logging
 import os
 import tempfile
 import uuid
@@ -23,8 +22,6 @@ from typing import IO, Any
 
 from rayflow._internal.extras import require_installed
 from rayflow.errors import ConfigError, RayflowError
-
-log = logging.getLogger("rayflow")
 
 __all__ = [
     "JsonLines",
@@ -487,16 +484,12 @@ class _S3JsonLinesWriter(SinkWriter):
                     f"{self._ctx.run_id or 'r'}-{uuid.uuid4().hex[:8]}.jsonl"
                 )
                 key = self._sink._key(name)
-                try:
-                    created = self._gate.call(
-                        self._client.create_multipart_upload, Bucket=self._sink.bucket, Key=key
-                    )
-                except Exception:
-                    self._suspects[key] = None  # never used again: the next name is new
-                    raise
-                if created.get("ResponseMetadata", {}).get("RetryAttempts"):
-                    self._suspects[key] = created["UploadId"]
-                self._upload = {"key": key, "upload_id": created["UploadId"], "parts": []}
+                from rayflow._internal.storage.s3 import create_upload
+
+                upload_id = create_upload(
+                    self._gate, self._client, self._sink.bucket, key, self._suspects
+                )
+                self._upload = {"key": key, "upload_id": upload_id, "parts": []}
             size = min(part, end - self._uploaded) if final else part
             self._spill.seek(self._uploaded)
             body = self._spill.read(size)
@@ -546,32 +539,9 @@ class _S3JsonLinesWriter(SinkWriter):
             except ClientError:
                 raise exc from None
         if self._suspects:
-            self._abort_orphans()
+            from rayflow._internal.storage.s3 import abort_stray_uploads
 
-    def _abort_orphans(self) -> None:
-        """Abort the uploads under suspect keys that this writer does not use.
-
-        Only keys this writer named (each holds a fresh random id), so no other
-        partition's or incarnation's upload is ever touched. Best effort: a key
-        whose listing or abort fails stays suspect for the next try.
-        """
-        for key, keep in list(self._suspects.items()):
-            try:
-                listed = self._client.list_multipart_uploads(Bucket=self._sink.bucket, Prefix=key)
-                for upload in listed.get("Uploads", []):
-                    if upload["Key"] == key and upload["UploadId"] != keep:
-                        self._client.abort_multipart_upload(
-                            Bucket=self._sink.bucket, Key=key, UploadId=upload["UploadId"]
-                        )
-            except Exception as exc:  # S3 unreachable again: tried after the next commit
-                log.debug(
-                    "S3JsonLines sink %r: orphans of %s not aborted yet: %s",
-                    self._ctx.step,
-                    key,
-                    exc,
-                )
-                continue
-            del self._suspects[key]
+            abort_stray_uploads(self._client, self._sink.bucket, self._suspects)
 
     def abort(self, committable: Any) -> None:
         if committable is not None:
@@ -587,7 +557,9 @@ class _S3JsonLinesWriter(SinkWriter):
             self.abort({**self._upload, "bucket": self._sink.bucket})
             self._upload = None
         if self._suspects:
-            self._abort_orphans()
+            from rayflow._internal.storage.s3 import abort_stray_uploads
+
+            abort_stray_uploads(self._client, self._sink.bucket, self._suspects)
         with contextlib.suppress(OSError):
             self._spill.close()
             os.remove(self._spill_path)

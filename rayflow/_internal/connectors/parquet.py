@@ -597,7 +597,7 @@ class _ParquetWriter(SinkWriter):
             self._orphans: list[tuple[str, str]] = []  # uploads to abort (key, upload id)
             # Keys whose create may have reached S3 with its answer lost (it failed, or
             # succeeded only on a retry), with the upload id in use (None: none yet):
-            # every other upload under such a key is an orphan (sinks.S3JsonLines too).
+            # every other upload under such a key is an orphan (storage/s3.py create_upload).
             self._suspects: dict[str, str | None] = {}
 
     @property
@@ -710,6 +710,8 @@ class _ParquetWriter(SinkWriter):
 
     def _upload(self, names: list[str]) -> list[dict[str, Any]]:
         """Each closed file as an S3 multipart upload, left open (invisible) until commit."""
+        from rayflow._internal.storage.s3 import create_upload
+
         s3 = self._sink._s3
         assert s3 is not None
         self._abort_orphans()
@@ -717,17 +719,8 @@ class _ParquetWriter(SinkWriter):
         try:
             for path, name in zip(self._done, names, strict=True):
                 key = s3._key(name)
-                try:
-                    created = self._gate.call(
-                        self._client.create_multipart_upload, Bucket=s3.bucket, Key=key
-                    )
-                except Exception:
-                    self._suspects[key] = None
-                    raise
-                retried = created.get("ResponseMetadata", {}).get("RetryAttempts")
-                if retried or key in self._suspects:  # (names repeat when a prepare is retried)
-                    self._suspects[key] = created["UploadId"]
-                upload: dict[str, Any] = {"key": key, "upload_id": created["UploadId"], "parts": []}
+                upload_id = create_upload(self._gate, self._client, s3.bucket, key, self._suspects)
+                upload: dict[str, Any] = {"key": key, "upload_id": upload_id, "parts": []}
                 uploads.append(upload)
                 with open(path, "rb") as f:
                     while True:
@@ -758,7 +751,9 @@ class _ParquetWriter(SinkWriter):
         s3 = self._sink._s3
         assert s3 is not None
         if self._suspects:
-            self._abort_unknown()
+            from rayflow._internal.storage.s3 import abort_stray_uploads
+
+            abort_stray_uploads(self._client, s3.bucket, self._suspects)
         while self._orphans:
             key, upload_id = self._orphans[0]
             with contextlib.suppress(TransientSinkError):
@@ -771,23 +766,6 @@ class _ParquetWriter(SinkWriter):
                 self._orphans.pop(0)
                 continue
             return  # unreachable now: later
-
-    def _abort_unknown(self) -> None:
-        """Abort the uploads under suspect keys but the one in use (best effort: a key
-        whose listing or abort fails stays suspect for the next try)."""
-        s3 = self._sink._s3
-        assert s3 is not None
-        for key, keep in list(self._suspects.items()):
-            try:
-                listed = self._client.list_multipart_uploads(Bucket=s3.bucket, Prefix=key)
-                for upload in listed.get("Uploads", []):
-                    if upload["Key"] == key and upload["UploadId"] != keep:
-                        self._client.abort_multipart_upload(
-                            Bucket=s3.bucket, Key=key, UploadId=upload["UploadId"]
-                        )
-            except Exception:  # unreachable again: at the next try
-                continue
-            del self._suspects[key]
 
     def commit(self, committable: Any) -> None:
         if committable is None:
@@ -833,7 +811,9 @@ class _ParquetWriter(SinkWriter):
                 except ClientError:
                     raise exc from None
         if self._suspects:
-            self._abort_unknown()
+            from rayflow._internal.storage.s3 import abort_stray_uploads
+
+            abort_stray_uploads(client, bucket, self._suspects)
 
     def abort(self, committable: Any) -> None:
         if committable is None:

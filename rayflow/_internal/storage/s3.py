@@ -8,6 +8,7 @@ declined in seconds, not hang the job for minutes.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +25,8 @@ try:
     from botocore.exceptions import BotoCoreError, ClientError
 except ImportError as exc:
     raise missing_extra("boto3", "S3 support (s3:// storage, S3JsonLines)", "s3") from exc
+
+log = logging.getLogger("rayflow")
 
 
 def s3_client(attempts: int | None = None) -> Any:
@@ -111,6 +114,48 @@ class FailFastGate:
             raise
         self._pause = 1.0
         return result
+
+
+def create_upload(
+    gate: FailFastGate, client: Any, bucket: str, key: str, suspects: dict[str, str | None]
+) -> str:
+    """Begin a multipart upload of ``key`` through ``gate``; return its upload id.
+
+    A create that failed, or succeeded only on a retry, may have reached S3 with
+    its answer lost, leaving an upload nobody will complete: ``key`` is noted in
+    ``suspects`` with the upload id in use (None: none), and
+    :func:`abort_stray_uploads` later aborts every other upload under it. A key
+    created again (a retried prepare reuses its names) takes the new id.
+    """
+    try:
+        created = gate.call(client.create_multipart_upload, Bucket=bucket, Key=key)
+    except Exception:
+        suspects[key] = None
+        raise
+    if created.get("ResponseMetadata", {}).get("RetryAttempts") or key in suspects:
+        suspects[key] = created["UploadId"]
+    return str(created["UploadId"])
+
+
+def abort_stray_uploads(client: Any, bucket: str, suspects: dict[str, str | None]) -> None:
+    """Abort the uploads under each suspect key but the one in use (:func:`create_upload`).
+
+    Only keys the writer named itself, so no other partition's or incarnation's
+    upload is touched. Best effort: a key whose listing or abort fails stays in
+    ``suspects`` for the next try.
+    """
+    for key, keep in list(suspects.items()):
+        try:
+            listed = client.list_multipart_uploads(Bucket=bucket, Prefix=key)
+            for upload in listed.get("Uploads", []):
+                if upload["Key"] == key and upload["UploadId"] != keep:
+                    client.abort_multipart_upload(
+                        Bucket=bucket, Key=key, UploadId=upload["UploadId"]
+                    )
+        except Exception as exc:  # unreachable again: at the next try
+            log.debug("uploads under %s not aborted yet: %s", key, exc)
+            continue
+        del suspects[key]
 
 
 def clean_sink_prefix(
