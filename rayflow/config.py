@@ -144,8 +144,8 @@ class Checkpointing:
       ``"at_least_once"`` does not align (an operator with several inputs
       never holds one back, which saves latency under skew), so a recovery
       may apply some records twice, but never loses one.
-    - ``recovery``: ``"partial"`` (opt-in: a duplicate and a hang were seen under
-      chaos in CI, docs/protocol.md "Partial recovery") restarts only the operator
+    - ``recovery``: ``"partial"`` (opt-in: a lost node once left a record
+      counted twice, docs/protocol.md "Partial recovery") restarts only the operator
       partitions whose actors died, from their own snapshots, while their
       senders resend what they logged since the checkpoint and everything
       else keeps running; it falls back to a global restart where it cannot
