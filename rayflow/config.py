@@ -144,15 +144,15 @@ class Checkpointing:
       ``"at_least_once"`` does not align (an operator with several inputs
       never holds one back, which saves latency under skew), so a recovery
       may apply some records twice, but never loses one.
-    - ``recovery``: ``"partial"`` (opt-in: a lost node once left a record
-      counted twice, docs/protocol.md "Partial recovery") restarts only the operator
+    - ``recovery``: ``"partial"`` (the default) restarts only the operator
       partitions whose actors died, from their own snapshots, while their
       senders resend what they logged since the checkpoint and everything
       else keeps running; it falls back to a global restart where it cannot
       be exact (an exception in a step, two neighbouring partitions lost
-      together, a second loss before a checkpoint completed, the job's end
-      game). ``"global"`` (the default) resets every operator to the last
-      checkpoint on any failure. Partial recovery needs
+      together, a lost node, a second loss before a checkpoint completed,
+      the job's end game; docs/protocol.md "Partial recovery").
+      ``"global"`` resets every operator to the last checkpoint on any
+      failure. Partial recovery needs
       aligned exactly-once checkpoints (otherwise it is global);
       ``handle.recoveries()`` says which (``scope``). Senders keep what they
       sent since the last completed checkpoint (in memory, spilled to local
@@ -175,7 +175,7 @@ class Checkpointing:
     max_checkpoint_gap_s: float | None = 600.0
     max_backoff_s: float = 30.0
     max_uncommitted_records: int | None = 10_000_000
-    recovery: str = "global"
+    recovery: str = "partial"
 
     def __post_init__(self) -> None:
         from rayflow._internal.storage.base import normalize_uri

@@ -45,7 +45,8 @@ def main() -> None:
             sinks={"out": rf.testing.Collect()},
             count_options={"resources": {"victim": 0.1}},
         )
-        config = rf.Checkpointing(storage=tempfile.mkdtemp(), interval_s=0.5)
+        # Partial recovery asked for: a lost node must still be recovered globally.
+        config = rf.Checkpointing(storage=tempfile.mkdtemp(), interval_s=0.5, recovery="partial")
         handle = rf.start(flow, checkpoint=config)
         while (handle.checkpoint_stats() or {}).get("completed", 0) < 2:
             time.sleep(0.1)
@@ -79,6 +80,8 @@ def main() -> None:
                     if result.recoveries
                     else None,
                     "replaced": result.recoveries[0]["replaced"] if result.recoveries else [],
+                    "scopes": [r["scope"] for r in result.recoveries],
+                    "reason": result.recoveries[0].get("reason") if result.recoveries else None,
                 }
             ),
             flush=True,

@@ -35,3 +35,6 @@ def test_losing_a_worker_node_recovers_exactly_once() -> None:
     assert report["restarts"] >= 1
     assert {"rayflow/chaos-node/count/0", "rayflow/chaos-node/count/1"} <= set(report["replaced"])
     assert report["detected_after_s"] < 5.0
+    # Partial recovery was asked for; a lost node is recovered globally, and says why.
+    assert report["scopes"][0] == "global"
+    assert "was lost with its node" in report["reason"]

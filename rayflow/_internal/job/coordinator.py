@@ -519,16 +519,19 @@ class JobCoordinator:
     async def _recover(self, failures: list[Failure], delay: float) -> None:
         assert self.failover is not None
         self._set_status(JobStatus.RECOVERING)
-        if await self._recover_partially(failures, delay):
+        why_global = await self._recover_partially(failures, delay)
+        if why_global is None:
             return
         # Every task starts over in a new epoch: what the sources said is void from here.
         self._global_under_way = True
         try:
-            await self._recover_globally(failures, delay)
+            await self._recover_globally(failures, delay, why_global)
         finally:
             self._global_under_way = False
 
-    async def _recover_globally(self, failures: list[Failure], delay: float) -> None:
+    async def _recover_globally(
+        self, failures: list[Failure], delay: float, why_global: str = ""
+    ) -> None:
         assert self.failover is not None
         # Step 1. Forget the end game, then quiesce: the recovery point is read only
         # once no manifest write is in flight (docs/protocol.md, rule R1).
@@ -561,18 +564,22 @@ class JobCoordinator:
         if self._stopping:
             await self._deployed.stop_sources()
         record["cause"] = order_failures(failures)[0].describe()
+        if why_global:  # partial recovery was on, and could not be exact here
+            record["reason"] = why_global
         self._report.recoveries.append(record)
         self._tasks.append(
             asyncio.get_running_loop().create_task(self._time_recovery(record, phases))
         )
 
-    async def _recover_partially(self, failures: list[Failure], delay: float) -> bool:
-        """Replace only the dead actors, if that can be exact (Checkpointing.recovery);
-        False: the caller restarts globally."""
+    async def _recover_partially(self, failures: list[Failure], delay: float) -> str | None:
+        """Replace only the dead actors, if that can be exact (Checkpointing.recovery).
+
+        Returns None if it did; else why not ("" when partial recovery is off), and
+        the caller restarts globally."""
         assert self.failover is not None and self.deployment is not None
         dep = self.deployment
         if not dep.local_recovery or self.checkpoints is None:
-            return False
+            return ""
         reason = None
         if any(f.kind != "actor_died" or f.step is None for f in failures):
             reason = f"the failure is not an actor's death ({order_failures(failures)[0].kind})"
@@ -587,6 +594,14 @@ class JobCoordinator:
             dead |= await dep.unresponsive(PING_TIMEOUT_S)
             if not dead:
                 reason = "no actor is gone"
+        if reason is None:
+            lost = await dep.on_lost_nodes(dead)
+            if lost:
+                key, node = sorted(lost.items())[0]
+                reason = (
+                    f"{dep.name(key)} was lost with its node {node[:12]} (what the node "
+                    "held, logs and staged output, may be gone with it)"
+                )
         aborted_upto = self.checkpoints.next_id - 1
         if reason is None:
             await self.checkpoints.quiesce()
@@ -594,7 +609,7 @@ class JobCoordinator:
             reason = self.failover.local_blocker(dead, point)
         if reason is not None:
             log.info("job %s: recovering globally: %s", self.job, reason)
-            return False
+            return reason
         await asyncio.sleep(delay)
         self._partial_since_point = True
         # A replaced source partition reads again from the checkpoint: its end, if it
@@ -610,7 +625,7 @@ class JobCoordinator:
                 type(exc).__name__,
                 _first_line(exc),
             )
-            return False
+            return f"the partial recovery failed: {type(exc).__name__}: {_first_line(exc)}"
         for key in dead:
             self._runs[key] = dep.run_one(key)
         self.checkpoints.resume(point.manifest if point else None)
@@ -629,7 +644,7 @@ class JobCoordinator:
         self._tasks.append(
             asyncio.get_running_loop().create_task(self._time_recovery(record, phases, dead))
         )
-        return True
+        return None
 
     async def _time_recovery(
         self, record: dict[str, Any], phases: dict[str, float], keys: set[ActorKey] | None = None

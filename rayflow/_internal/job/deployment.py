@@ -65,6 +65,8 @@ class Deployment:
         self.instance = instance
         self.epoch = 0
         self.handles: dict[ActorKey, Any] = {}
+        #: The Ray node each actor runs on, as it said when it was first ready.
+        self.nodes: dict[ActorKey, str] = {}
         self._plan_ref: Any = None
 
     @classmethod
@@ -163,6 +165,15 @@ class Deployment:
         )
         return {k for k, r in zip(keys, results, strict=True) if isinstance(r, BaseException)}
 
+    async def on_lost_nodes(self, keys: Iterable[ActorKey]) -> dict[ActorKey, str]:
+        """Those of ``keys`` whose node Ray no longer counts among the living, and the node."""
+        homes = {k: self.nodes[k] for k in keys if self.nodes.get(k)}
+        if not homes:
+            return {}
+        nodes = await asyncio.to_thread(ray.nodes)
+        alive = {n["NodeID"] for n in nodes if n.get("Alive")}
+        return {k: node for k, node in homes.items() if node not in alive}
+
     async def reset(
         self, keys: Iterable[ActorKey], restore_to: int | None, timeout_s: float = 30.0
     ) -> dict[ActorKey, int | BaseException]:
@@ -191,18 +202,21 @@ class Deployment:
         if not wanted:
             return
         refs = {key: self.handles[key].ready.remote() for key in wanted}
+        futures = {key: _wrap(ref) for key, ref in refs.items()}
         waited = 0.0
         step = 30.0
         while True:
             done, pending = await asyncio.wait(
-                [_wrap(r) for r in refs.values()], timeout=min(step, timeout_s - waited)
+                futures.values(), timeout=min(step, timeout_s - waited)
             )
             for fut in done:
                 fut.result()  # raises if an actor failed to start
             if not pending:
+                for key, fut in futures.items():
+                    _, self.nodes[key] = fut.result()
                 return
             waited += step
-            missing = [self.name(k) for k, r in refs.items() if not r.future().done()]
+            missing = [self.name(k) for k, f in futures.items() if not f.done()]
             needs = {
                 self.name(k): self.plan.stage(k[0]).resources.ray_options(
                     self.config.operator_cpus_value

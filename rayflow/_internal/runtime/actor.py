@@ -92,10 +92,12 @@ class OperatorActor:
 
         self._make = make
         self.task = make(epoch)
+        self._node_id = _node_id()
 
     @ray.method(concurrency_group="control")
-    async def ready(self) -> str:
-        return self.task.actor_name
+    async def ready(self) -> tuple[str, str]:
+        """This partition's actor name and the node it runs on (a ping)."""
+        return self.task.actor_name, self._node_id
 
     async def reset(self, epoch: int, restore_to: int | None) -> int:
         """Drop everything for a restart in ``epoch``: a fresh task, same process.
@@ -224,3 +226,10 @@ class OperatorActor:
 async def _call(fn: Any, *args: Any) -> Any:
     """``fn(*args)`` as a coroutine (to run a plain method on the data plane's loop)."""
     return fn(*args)
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray, as in unit tests)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
