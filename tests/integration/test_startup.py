@@ -89,20 +89,22 @@ def _tiny(name: str, limit: int | None = 100) -> rf.Dataflow:
 
 def test_rays_workers_import_rayflow_before_they_take_work() -> None:
     """A Ray that rayflow starts (here: the tests', the same way) has its workers import
-    rayflow's actor module when they start, not when an actor needs them (a replacement
-    actor then starts sooner: benchmarks/recovery.py)."""
+    rayflow's actor modules, and what Ray's serialization context imports for a job
+    (pyarrow), when they start, not when an actor needs them (a job's actors and a
+    replacement actor then start sooner: benchmarks/startup.py, benchmarks/recovery.py)."""
 
     @ray.remote(num_cpus=0)
-    def worker() -> tuple[list[str], bool]:
+    def worker() -> tuple[list[str], dict[str, bool]]:
         import sys
 
         # sys.argv: the worker's command line as Ray started it (its process title
         # is rewritten to ray::...).
-        return list(sys.argv), "rayflow._internal.runtime.actor" in sys.modules
+        wanted = ("rayflow._internal.runtime.actor", "rayflow._internal.job.coordinator")
+        return list(sys.argv), {m: m in sys.modules for m in (*wanted, "pyarrow")}
 
     cmdline, imported = ray.get(worker.remote(), timeout=60)
     assert any(
-        a.startswith("--worker-preload-modules=") and "rayflow._internal.runtime.actor" in a
+        a.startswith("--worker-preload-modules=") and "rayflow._internal.preload" in a
         for a in cmdline
     ), cmdline
-    assert imported
+    assert all(imported.values()), imported

@@ -43,12 +43,13 @@ from typing import Any
 log = logging.getLogger("rayflow")
 
 #: What every Ray worker of a Ray that rayflow starts imports before it takes work
-#: (Ray's ``preload_python_modules``): an operator actor then starts without importing
-#: rayflow and Ray's serializers first. Measured (benchmarks/recovery.py): that import
-#: work, ~0.1 s on an idle machine, took 0.3-0.9 s in a worker started while the rest
-#: of a job ran; ``recovery.py --scopes-only --rate 10000``, same conditions: a partial
-#: recovery 0.89 s with it preloaded, 1.36 s without; a global one 0.51 s and 0.63 s.
-PRELOAD_MODULES = "rayflow._internal.runtime.actor,ray._common.pydantic_compat"
+#: (Ray's ``preload_python_modules``; the module says what and why): an actor then
+#: starts without importing rayflow, Ray's serializers and pyarrow first. Measured
+#: (benchmarks/recovery.py): that import work, ~0.1 s on an idle machine, took
+#: 0.3-0.9 s in a worker started while the rest of a job ran; ``recovery.py
+#: --scopes-only --rate 10000``, same conditions: a partial recovery 0.89 s with it
+#: preloaded, 1.36 s without; a global one 0.51 s and 0.63 s.
+PRELOAD_MODULES = "rayflow._internal.preload"
 
 
 def preload_in_new_ray() -> None:
