@@ -9,7 +9,7 @@ from typing import Any
 
 import rayflow as rf
 from rayflow._internal.runtime import serde
-from rayflow._internal.runtime.causal import CausalCursor, CausalLog, CausalStore
+from rayflow._internal.runtime.causal import CausalCursor, CausalLog, CausalStore, order_since
 from rayflow._internal.runtime.channels import (
     REBALANCE_RECORDS,
     OutputChannel,
@@ -44,6 +44,34 @@ def test_receivers_keep_prefixes_of_one_order_and_the_longest_covers_them_all() 
     log.entries.append(2)
     at_fast.add("x", fast.take() or (0, 0, []))
     assert at_fast.get("x") == (7, [2])
+
+
+def test_the_order_since_the_last_completed_checkpoint_survives_a_given_up_one() -> None:
+    """Rule P10: a sender that took its snapshot of checkpoint 3 and died before 3
+    completed is restored to 2; its receiver must still hold the order since 2
+    (the node-loss duplicate: the log had been restarted at 3, the replay was
+    unordered and its receiver, dropping by index, kept 44 records twice)."""
+    log = CausalLog(base=2)
+    cursor, store = CausalCursor(log), CausalStore()
+
+    def took(*channels: int) -> None:
+        log.entries.extend(channels)
+        if (d := cursor.take()) is not None:
+            store.add("x", d)
+
+    took(0, 1, 1, 0)
+    log.mark(3)  # the snapshot of 3, then more input after its barrier
+    took(1, 0)
+    assert order_since(store.get("x"), 2) == [0, 1, 1, 0, 1, 0]  # 3 given up: back to 2
+    assert order_since(store.get("x"), 3) == [1, 0]
+    log.trim(3)  # 3 completed: the order before its barrier is dropped, and resent
+    took(1)
+    assert log.base == 3 and log.entries == [1, 0, 1]
+    assert store.get("x") == (3, [1, 0, 1])
+    assert order_since(store.get("x"), 3) == [1, 0, 1]
+    assert order_since(store.get("x"), 2) is None  # never asked: 2 is not the latest
+    # A receiver that consumed nothing after the barrier of 3 contributes an empty prefix.
+    assert order_since((2, [0, 1]), 3) == []
 
 
 def test_a_sender_waits_for_a_dead_receiver_and_replays_what_it_sent_after_the_checkpoint() -> None:

@@ -40,6 +40,7 @@ from rayflow._internal.checkpoint.restore import RestorePoint, assign
 from rayflow._internal.checkpoint.snapshot import CorruptSnapshot
 from rayflow._internal.job.deployment import ActorKey, Deployment
 from rayflow._internal.plan import Plan
+from rayflow._internal.runtime.causal import order_since
 from rayflow._internal.spec import StepKind
 from rayflow._internal.storage.base import ObjectNotFound, StorageError
 from rayflow.config import Checkpointing
@@ -273,9 +274,9 @@ class Failover:
             for (key, _), logs in zip(resets, found_logs, strict=True):
                 for found in logs.values():
                     # The receivers' logs are prefixes of one order: the longest covers all.
-                    if found is not None and found[0] == restore_to:
-                        if len(found[1]) > len(forced[key]):
-                            forced[key] = found[1]
+                    order = order_since(found, restore_to)
+                    if order is not None and len(order) > len(forced[key]):
+                        forced[key] = order
             phases["receivers_reset"] = time.time()
             for key in sorted(dead):  # what a dead sink partition staged after the checkpoint
                 for name in self.plan.stage(key[0]).steps:

@@ -36,9 +36,50 @@ class CausalLog:
         self.entries: list[Any] = []
 
     def restart(self, base: int) -> None:
-        """A checkpoint was taken (or restored): the order before it is never asked for."""
+        """Restored to checkpoint ``base``: the order before it is never asked for."""
         self.base = base
         self.entries = []
+
+    def mark(self, checkpoint_id: int) -> None:
+        """This partition took its snapshot of ``checkpoint_id`` here.
+
+        The entries before it are kept until the checkpoint *completes*: a
+        recovery goes back to the last completed checkpoint, and one taken
+        here may still be given up (rule P10 in docs/protocol.md)."""
+        self.entries.append(mark_of(checkpoint_id))
+
+    def trim(self, checkpoint_id: int) -> None:
+        """Checkpoint ``checkpoint_id`` completed: drop the order up to its barrier."""
+        if checkpoint_id <= self.base:
+            return
+        try:
+            at = self.entries.index(mark_of(checkpoint_id))
+        except ValueError:
+            return  # not taken here (cannot complete without it): keep everything
+        self.base = checkpoint_id
+        self.entries = self.entries[at + 1 :]
+
+
+def mark_of(checkpoint_id: int) -> str:
+    """The entry that marks where a partition took its snapshot of ``checkpoint_id``."""
+    return f"@{checkpoint_id}"
+
+
+def order_since(found: tuple[int, list[Any]] | None, checkpoint_id: int) -> list[Any] | None:
+    """From a receiver's copy of a sender's log, the order the sender took its input
+    in after its snapshot of ``checkpoint_id`` (marks left out); None if the copy does
+    not reach back that far."""
+    if found is None:
+        return None
+    base, entries = found
+    if base > checkpoint_id:
+        return None
+    if base < checkpoint_id:
+        mark = mark_of(checkpoint_id)
+        if mark not in entries:
+            return []  # the receiver consumed nothing the sender sent after that barrier
+        entries = entries[entries.index(mark) + 1 :]
+    return [e for e in entries if not isinstance(e, str)]
 
 
 class CausalCursor:

@@ -729,6 +729,8 @@ class StageTask:
             return
         if self._log is not None:
             self._log.trim(checkpoint_id)
+            if self._causal is not None:
+                self._causal.trim(checkpoint_id)
             for old in [c for c in self._positions_at if c < checkpoint_id]:
                 del self._positions_at[old]
         if self.is_source:
@@ -1215,7 +1217,7 @@ class StageTask:
             self._positions_at[cid] = self._positions()
             self._log.mark(cid)
             if self._causal is not None:
-                self._causal.restart(cid)
+                self._causal.mark(cid)  # trimmed once the checkpoint completes (P10)
         # Step 3. Upload while processing goes on; acknowledge when written.
         task = asyncio.get_running_loop().create_task(self._upload(barrier, data, mode, sources))
         self._uploads.add(task)
