@@ -201,8 +201,7 @@ class Deployment:
         wanted = list(self.handles) if keys is None else list(keys)
         if not wanted:
             return
-        refs = {key: self.handles[key].ready.remote() for key in wanted}
-        futures = {key: _wrap(ref) for key, ref in refs.items()}
+        futures = {key: _wrap(self.handles[key].ready.remote()) for key in wanted}
         waited = 0.0
         step = 30.0
         while True:
@@ -221,7 +220,7 @@ class Deployment:
                 self.name(k): self.plan.stage(k[0]).resources.ray_options(
                     self.config.operator_cpus_value
                 )
-                for k in refs
+                for k in futures
             }
             message = (
                 f"{len(missing)} operator actor(s) of job {self.job!r} are not running "

@@ -92,7 +92,7 @@ class OperatorActor:
 
         self._make = make
         self.task = make(epoch)
-        self._node_id = _node_id()
+        self._node_id = ray.get_runtime_context().get_node_id()
 
     @ray.method(concurrency_group="control")
     async def ready(self) -> tuple[str, str]:
@@ -118,9 +118,7 @@ class OperatorActor:
         """The node and process this partition runs in (for people and tests)."""
         import os
 
-        import ray
-
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        return {"node_id": self._node_id, "pid": os.getpid()}
 
     async def restore(
         self, assignment: Assignment | None, local: dict[str, Any] | None = None
@@ -226,10 +224,3 @@ class OperatorActor:
 async def _call(fn: Any, *args: Any) -> Any:
     """``fn(*args)`` as a coroutine (to run a plain method on the data plane's loop)."""
     return fn(*args)
-
-
-def _node_id() -> str:
-    """The Ray node this process runs on ("" outside Ray, as in unit tests)."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
