@@ -341,6 +341,8 @@ def test_chaos_stop_with_savepoint_then_resume_and_restore_from_continue_exactly
     assert final is not None and final > saved.checkpoint_id
     stopped_at = saved.sources["events"]
     assert 0 < sum(stopped_at.values()) < 2 * PER_PARTITION
+    last = open_restore_point(f"{storage}/{job}/checkpoints/{final:010d}").manifest
+    assert last.sources["events"] == stopped_at  # R2, R16: both hold the same records
 
     # resume=True: the rest of the input, once, into the same sinks.
     resumed = rf.run(flow(PER_PARTITION, first_sinks), checkpoint=config, resume=True)
@@ -369,6 +371,32 @@ def test_chaos_stop_with_savepoint_then_resume_and_restore_from_continue_exactly
             assert count == last.get(key, before[key]) + 1, (name, key, count)
             last[key] = count
     assert Counter(k for s in updates.values() for k, _ in s) == after
+
+
+def test_r16_a_source_restarted_while_stopping_reads_nothing_past_the_savepoint(
+    tmp_path: Path,
+) -> None:
+    """A source killed after the final checkpoint of a stop with a savepoint restarts
+    from it stopped: the job's last checkpoint and its savepoint hold the same offsets."""
+    job = "r16-stop-restart"
+    storage = str(tmp_path / "checkpoints")
+    flow = counting_flow(  # as fast as it goes: any record read past the stop shows
+        job, per_partition=50_000_000, rate=None, sinks={"collected": rf.testing.Collect()}
+    )
+    faults = rf.testing.Faults(
+        at=(rf.testing.Fault("final_after_manifest", "kill_operator", f"rayflow/{job}/events/0"),)
+    )
+    handle = rf.start(
+        flow, checkpoint=rf.Checkpointing(storage=storage, interval_s=0.5), faults=faults
+    )
+    time.sleep(1.0)
+    result = handle.stop(savepoint=tmp_path / "sp", timeout=120)
+    assert result.status is rf.JobStatus.STOPPED and result.restarts == 1
+    saved = open_restore_point(str(tmp_path / "sp")).manifest.sources["events"]
+    last = open_restore_point(f"{storage}/{job}/checkpoints/{result.final_checkpoint:010d}")
+    assert last.manifest.sources["events"] == saved
+    updates = collect_streams(result, "collected")
+    assert sum(len(s) for s in updates.values()) == sum(saved.values())
 
 
 def _counts_up_to(offsets: dict[int, int]) -> Counter[str]:

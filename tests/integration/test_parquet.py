@@ -247,7 +247,7 @@ def test_a_record_that_does_not_fit_fails_the_job_clearly_and_keeps_committed_fi
     tmp_path: Path,
 ) -> None:
     flow = rf.Dataflow("parquet-bad-record")
-    flow.source("nums", rf.sources.Generator(_numbers, limit=2000, rate=3000)).sink(
+    flow.source("nums", rf.sources.Generator(_numbers, limit=2000, rate=1500)).sink(
         "out", rf.sinks.Parquet(tmp_path / "out", rows_per_file=100)
     )
     with pytest.raises(rf.JobFailedError) as info:

@@ -62,7 +62,10 @@ class Feeder(threading.Thread):
         try:
             from confluent_kafka import Producer
 
-            producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+            # Idempotent: a retried produce cannot put an event into the input twice.
+            producer = Producer(
+                {"bootstrap.servers": self.bootstrap, "linger.ms": 5, "enable.idempotence": True}
+            )
             started = time.monotonic()
             for i in range(self.events):
                 producer.produce(self.topic, b"1", f"k{i % self.keys}".encode())

@@ -223,6 +223,8 @@ def test_a_broker_connection_lost_for_seconds_delays_but_loses_nothing(
         proxy.down = False
         result = _finish(handle, broker.direct, sink, feeder.expected(), feeder)
         assert proxy.counts["refused"] > 0  # the job's clients tried, and were turned away
+        given = Counter(r.key.decode() for r in read_topic(broker.direct, source))
+        assert given == feeder.expected(), "the input itself holds an event twice or not at all"
         streams, aborted = sum_streams(
             broker.direct, sink, filters_aborted=bool(broker.filters_aborted)
         )

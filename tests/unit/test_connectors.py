@@ -137,3 +137,52 @@ def test_part_files_no_sink_claimed_are_refused_not_deleted(tmp_path: Path) -> N
     with pytest.raises(rf.ConfigError, match="no rayflow sink claimed"):
         rf.sinks.JsonLines(tmp_path).setup("j", step="out", restored_checkpoint=None)
     assert (tmp_path / "part-00000.jsonl").read_text() == "somebody's\n"
+
+
+class _Message:
+    def __init__(self, offset: int):
+        self._offset = offset
+
+    def error(self) -> None:
+        return None
+
+    def offset(self) -> int:
+        return self._offset
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_000 * self._offset)
+
+    def key(self) -> bytes:
+        return b"k"
+
+    def value(self) -> bytes:
+        return str(self._offset).encode()
+
+
+class _Consumer:
+    """Delivers the given offsets, batch by batch (what librdkafka's consume returns)."""
+
+    def __init__(self, batches: list[list[int]]):
+        self.batches = batches
+
+    def consume(self, num_messages: int, timeout: float) -> list[_Message]:
+        return [_Message(o) for o in self.batches.pop(0)] if self.batches else []
+
+    def get_watermark_offsets(self, tp: object, cached: bool) -> tuple[int, int]:
+        return (-1001, -1001)
+
+
+def test_a_kafka_reader_drops_what_the_consumer_delivers_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from rayflow._internal.connectors.kafka_source import _KafkaReader
+
+    reader = _KafkaReader.__new__(_KafkaReader)  # no broker: the consumer is a stand-in
+    reader.__dict__.update(
+        _topic="in", _partition=0, _tp=None, _next=5, _high=None, _low=None, _redelivered=0
+    )
+    reader._consumer = _Consumer([[5, 6, 7], [6, 7, 8, 9], [3, 9, 10, 10, 11]])  # type: ignore[assignment]
+    read = [m.offset for _ in range(4) for m in reader.read(100)]
+    assert read == [5, 6, 7, 8, 9, 10, 11]  # each offset once, in order
+    assert reader.offset()["offset"] == 12 and reader._redelivered == 5
+    assert "delivered 2 records it had from offset 8 again" in caplog.text

@@ -370,6 +370,7 @@ class _KafkaReader(SourceReader):
         self._low: int | None = None
         self._logged_at = 0.0
         self._closed = False
+        self._redelivered = 0  # records the consumer delivered again, dropped
         self._tp = TopicPartition(topic, partition)
         self._consumer: Consumer = Consumer(config)
         self._consumer.assign([TopicPartition(topic, partition, start)])
@@ -379,24 +380,42 @@ class _KafkaReader(SourceReader):
         topic, partition = self._topic, self._partition
         out: list[Any] = []
         append = out.append
+        next_offset, again = self._next, 0
         for m in messages:
             error = m.error()
             if error is not None:
                 self._on_error(error)
                 continue
+            offset: int = m.offset()  # type: ignore[assignment]
+            if offset < next_offset:
+                # Already read: a fetch after a reconnect may start before the position;
+                # the offset, not the delivery, says what this partition has emitted.
+                again += 1
+                continue
+            next_offset = offset + 1
             ts_type, ts = m.timestamp()
             append(
                 KafkaMessage(
                     topic,
                     partition,
-                    m.offset(),  # type: ignore[arg-type]
+                    offset,
                     m.key(),
                     m.value(),
                     ts / 1000.0 if ts_type else None,  # type 0: no timestamp
                 )
             )
-        if out:
-            self._next = out[-1].offset + 1
+        first_offset, self._next = self._next, next_offset
+        if again:
+            self._redelivered += again
+            log.warning(
+                "Kafka source %s[%d]: the consumer delivered %d records it had from offset %d "
+                "again; dropped (%d so far)",
+                topic,
+                partition,
+                again,
+                first_offset,
+                self._redelivered,
+            )
         self._refresh_watermarks()
         return out
 

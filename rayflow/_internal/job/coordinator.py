@@ -557,12 +557,14 @@ class JobCoordinator:
         if restored is not point:
             self._recovery_point = restored
         self._report.restored_checkpoint = record["restored_checkpoint"]
+        if self._stopping:
+            # Stopped before they run, not after (rule R16): not one record past the
+            # restore point, which may be the final checkpoint after the savepoint.
+            await self._deployed.stop_sources()
         self._runs = self._deployed.run_all()
         if self.checkpoints is not None:
             self.checkpoints.resume(restored.manifest if restored else None)
         self._set_status(JobStatus.STOPPING if self._stopping else JobStatus.RUNNING)
-        if self._stopping:
-            await self._deployed.stop_sources()
         record["cause"] = order_failures(failures)[0].describe()
         if why_global:  # partial recovery was on, and could not be exact here
             record["reason"] = why_global
@@ -626,12 +628,12 @@ class JobCoordinator:
                 _first_line(exc),
             )
             return f"the partial recovery failed: {type(exc).__name__}: {_first_line(exc)}"
+        if self._stopping:  # a stop that came meanwhile (stop() leaves it to the recovery)
+            await self._deployed.stop_sources()  # before the replaced ones run (R16)
         for key in dead:
             self._runs[key] = dep.run_one(key)
         self.checkpoints.resume(point.manifest if point else None)
         self._set_status(JobStatus.STOPPING if self._stopping else JobStatus.RUNNING)
-        if self._stopping:  # a stop that came meanwhile (stop() leaves it to the recovery)
-            await self._deployed.stop_sources()
         record["cause"] = order_failures(failures)[0].describe()
         self._report.recoveries.append(record)
         log.warning(
