@@ -49,6 +49,11 @@ ROOM_BATCHES = 4
 #: the sender goes on serving its other channels; past this, the sender waits too.
 PAUSED_BUFFER_RECORDS = 200_000
 
+#: Bytes a channel whose receiver died may put into its log unsent ("parked": the
+#: replay to the replacement sends them) before a send on it waits for the reconnect.
+#: The log spills to local disk, so this bounds disk, not memory.
+PARKED_BYTES = 64 << 20
+
 #: Records per turn of a REBALANCE router: a fixed count, so that the same records
 #: go to the same receivers when a restarted sender emits them again.
 REBALANCE_RECORDS = 1024
@@ -90,6 +95,8 @@ class OutputChannel:
         "key",
         "log",
         "next_seq",
+        "parked_bytes",
+        "parking",
         "paused",
         "pending",
         "receiver",
@@ -133,6 +140,10 @@ class OutputChannel:
         self.gen = 0
         self.records_sent = 0
         self.paused = False
+        # The receiver died and no replacement is connected yet: messages go into the
+        # log only (they are sent by the replay), so that no send waits for a dead actor.
+        self.parking = False
+        self.parked_bytes = 0
         self.incarnation = 0
 
     def enable_log(self, log: ReplayLog, gen: int, causal: CausalLog | None) -> None:
@@ -143,7 +154,7 @@ class OutputChannel:
 
     def has_credit(self, size: int) -> bool:
         if self.paused:
-            return False
+            return self.parking and self.parked_bytes + size <= PARKED_BYTES
         return self._credit(size)
 
     def _credit(self, size: int) -> bool:
@@ -165,6 +176,14 @@ class OutputChannel:
         self.next_seq = seq + 1
         meta = None
         log = self.log
+        if self.parking:
+            assert log is not None
+            # Logged under its number, not sent: the replay to the replacement sends it.
+            # The causal entries stay for the first message the replacement gets.
+            log.append(self.key, seq, kind, payload, (self.records_sent, records))
+            self.records_sent += records
+            self.parked_bytes += size
+            return
         if log is not None:
             causal = self.causal
             meta = (self.gen, self.records_sent, causal.take() if causal is not None else None)
@@ -200,9 +219,10 @@ class OutputChannel:
             exc = future.exception()
             if exc is not None:
                 if self.log is not None:
-                    # The receiver died: wait for the coordinator to reconnect this
-                    # channel to its replacement (or to restart the job).
+                    # The receiver died: park what comes until the coordinator
+                    # reconnects this channel to its replacement (or restarts the job).
                     self.paused = True
+                    self.parking = True
                 elif self.failure is None:
                     self.failure = exc
             else:
@@ -234,6 +254,8 @@ class OutputChannel:
         self.failure = None
         self.credit_batches = 1
         self.paused = True  # new messages wait behind the replay
+        self.parking = False  # what was parked is in the log: the replay sends it
+        self.parked_bytes = 0
         return list(self.log.replay_with_meta(self.key, after))
 
     async def replay(self, entries: list[tuple[int, int, Any, Any]]) -> None:
