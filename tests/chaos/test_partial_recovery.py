@@ -136,6 +136,19 @@ def _ids(handle: rf.JobHandle) -> dict[str, str]:
     }
 
 
+def _ids_once_recovered(handle: rf.JobHandle, timeout: float = 60.0) -> dict[str, str]:
+    """The actor ids once the last recovery is over (a kill may still be in recovery)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if handle.status() is not rf.JobStatus.RECOVERING:
+            try:
+                return _ids(handle)
+            except ValueError:  # a death the coordinator has not seen yet
+                pass
+        assert time.monotonic() < deadline, f"still recovering: {handle.recoveries()}"
+        time.sleep(0.05)
+
+
 def _kill(name: str) -> None:
     ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
 
@@ -161,7 +174,7 @@ def _run(tmp_path: Path, name: str, kills: list[list[str]], rate: float = 10_000
         for victim in group:
             _kill(f"rayflow/{name}/{victim}")
         time.sleep(1.2)
-    during = _ids(handle)
+    during = _ids_once_recovered(handle)
     result = handle.wait(timeout=180)
     assert result.status is rf.JobStatus.FINISHED, result.failures
     collected = {

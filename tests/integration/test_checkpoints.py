@@ -1,4 +1,10 @@
-"""Checkpoints on a real Ray, into a local folder and into a real S3 server."""
+"""Checkpoints on a real Ray, into a real S3 server (and a local folder where it differs).
+
+The whole jobs here run on S3 only: the local folder is the checkpoint storage of
+every chaos and integration test elsewhere, and both backends pass the same storage
+contract tests (tests/storage/test_storage.py). Running each job twice cost the
+suite ~47 s for no path of its own.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ from rayflow._internal.checkpoint.restore import (
     read_manifest,
 )
 from rayflow._internal.storage import open_storage
+
+#: The jobs below run against the S3 server (see the module docstring).
+on_s3 = pytest.mark.parametrize("storage_uri", ["s3"], indirect=True)
 
 
 def _wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
@@ -60,6 +69,7 @@ def _union_and_shuffle(name: str, rate: float | None = 4000) -> rf.Dataflow:
     return flow
 
 
+@on_s3
 def test_snapshots_of_a_union_and_a_shuffle_are_consistent(storage_uri: str) -> None:
     """State at checkpoint n equals what exactly the offsets in manifest n produce."""
     config = rf.Checkpointing(storage=storage_uri, interval_s=0.3, full_every=3, retain=10)
@@ -93,6 +103,7 @@ def test_snapshots_of_a_union_and_a_shuffle_are_consistent(storage_uri: str) -> 
     assert last_output == final_state
 
 
+@on_s3
 def test_manifest_lists_every_step_and_partition_with_sizes_and_checksums(
     storage_uri: str,
 ) -> None:
@@ -139,6 +150,7 @@ def test_manifest_lists_every_step_and_partition_with_sizes_and_checksums(
     assert read_keyed_state(point, "total") == expected_sums(manifest.sources)
 
 
+@on_s3
 def test_coordinator_killed_before_the_manifest_leaves_no_checkpoint(storage_uri: str) -> None:
     config = rf.Checkpointing(storage=storage_uri, interval_s=0.3, retain=100)
     faults = rf.testing.Faults(crash_coordinator_before_manifest=3)
@@ -177,6 +189,7 @@ def _touch_one_percent(partition: int, offset: int) -> tuple[int, int]:
     return key, 1
 
 
+@on_s3
 def test_incremental_checkpoint_after_one_percent_changed_is_small(storage_uri: str) -> None:
     config = rf.Checkpointing(storage=storage_uri, interval_s=3600, full_every=10)
     flow = rf.Dataflow("incremental")
@@ -210,6 +223,7 @@ def test_incremental_checkpoint_after_one_percent_changed_is_small(storage_uri: 
     assert storage.get(full.object.key)  # the base is still there
 
 
+@on_s3
 def test_retention_deletes_old_checkpoints_and_keeps_shared_objects(storage_uri: str) -> None:
     # 16,000 keys (8,000 per partition): enough for incremental snapshots, so that the kept
     # checkpoints' chains start with a full snapshot of an older checkpoint.
@@ -245,6 +259,7 @@ def test_retention_deletes_old_checkpoints_and_keeps_shared_objects(storage_uri:
     assert older, "expected the kept chains to share an object of an older checkpoint"
 
 
+@on_s3
 def test_savepoint_restore_from_and_retention_never_touches_it(
     storage_uri: str, tmp_path: Any
 ) -> None:
@@ -281,6 +296,7 @@ def test_savepoint_restore_from_and_retention_never_touches_it(
     assert last == {u: t for u, t in expected_sums(final.manifest.sources).items() if u in last}
 
 
+@on_s3
 def test_a_corrupt_snapshot_is_never_restored(storage_uri: str, tmp_path: Any) -> None:
     config = rf.Checkpointing(storage=storage_uri, interval_s=5)
     handle = rf.start(_union_and_shuffle("corrupt"), checkpoint=config)

@@ -11,8 +11,13 @@ driver asks its node's raylet to start workers ahead of need (Ray's
 
 - when a job starts, what the node's pool lacks for it, so that they start
   while the coordinator starts instead of after it;
-- once the job ended, what it took, so that the next job finds them ready
-  (not before: that would take CPU from the running job).
+- once the job has run for ``RAYFLOW_WARM_DURING_S`` (default 1 s), what it
+  took, one worker starting at a time, so that the next job finds them
+  ready even if it starts the moment this one ends (jobs run back to back:
+  tests, notebooks, scripts), and a replacement actor in a recovery finds
+  one too; not earlier, since starting processes takes CPU from a job's
+  first second;
+- once the job ended, whatever is still missing then.
 
 The pool is the node's idle and starting Python workers, counted among the
 raylet's child processes (Ray titles an idle one ``ray::IDLE``); a job needs
@@ -72,6 +77,13 @@ POLL_S = 0.05
 def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
     except ValueError:
         return default
 
@@ -160,17 +172,20 @@ class WarmPool:
         self._raylet: _Raylet | None = None
         self._failed: Any = None  # the Ray node on which it failed (then: off there)
         self._want = 0
+        self._slots = 1
         self._until = 0.0
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def ensure(self, here: int, anywhere: int = 0) -> None:
+    def ensure(self, here: int, anywhere: int = 0, *, gently: bool = False) -> None:
         """Have workers idle or starting on this node for ``here`` actors that run on
         it and this node's share (of the cluster's CPUs) of ``anywhere`` others, up
         to the cap.
 
         Asks for what fits the raylet's start-up slots now (a few ms), and
         leaves the rest to a background thread that asks as slots free up.
+        ``gently``: one worker starting at a time (beside a running job, which
+        keeps the other cores).
         """
         cap = _env_int("RAYFLOW_WARM_WORKERS", 8)
         if cap <= 0:
@@ -188,7 +203,8 @@ class WarmPool:
                     share = min(1.0, raylet.cpus / cluster) if cluster > 0 else 0.0
                     workers += math.ceil(anywhere * share)
                 self._want = min(workers, cap)
-                self._until = time.monotonic() + FILL_FOR_S
+                self._slots = 1 if gently else raylet.concurrency
+                self._until = time.monotonic() + (FILL_FOR_S * 3 if gently else FILL_FOR_S)
                 self._top_up(raylet)
                 if self._thread is None or not self._thread.is_alive():
                     self._thread = threading.Thread(
@@ -200,14 +216,20 @@ class WarmPool:
             self._off(exc)
 
     def after(self, done: threading.Event, here: int, anywhere: int = 0) -> None:
-        """:meth:`ensure` once ``done`` is set (a job ended and its actors with it).
+        """:meth:`ensure` once the job has run ``RAYFLOW_WARM_DURING_S``, and again
+        once ``done`` is set (it ended, and its actors with it).
 
-        Not while the job runs: starting processes takes CPU from it (~0.3 s
-        each), enough to halve what a new job does in its first second on a
-        small machine.
+        Not at once: starting processes takes CPU from the job (~0.3 s each),
+        enough to halve what a new job does in its first second on a small
+        machine. But not only at the end either: a job started the moment the
+        last one ended (tests, scripts) would wait for its workers to start,
+        1.5-2 s for six actors on two cores.
         """
+        delay = _env_float("RAYFLOW_WARM_DURING_S", 1.0)
 
         def then() -> None:
+            if delay >= 0 and not done.wait(delay):
+                self.ensure(here, anywhere, gently=True)
             done.wait()
             self.ensure(here, anywhere)
 
@@ -236,7 +258,7 @@ class WarmPool:
         missing = self._want - idle - starting
         if missing <= 0:
             return True
-        free = raylet.concurrency - starting
+        free = min(raylet.concurrency, self._slots) - starting
         if free > 0:
             # The raylet drops what exceeds its free slots: ask again as they free up.
             raylet.prestart(min(missing, free))
