@@ -433,9 +433,11 @@ class _S3JsonLinesWriter(SinkWriter):
 
         self._sink = sink
         self._ctx = ctx
-        # Few retries per call: the checkpoints retry, and a call in prepare_commit
-        # holds up this partition's records while it waits.
-        self._client = s3_client(attempts=2)
+        # One try per call: the checkpoints and the gate retry, and a call here holds
+        # up this partition's records while it waits (a second try after a refused
+        # connection slept ~0.5 s in the client: 17% of the throughput during an
+        # outage, with the gate trying every 2 s).
+        self._client = s3_client(attempts=1)
         self._upload: dict[str, Any] | None = None  # key, upload id, parts so far
         self._after = ctx.restored_checkpoint or 0  # the checkpoint staged data follows
         fd, self._spill_path = tempfile.mkstemp(

@@ -37,6 +37,10 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_TMPDIR"] = _RAY_TMP
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Test jobs run back to back: idle workers for the next one start while a job runs
+# (rayflow/_internal/job/warm.py; off by default, it competes with early recoveries).
+# It saves the suite ~1 minute of waiting for worker processes.
+os.environ.setdefault("RAYFLOW_WARM_DURING_S", "1")
 
 S3_BUCKET = "rayflow-test"
 _S3 = local_s3.LocalS3(

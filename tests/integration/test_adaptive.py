@@ -105,12 +105,17 @@ def test_control_is_answered_while_a_function_is_stuck_and_the_stall_alert_fires
     handle = rf.start(flow, checkpoint=config, runtime=runtime)
     try:
         actor = ray.get_actor("rayflow/stuck/call/0", namespace="rayflow")
-        inside = wait_for(
-            lambda: (
-                (m := ray.get(actor.metrics.remote(), timeout=5)[0])["in_user_code_s"] > 0.5 and m
-            ),
-            what="the step to be inside the stuck call",
-        )
+
+        def stuck_inside() -> dict[str, Any] | None:
+            # Polling only: the driver's first call through a looked-up handle once took
+            # over 5 s in a loaded CI run (the timed call below is what is asserted).
+            try:
+                m: dict[str, Any] = ray.get(actor.metrics.remote(), timeout=5)[0]
+            except ray.exceptions.GetTimeoutError:
+                return None
+            return m if m["in_user_code_s"] > 0.5 else None
+
+        inside = wait_for(stuck_inside, what="the step to be inside the stuck call")
         assert inside["records_in"] >= 500
         # The actor answers at once although its user code has not returned.
         started = time.monotonic()

@@ -551,7 +551,7 @@ class CheckpointCoordinator:
     async def _storage_answers(self) -> bool:
         """A cheap question to the checkpoint storage: is it back?"""
         try:
-            await asyncio.to_thread(self.storage.list, leases.lease_prefix(self.job))
+            await asyncio.to_thread(self.storage.fail_fast().list, leases.lease_prefix(self.job))
         except (StorageError, OSError):
             return False
         return True

@@ -345,13 +345,17 @@ class JobCoordinator:
     async def _keep_lease(self) -> None:
         lease = self._lease
         assert lease is not None and self._checkpointing is not None
-        storage = open_storage(self._checkpointing.storage)
+        # Tried once per renewal: this loop asks again every few seconds itself.
+        storage = open_storage(self._checkpointing.storage).fail_fast()
         pause = lease.ttl_s / 3
         while True:
             await asyncio.sleep(pause)
             try:
                 await asyncio.to_thread(leases.renew, storage, lease)
-                pause = lease.ttl_s / 3
+                # Due a third of the lease after this renewal *began* (its time is the
+                # lease's): one that took long, its calls retried while the storage was
+                # away, left a lease too old to commit under, renewed again at once.
+                pause = max(0.0, lease.renewed_at + lease.ttl_s / 3 - time.time())
             except leases.LeaseLost as exc:
                 self._fenced = True
                 self._fatal.append(Failure(kind="checkpoint", message=str(exc)))

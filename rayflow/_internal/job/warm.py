@@ -11,13 +11,15 @@ driver asks its node's raylet to start workers ahead of need (Ray's
 
 - when a job starts, what the node's pool lacks for it, so that they start
   while the coordinator starts instead of after it;
-- once the job has run for ``RAYFLOW_WARM_DURING_S`` (default 1 s), what it
-  took, one worker starting at a time, so that the next job finds them
-  ready even if it starts the moment this one ends (jobs run back to back:
-  tests, notebooks, scripts), and a replacement actor in a recovery finds
-  one too; not earlier, since starting processes takes CPU from a job's
-  first second;
-- once the job ended, whatever is still missing then.
+- with ``RAYFLOW_WARM_DURING_S=t`` (off by default), also once the job has
+  run t seconds, what it took, one worker starting at a time, so that a job
+  started the moment this one ends finds them ready (the test suite runs
+  this way: 7 back-to-back p=2 jobs of 6 s started in 0.86 s instead of
+  1.61 s). Off by default: the starts compete with the job for CPU, and
+  ``benchmarks/recovery.py --scopes-only --rate 2500`` (a kill 3.5 s into
+  the job) measured a partial recovery of 1.66 s with t=1 against 0.66 s
+  without;
+- once the job ended, what it took (or what is still missing then).
 
 The pool is the node's idle and starting Python workers, counted among the
 raylet's child processes (Ray titles an idle one ``ray::IDLE``); a job needs
@@ -216,16 +218,15 @@ class WarmPool:
             self._off(exc)
 
     def after(self, done: threading.Event, here: int, anywhere: int = 0) -> None:
-        """:meth:`ensure` once the job has run ``RAYFLOW_WARM_DURING_S``, and again
-        once ``done`` is set (it ended, and its actors with it).
+        """:meth:`ensure` once ``done`` is set (the job ended, and its actors with
+        it), and with ``RAYFLOW_WARM_DURING_S`` once the job has run that long.
 
-        Not at once: starting processes takes CPU from the job (~0.3 s each),
-        enough to halve what a new job does in its first second on a small
-        machine. But not only at the end either: a job started the moment the
-        last one ended (tests, scripts) would wait for its workers to start,
-        1.5-2 s for six actors on two cores.
+        Not while the job runs by default: starting processes takes CPU from
+        it (~0.3 s each), enough to halve what a new job does in its first
+        second on a small machine, and to slow a recovery in its first
+        seconds (see the module docstring).
         """
-        delay = _env_float("RAYFLOW_WARM_DURING_S", 1.0)
+        delay = _env_float("RAYFLOW_WARM_DURING_S", -1.0)
 
         def then() -> None:
             if delay >= 0 and not done.wait(delay):

@@ -1349,7 +1349,11 @@ class StageTask:
         started = time.monotonic()
         self._uploading.add(cid)
         try:
-            storage = open_storage(barrier.storage)
+            # Each call tried once: create_once asks again for a few seconds on its own,
+            # then the checkpoint is declined. With the client's retries (~15 s of
+            # backoff) an upload begun in an outage held back every checkpoint after
+            # the storage was back ("still being written").
+            storage = open_storage(barrier.storage).fail_fast()
             digest = await asyncio.get_running_loop().run_in_executor(
                 self._io, _create_and_hash, storage, key, data
             )

@@ -61,6 +61,12 @@ class Storage(ABC):
             return False
         return True
 
+    def fail_fast(self) -> Storage:
+        """This storage with calls that are tried once: for callers that ask again on a
+        schedule of their own (a lease renewal, a probe), so that an answer after an
+        outage comes on that schedule, not after the client's own backoff (~15 s)."""
+        return self
+
     def describe(self, key: str) -> str:
         """A full address of ``key`` for messages."""
         return f"{self.uri.rstrip('/')}/{key}"

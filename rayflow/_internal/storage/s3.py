@@ -8,6 +8,7 @@ declined in seconds, not hang the job for minutes.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -78,11 +79,17 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (BotoCoreError, ConnectionError, TimeoutError))
 
 
+#: The longest a FailFastGate fails calls fast after the destination could not be reached.
+GATE_MAX_PAUSE_S = 2.0
+
+
 class FailFastGate:
     """After the destination could not be reached, calls fail fast for a while.
 
-    (Pauses double up to 8 s.) An outage then costs no waiting at every
-    checkpoint; the checkpoints and commits retry. Used by the S3 sinks.
+    (Pauses double up to 2 s: the storage probe's period, so that a sink is
+    back about when the checkpoints are; with 8 s a checkpoint waited up to 8 s
+    after an outage.) An outage then costs no waiting at every checkpoint;
+    the checkpoints and commits retry. Used by the S3 sinks.
     """
 
     def __init__(self, what: str):
@@ -109,7 +116,7 @@ class FailFastGate:
         except Exception as exc:
             if is_transient(exc):
                 self._retry_at = time.monotonic() + self._pause
-                self._pause = min(self._pause * 2, 8.0)
+                self._pause = min(self._pause * 2, GATE_MAX_PAUSE_S)
                 raise TransientSinkError(f"{self.what} unreachable: {exc}") from exc
             raise
         self._pause = 1.0
@@ -191,6 +198,15 @@ class S3Storage(Storage):
         self.bucket, _, prefix = rest.partition("/")
         self.prefix = prefix.strip("/")
         self._client = s3_client()
+        self._fast: S3Storage | None = None
+
+    def fail_fast(self) -> S3Storage:
+        if self._fast is None:
+            fast = copy.copy(self)
+            fast._client = s3_client(attempts=1)
+            fast._fast = fast
+            self._fast = fast
+        return self._fast
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
