@@ -130,7 +130,7 @@ def _remember(state: int | None, record: tuple[str, int, int]) -> tuple[int, lis
 
 
 def test_at_least_once_loses_nothing_under_kills(tmp_path: Path) -> None:
-    per_partition = 60_000
+    per_partition = 36_000  # 3 s of input: the kills land while it flows
     flow = rf.Dataflow("chaos-at-least-once", parallelism=2)
     a = flow.source(
         "a", rf.sources.Generator(_tagged, partitions=2, limit=per_partition, rate=12_000)
@@ -149,16 +149,16 @@ def test_at_least_once_loses_nothing_under_kills(tmp_path: Path) -> None:
         storage=str(tmp_path / "checkpoints"), interval_s=0.5, mode="at_least_once"
     )
     handle = rf.start(flow, checkpoint=config)
-    monkey = rf.testing.chaos(handle, seed=11, kills=5, every_s=1.2)
+    monkey = rf.testing.chaos(handle, seed=11, kills=3, every_s=1.2)
     result = handle.wait(timeout=240)
     monkey.check()
-    assert len(monkey.kills) == 5
+    assert len(monkey.kills) == 3
     out = [tuple(r) for _, r in result.output("out")]
     expected = {(p, i) for p in range(4) for i in range(per_partition)}
     assert set(out) == expected  # nothing lost
     duplicates = sum(n - 1 for n in Counter(out).values())
     assert len(out) == len(expected) + duplicates  # duplicates are allowed
-    assert result.restarts >= 5
+    assert result.restarts >= 3
 
 
 def _fails_at_5000(record: tuple[str, int]) -> tuple[str, int]:
