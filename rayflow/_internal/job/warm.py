@@ -45,7 +45,7 @@ import math
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger("rayflow")
 
@@ -76,16 +76,13 @@ FILL_FOR_S = 10.0
 POLL_S = 0.05
 
 
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
+_N = TypeVar("_N", int, float)
 
 
-def _env_float(name: str, default: float) -> float:
+def _env(name: str, default: _N) -> _N:
+    """The number in environment variable ``name``, of ``default``'s type (or ``default``)."""
     try:
-        return float(os.environ.get(name, default))
+        return type(default)(os.environ.get(name, default))
     except ValueError:
         return default
 
@@ -132,7 +129,7 @@ class _Raylet:
         job_config = worker.core_worker.get_job_config()
         runtime_env = job_config.runtime_env_info.SerializeToString()
         address = f"{node.node_ip_address}:{port}"
-        keep_s = _env_int("RAYFLOW_WARM_KEEP_S", 300)
+        keep_s = _env("RAYFLOW_WARM_KEEP_S", 300)
 
         def prestart(count: int) -> None:
             request = messages.PrestartWorkersRequest(
@@ -189,7 +186,7 @@ class WarmPool:
         ``gently``: one worker starting at a time (beside a running job, which
         keeps the other cores).
         """
-        cap = _env_int("RAYFLOW_WARM_WORKERS", 8)
+        cap = _env("RAYFLOW_WARM_WORKERS", 8)
         if cap <= 0:
             return
         try:
@@ -226,7 +223,7 @@ class WarmPool:
         second on a small machine, and to slow a recovery in its first
         seconds (see the module docstring).
         """
-        delay = _env_float("RAYFLOW_WARM_DURING_S", -1.0)
+        delay = _env("RAYFLOW_WARM_DURING_S", -1.0)
 
         def then() -> None:
             if delay >= 0 and not done.wait(delay):

@@ -176,19 +176,16 @@ class OutputChannel:
         self.next_seq = seq + 1
         meta = None
         log = self.log
-        if self.parking:
-            assert log is not None
-            # Logged under its number, not sent: the replay to the replacement sends it.
-            # The causal entries stay for the first message the replacement gets.
+        if log is not None:
+            if not self.parking:  # parked: the causal entries wait for the replacement
+                causal = self.causal
+                meta = (self.gen, self.records_sent, causal.take() if causal is not None else None)
             log.append(self.key, seq, kind, payload, (self.records_sent, records))
             self.records_sent += records
+        if self.parking:
+            # Logged under its number, not sent: the replay to the replacement sends it.
             self.parked_bytes += size
             return
-        if log is not None:
-            causal = self.causal
-            meta = (self.gen, self.records_sent, causal.take() if causal is not None else None)
-            log.append(self.key, seq, kind, payload, (self.records_sent, records))
-            self.records_sent += records
         self._dispatch(seq, kind, payload, size, records, meta)
 
     def _dispatch(
