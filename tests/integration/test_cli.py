@@ -330,10 +330,19 @@ def test_list_watch_and_sigterm_stop_a_running_job(tmp_path: Path) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(1.5)
+        # The watcher's own start (interpreter, imports, connecting to Ray) can take
+        # seconds on a loaded host: stop the job only once it has printed a snapshot.
+        assert watch.stdout is not None
+        first: list[str] = []
+        while not first or first[-1] != "}\n":
+            line = watch.stdout.readline()
+            assert line, f"status --watch ended before printing: {watch.stderr.read()}"  # type: ignore[union-attr]
+            first.append(line)
+        time.sleep(1.0)  # a few more refreshes at --interval 0.3
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
-        watched, _ = watch.communicate(timeout=60)
+        rest, _ = watch.communicate(timeout=60)
+        watched = "".join(first) + rest
     finally:
         if proc.poll() is None:
             proc.kill()
