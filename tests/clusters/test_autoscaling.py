@@ -60,7 +60,7 @@ def test_the_autoscaler_adds_workers_for_the_job(tmp_path: Path) -> None:
     head = None
     try:
         # The config names the head's GCS address, so pick the port first.
-        from tests.clusters.head import free_port
+        from tests.support.ports import free_port
 
         port = free_port()
         config.write_text(json.dumps(fake_cluster_config(f"127.0.0.1:{port}")))
