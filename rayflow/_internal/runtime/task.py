@@ -1131,6 +1131,9 @@ class StageTask:
                 raise _sink_error(op, exc) from exc
         await self._run_control()
         self._ended = True
+        # The committer waits for a next checkpoint there will not be: let it return
+        # (left pending, asyncio warns "Task was destroyed but it is pending" at exit).
+        self._commit_wake.set()
 
     # -- checkpoints -------------------------------------------------------
 
@@ -1464,6 +1467,7 @@ class StageTask:
             await asyncio.wait([main], timeout=10)
         if self._committer is not None and not self._committer.done():
             self._committer.cancel()
+            await asyncio.wait([self._committer], timeout=5)
         if self._commits:
             await asyncio.wait(list(self._commits), timeout=60)
         self.mailbox.clear()
