@@ -4,7 +4,11 @@ Prints one JSON line: records, the run's end time, and what the job produced
 (to check it). Ray is started here, privately, before the clock starts. The
 ``startup`` workload runs ``PEER_STARTUP_JOBS`` (default 3) tiny jobs one
 after the other on that one Ray: the first right after ``ray.init``, the
-others on a Ray that has run jobs before.
+others on a Ray that has run jobs before; then, ``PEER_STARTUP_REST_S``
+(default 1.5) seconds later, one more, marked ``rested``: a job back to
+back finds the Ray worker processes for its actors still starting (each
+actor needs one of its own, ~0.3 s of CPU to start), one after a pause
+finds them ready.
 
 The ``windows`` workload: a ``Generator`` source (partition p of P reads
 events ``offset * P + p``), ``with_event_time`` (a watermark ``MAX_DELAY_S``
@@ -197,15 +201,19 @@ def run_until(flow: rf.Dataflow, config: rf.Checkpointing | None, updates: int) 
 def main() -> None:
     workload, parallelism, checkpoint = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     jobs = int(os.environ.get("PEER_STARTUP_JOBS", "3")) if workload == "startup" else 1
+    rest_s = float(os.environ.get("PEER_STARTUP_REST_S", "1.5"))
+    rested = workload == "startup" and rest_s > 0
     runs = []
-    for job in range(jobs):
+    for job in range(jobs + rested):
         out, firsts = tempfile.mkdtemp(prefix="peer-out-"), tempfile.mkdtemp(prefix="peer-1st-")
         flow, records = build(workload, parallelism, out, firsts, f"peer-{workload}-{job}")
         runs.append((flow, out, firsts))
     runtime_started = time.time()
     start_ray()
     startups = []
-    for flow, _, firsts in runs:
+    for i, (flow, _, firsts) in enumerate(runs):
+        if i == jobs:
+            time.sleep(rest_s)
         config = (
             rf.Checkpointing(storage=tempfile.mkdtemp(prefix="peer-cp-"), interval_s=1.0)
             if checkpoint
@@ -223,6 +231,7 @@ def main() -> None:
                 "submitted": started,
                 "first_out": w.first_out(firsts),
                 "ended": ended,
+                "rested": i == jobs,
             }
         )
     w.report(

@@ -387,10 +387,18 @@ def startup_figures(entry: dict[str, Any] | None) -> dict[str, list[float]]:
     """Start-up times of one system's ``startup`` runs: submit -> first record out
     (every job), the first job of each run including its runtime's start, and
     submit -> result."""
-    figures: dict[str, list[float]] = {"first_out": [], "with_runtime": [], "result": []}
+    figures: dict[str, list[float]] = {
+        "first_out": [],
+        "with_runtime": [],
+        "result": [],
+        "rested": [],
+    }
     for run in (entry or {}).get("runs", []):
         for i, job in enumerate(run["startups"]):
             if job.get("first_out") is None:
+                continue
+            if job.get("rested"):  # rayflow: a job after a pause (peer_rayflow.py)
+                figures["rested"].append(job["first_out"] - job["submitted"])
                 continue
             figures["first_out"].append(job["first_out"] - job["submitted"])
             figures["result"].append(job["ended"] - job["submitted"])
@@ -422,7 +430,8 @@ def startup_table(data: dict[str, Any]) -> list[str]:
         fig = startup_figures(entry)
         rows.append(
             f"| {NAMES[system]} | {STARTUP_HOW[system]} | {_seconds(fig['first_out'])} | "
-            f"{_seconds(fig['with_runtime'])} | {_seconds(fig['result'])} |"
+            f"{_seconds(fig['rested'])} | {_seconds(fig['with_runtime'])} | "
+            f"{_seconds(fig['result'])} |"
         )
     if not rows:
         return []
@@ -431,8 +440,8 @@ def startup_table(data: dict[str, Any]) -> list[str]:
         "Start-up of a tiny job (the keyed sum over 100 records, p=1): median (min-max).",
         "",
         "| system | from submitting the flow | submit -> first record out "
-        "| with starting the runtime | submit -> result |",
-        "|---|---|---:|---:|---:|",
+        "| the same, runtime rested 1.5 s | with starting the runtime | submit -> result |",
+        "|---|---|---:|---:|---:|---:|",
         *rows,
     ]
 
@@ -475,6 +484,11 @@ def summary(data: dict[str, Any]) -> list[str]:
     rf_warm = figures["rayflow"]["first_out"]
     if rf_warm:
         parts = [f"rayflow {statistics.median(rf_warm):.2f} s on a running Ray"]
+        if figures["rayflow"]["rested"]:
+            parts.append(
+                f"{statistics.median(figures['rayflow']['rested']):.2f} s on one that rested "
+                "1.5 s (its worker processes ready)"
+            )
         if figures["rayflow"]["with_runtime"]:
             parts.append(
                 f"{statistics.median(figures['rayflow']['with_runtime']):.2f} s with `ray.init`"
@@ -486,24 +500,59 @@ def summary(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: The host of the cells measured before each cell kept its own stamp.
+LEGACY_MACHINE = "2 cores (AMD EPYC), 24 GiB, Python 3.11.7, Linux 6.18.44-fc-v657"
+
+
 def measured(data: dict[str, Any]) -> str:
-    """When and with which command each workload's cells were measured (runs of some
-    workloads only replace those workloads' cells, so one stamp would mislabel the rest)."""
+    """When, on which machine and with which command each cell was measured (a run of
+    some workloads or systems replaces only those cells, so one stamp would mislabel
+    the rest)."""
     default = {
         "when": data.get("when", "?"),
         "command": data.get("command", "python benchmarks/peers/run.py"),
         "repeat": data.get("repeat", "?"),
     }
     stamps = data.get("measured", {})
-    present = sorted({k.split("|")[1] for k in data["results"]}, key=WORKLOADS.index)
-    groups: dict[tuple[str, str, Any], list[str]] = {}
-    for workload in present:
-        stamp = stamps.get(workload, default)
-        groups.setdefault((stamp["when"], stamp["command"], stamp["repeat"]), []).append(workload)
-    return "; ".join(
-        f"{', '.join(workloads)}: measured {when} with `{command.strip()}` ({repeat} runs each)"
-        for (when, command, repeat), workloads in groups.items()
+    cells: dict[tuple[str, str, Any, str], dict[str, set[str]]] = {}
+    for k, entry in data["results"].items():
+        system, workload = k.split("|")[:2]
+        stamp = entry.get("stamp") or stamps.get(workload, default)
+        group = (stamp["when"], stamp["command"], stamp["repeat"], stamp.get("machine", ""))
+        cells.setdefault(group, {}).setdefault(workload, set()).add(system)
+    everyone = {
+        w: {k.split("|")[0] for k in data["results"] if k.split("|")[1] == w} for w in WORKLOADS
+    }
+    machines = {m or LEGACY_MACHINE for (_, _, _, m) in cells}
+    parts = []
+    for (when, command, repeat, host), workloads in cells.items():
+        names = [
+            w if systems == everyone[w] else f"{w} ({', '.join(NAMES[s] for s in sorted(systems))})"
+            for w, systems in sorted(workloads.items(), key=lambda x: WORKLOADS.index(x[0]))
+        ]
+        on = f" on the {_host(host or LEGACY_MACHINE)} host" if len(machines) > 1 else ""
+        parts.append(
+            f"{', '.join(names)}: measured {when}{on} with `{command.strip()}` ({repeat} runs each)"
+        )
+    return "; ".join(parts)
+
+
+def machines(data: dict[str, Any]) -> str:
+    stamps = [e.get("stamp", {}).get("machine") or LEGACY_MACHINE for e in data["results"].values()]
+    found = sorted(set(stamps))
+    if len(found) == 1:
+        return found[0]
+    return (
+        f"{len(found)} hosts, which differ in speed: "
+        + "; ".join(f"{_host(m)}: {m}" for m in found)
+        + " (which cells ran where is said next)"
     )
+
+
+def _host(machine: str) -> str:
+    """A short name of a machine description: its CPU model."""
+    cpu = machine.split("(", 1)[1].rsplit("), ", 1)[0] if "(" in machine else machine
+    return cpu.replace("(R)", "").replace(" Processor", "")
 
 
 def table(data: dict[str, Any]) -> str:
@@ -511,7 +560,7 @@ def table(data: dict[str, Any]) -> str:
     scale = data.get("scale", 1)
     notes = [
         "",
-        f"Machine: {data.get('machine', machine())}. {measured(data)}; each cell is the "
+        f"Machine: {machines(data)}. {measured(data)}; each cell is the "
         f"median of its runs (min-max in parentheses); throughput "
         "counts from the first record to the end of the run (start-up excluded, the final "
         "drain included). Memory is the peak resident set of the whole process tree (for "
@@ -563,7 +612,7 @@ def record(
         fig = startup_figures(entry)
         print(
             f"{NAMES[system]:11s} startup   submit -> first record out {_seconds(fig['first_out'])}"
-            f", with the runtime {_seconds(fig['with_runtime'])}",
+            f", rested {_seconds(fig['rested'])}, with the runtime {_seconds(fig['with_runtime'])}",
             flush=True,
         )
     else:
@@ -640,16 +689,18 @@ def main() -> None:
                     message = f"{workload} p{p} {'cp' if cp else 'nocp'}: {problem}"
                     wrong.append(message)
                     print(f"\n!!! WRONG RESULT: {message}\n", file=sys.stderr, flush=True)
+                stamp = {
+                    "when": time.strftime("%Y-%m-%d", time.gmtime()),
+                    "command": "python benchmarks/peers/run.py " + " ".join(sys.argv[1:]),
+                    "repeat": args.repeat,
+                    "machine": machine(),
+                }
                 for system in systems:
                     # The loop runs once per workload; its table key is p1 without checkpoints.
                     cell_p = 1 if system == "python" else p
                     record(data, system, workload, cell_p, cp, runs[system], problems.get(system))
+                    data["results"][key(system, workload, cell_p, cp)]["stamp"] = stamp
                 save(data, args.scale)
-            data.setdefault("measured", {})[workload] = {
-                "when": time.strftime("%Y-%m-%d", time.gmtime()),
-                "command": "python benchmarks/peers/run.py " + " ".join(sys.argv[1:]),
-                "repeat": args.repeat,
-            }
     finally:
         if kafka is not None:
             kafka.stop()
