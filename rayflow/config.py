@@ -19,7 +19,11 @@ class RuntimeConfig:
 
     - ``batch_size``: at most this many records per batch.
     - ``batch_bytes``: batches are cut shorter so that they stay near this
-      many bytes when serialized.
+      many bytes when serialized. The default keeps a batch under Ray's
+      limit for arguments passed inline with the call (100 KiB,
+      ``max_direct_call_object_size``); a bigger one goes through the object
+      store, which cost the window workload at p=2 12% of its throughput
+      (``benchmarks/windows.py``: 8,192 of its records are 200 KB).
     - ``linger_s``: a partial batch is sent once its oldest record has waited
       this long (the latency a quiet stream pays for batching).
     - ``mailbox_batches`` / ``mailbox_bytes``: the bound of every operator's
@@ -48,7 +52,7 @@ class RuntimeConfig:
     """
 
     batch_size: int = 8192
-    batch_bytes: int = 1 << 20
+    batch_bytes: int = 96 << 10
     linger_s: float = 0.005
     mailbox_batches: int = 8
     mailbox_bytes: int = 16 << 20

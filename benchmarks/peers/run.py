@@ -357,6 +357,8 @@ def throughput_table(data: dict[str, Any]) -> list[str]:
     def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
         if not (a and b):
             return "-"
+        if not same_host(a, b):
+            return "(hosts differ)"
         r = a["rate"] / b["rate"]
         return f"{r:.2f}x" if r < 1 else f"{r:.1f}x"
 
@@ -458,7 +460,7 @@ def summary(data: dict[str, Any]) -> list[str]:
                     r = res.get(key("rayflow", workload, p, cp))
                     cell = (1, False) if peer == "python" else (p, cp)
                     o = res.get(key(peer, workload, *cell))
-                    if r and o:
+                    if r and o and same_host(r, o):
                         ratios.append(r["rate"] / o["rate"])
         if ratios:
             lines.append(
@@ -472,7 +474,7 @@ def summary(data: dict[str, Any]) -> list[str]:
             for cp in (False, True):
                 r = res.get(key("rayflow", "windows", p, cp))
                 o = res.get(key(peer, "windows", p, cp))
-                if r and o:
+                if r and o and same_host(r, o):
                     ratios.append(r["rate"] / o["rate"])
         if ratios:
             lines.append(
@@ -537,9 +539,17 @@ def measured(data: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def host_of(entry: dict[str, Any]) -> str:
+    return str(entry.get("stamp", {}).get("machine") or LEGACY_MACHINE)
+
+
+def same_host(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two cells ran on one machine: only then is their ratio a measurement."""
+    return host_of(a) == host_of(b)
+
+
 def machines(data: dict[str, Any]) -> str:
-    stamps = [e.get("stamp", {}).get("machine") or LEGACY_MACHINE for e in data["results"].values()]
-    found = sorted(set(stamps))
+    found = sorted({host_of(e) for e in data["results"].values()})
     if len(found) == 1:
         return found[0]
     return (
