@@ -14,6 +14,11 @@ moment every operator runs to the job's end (end of input drained and every
 window fired and committed); the time to deploy the actors is printed apart.
 
     python benchmarks/windows.py [--events N] [--repeat R]
+
+With ``--batch-bytes B1 B2 ...`` it runs instead parallelism 2 with each
+``RuntimeConfig(batch_bytes=...)`` in turn, ``--repeat`` rounds alternated,
+and prints each one's rates and median (batches over Ray's 100 KiB limit for
+inline arguments go through the object store).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -67,7 +73,9 @@ def pure_python(events: list[tuple[str, float]]) -> tuple[float, dict[tuple[str,
     return len(events) / (time.perf_counter() - start), tally.results
 
 
-def rayflow_run(n: int, parallelism: int) -> tuple[float, float, dict[tuple[str, int], int]]:
+def rayflow_run(
+    n: int, parallelism: int, runtime: rf.RuntimeConfig | None = None
+) -> tuple[float, float, dict[tuple[str, int], int]]:
     folder = tempfile.mkdtemp(prefix="rf-windows-")
     flow = rf.Dataflow(f"windows-p{parallelism}", parallelism=parallelism)
     events = flow.source(
@@ -83,7 +91,7 @@ def rayflow_run(n: int, parallelism: int) -> tuple[float, float, dict[tuple[str,
     )
     counts.sink("results", KeepResults(folder))
     t0 = time.time()
-    result = rf.run(flow)
+    result = rf.run(flow, runtime=runtime)
     assert result.running_at is not None
     steady = n / (result.ended_at - result.running_at)
     deploy = result.running_at - t0
@@ -101,8 +109,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="tumbling event-time window count benchmark")
     parser.add_argument("--events", type=int, default=1_000_000, help="rounded down to 4k")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--batch-bytes", type=int, nargs="+", default=None)
     args = parser.parse_args()
     n = args.events // 4 * 4  # the same events at parallelism 1 and 2 (window_event's keys)
+    if args.batch_bytes:
+        start_ray()
+        rates: dict[int, list[float]] = {b: [] for b in args.batch_bytes}
+        for _ in range(args.repeat):
+            for b in args.batch_bytes:
+                rates[b].append(rayflow_run(n, 2, rf.RuntimeConfig(batch_bytes=b))[0])
+        for b, values in rates.items():
+            print(
+                f"parallelism 2, batch_bytes={b:,}: median {statistics.median(values):,.0f} "
+                f"records/s (runs {', '.join(f'{r:,.0f}' for r in values)})"
+            )
+        return
     events = [w.window_event(i) for i in range(n)]
     start_ray()
 

@@ -454,6 +454,7 @@ def summary(data: dict[str, Any]) -> list[str]:
     lines = []
     for peer in ("bytewax", "flink", "python"):
         ratios = []
+        apart = 0
         for workload in THROUGHPUT:
             for p in (1, 2):
                 for cp in (False, True):
@@ -462,11 +463,14 @@ def summary(data: dict[str, Any]) -> list[str]:
                     o = res.get(key(peer, workload, *cell))
                     if r and o and same_host(r, o):
                         ratios.append(r["rate"] / o["rate"])
+                    elif r and o:
+                        apart += 1
         if ratios:
+            left_out = f"; {apart} cells measured on different hosts left out" if apart else ""
             lines.append(
                 f"- rayflow's throughput is {min(ratios):.2g}-{max(ratios):.2g}x "
                 f"{NAMES[peer]}'s (median {statistics.median(ratios):.2g}x over {len(ratios)} "
-                "cells)."
+                f"cells{left_out})."
             )
     for peer in ("bytewax", "flink"):
         ratios = []
