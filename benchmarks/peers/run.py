@@ -524,19 +524,19 @@ def measured(data: dict[str, Any]) -> str:
     for k, entry in data["results"].items():
         system, workload = k.split("|")[:2]
         stamp = entry.get("stamp") or stamps.get(workload, default)
-        group = (stamp["when"], stamp["command"], stamp["repeat"], stamp.get("machine", ""))
+        group = (stamp["when"], stamp["command"], stamp["repeat"], host_of(entry))
         cells.setdefault(group, {}).setdefault(workload, set()).add(system)
     everyone = {
         w: {k.split("|")[0] for k in data["results"] if k.split("|")[1] == w} for w in WORKLOADS
     }
-    machines = {m or LEGACY_MACHINE for (_, _, _, m) in cells}
+    hosts = {host for (_, _, _, host) in cells}
     parts = []
     for (when, command, repeat, host), workloads in cells.items():
         names = [
             w if systems == everyone[w] else f"{w} ({', '.join(NAMES[s] for s in sorted(systems))})"
             for w, systems in sorted(workloads.items(), key=lambda x: WORKLOADS.index(x[0]))
         ]
-        on = f" on the {_host(host or LEGACY_MACHINE)} host" if len(machines) > 1 else ""
+        on = f" on the {_host(host)} host" if len(hosts) > 1 else ""
         parts.append(
             f"{', '.join(names)}: measured {when}{on} with `{command.strip()}` ({repeat} runs each)"
         )
@@ -723,8 +723,8 @@ def main() -> None:
     for workload in {k.split("|")[1] for k in data["results"]}:
         if before and workload not in data.setdefault("measured", {}):
             data["measured"][workload] = before
+    data.pop("machine", None)  # each cell's stamp names its machine (host_of)
     data.update(
-        machine=machine(),
         when=time.strftime("%Y-%m-%d", time.gmtime()),
         repeat=args.repeat,
         scale=args.scale,
