@@ -21,6 +21,13 @@ driver asks its node's raylet to start workers ahead of need (Ray's
   without;
 - once the job ended, what it took (or what is still missing then).
 
+Each time, what the pool lacks at that moment is asked for once (over a few
+polls: the raylet starts only as many at a time as it has start-up slots).
+Never a level kept up over time: the actors of the job being started, or
+of the next one, drain it as they take workers, and topping it up again
+started processes beside a running job (measured: each 1M-record job after
+the first of a row ran at a third of the first one's rate).
+
 The pool is the node's idle and starting Python workers, counted among the
 raylet's child processes (Ray titles an idle one ``ray::IDLE``); a job needs
 one for its coordinator (and collector), which run beside the driver, and
@@ -164,13 +171,13 @@ class _Raylet:
 
 
 class WarmPool:
-    """Keeps this node's pool of idle Ray workers as large as the jobs here need."""
+    """Asks this node's raylet to start the idle Ray workers that jobs here lack."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._raylet: _Raylet | None = None
         self._failed: Any = None  # the Ray node on which it failed (then: off there)
-        self._want = 0
+        self._to_start = 0  # workers still to ask the raylet for
         self._slots = 1
         self._until = 0.0
         self._wake = threading.Event()
@@ -201,7 +208,10 @@ class WarmPool:
                     cluster = float(ray.cluster_resources().get("CPU", 0.0))
                     share = min(1.0, raylet.cpus / cluster) if cluster > 0 else 0.0
                     workers += math.ceil(anywhere * share)
-                self._want = min(workers, cap)
+                # What the pool lacks now, once (module docstring): not a level that
+                # the actors of this job, or of the next, would drain as it runs.
+                idle, starting = raylet.count()
+                self._to_start = max(0, min(workers, cap) - idle - starting)
                 self._slots = 1 if gently else raylet.concurrency
                 self._until = time.monotonic() + (FILL_FOR_S * 3 if gently else FILL_FOR_S)
                 self._top_up(raylet)
@@ -251,16 +261,18 @@ class WarmPool:
         return self._raylet
 
     def _top_up(self, raylet: _Raylet) -> bool:
-        """Ask for what is missing and fits in the free start-up slots; True once none is."""
-        idle, starting = raylet.count()
-        missing = self._want - idle - starting
-        if missing <= 0:
+        """Ask for what is still to start and fits in the free start-up slots; True once
+        everything was asked for."""
+        if self._to_start <= 0:
             return True
+        _, starting = raylet.count()
         free = min(raylet.concurrency, self._slots) - starting
         if free > 0:
-            # The raylet drops what exceeds its free slots: ask again as they free up.
-            raylet.prestart(min(missing, free))
-        return False
+            # The raylet drops what exceeds its free slots: ask for the rest as they free up.
+            count = min(self._to_start, free)
+            raylet.prestart(count)
+            self._to_start -= count
+        return self._to_start <= 0
 
     def _run(self) -> None:
         while True:
