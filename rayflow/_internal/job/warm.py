@@ -21,12 +21,13 @@ driver asks its node's raylet to start workers ahead of need (Ray's
   without;
 - once the job ended, what it took (or what is still missing then).
 
-Each time, what the pool lacks at that moment is asked for once (over a few
-polls: the raylet starts only as many at a time as it has start-up slots).
+Each time, what the pool lacks at that moment is a number of new worker
+processes to see start (asked for over a few polls: the raylet starts only
+as many at a time as it has start-up slots, and drops the rest of an ask).
 Never a level kept up over time: the actors of the job being started, or
 of the next one, drain it as they take workers, and topping it up again
-started processes beside a running job (measured: each 1M-record job after
-the first of a row ran at a third of the first one's rate).
+started processes beside a running job (measured: each 1M-record p=2 job
+after the first of a row ran at a third of the first one's rate).
 
 The pool is the node's idle and starting Python workers, counted among the
 raylet's child processes (Ray titles an idle one ``ray::IDLE``); a job needs
@@ -81,6 +82,8 @@ def preload_in_new_ray() -> None:
 FILL_FOR_S = 10.0
 #: Pause between looks at the pool while topping it up.
 POLL_S = 0.05
+#: How long an ask may take to show as a starting process before it is asked again.
+ASK_AGAIN_S = 0.5
 
 
 _N = TypeVar("_N", int, float)
@@ -155,7 +158,13 @@ class _Raylet:
 
     def count(self) -> tuple[int, int]:
         """(idle, starting) Python workers of this raylet."""
+        idle, starting, _ = self.workers()
+        return idle, starting
+
+    def workers(self) -> tuple[int, int, set[int]]:
+        """(idle, starting, the pids of every Python worker) of this raylet."""
         idle = starting = 0
+        pids: set[int] = set()
         for child in self._process.children():
             try:
                 cmd = child.cmdline()
@@ -165,9 +174,12 @@ class _Raylet:
                 continue
             if cmd[0].startswith("ray::"):
                 idle += cmd[0].split()[0] == "ray::IDLE"
+                pids.add(child.pid)
             elif any(part.endswith(("default_worker.py", "setup_worker.py")) for part in cmd[:4]):
-                starting += "--worker-type=" not in " ".join(cmd)  # not a spill/restore worker
-        return idle, starting
+                if "--worker-type=" not in " ".join(cmd):  # not a spill/restore worker
+                    starting += 1
+                    pids.add(child.pid)
+        return idle, starting, pids
 
 
 class WarmPool:
@@ -177,7 +189,14 @@ class WarmPool:
         self._lock = threading.Lock()
         self._raylet: _Raylet | None = None
         self._failed: Any = None  # the Ray node on which it failed (then: off there)
-        self._to_start = 0  # workers still to ask the raylet for
+        # What the last request is for: new worker processes to see start (``goal``),
+        # those seen (``born``) among the workers that were not there (``known``), and
+        # what was asked for until when (an ask the raylet dropped is asked again).
+        self._goal = 0
+        self._known: set[int] = set()
+        self._born: set[int] = set()
+        self._asked = 0
+        self._asked_at = 0.0
         self._slots = 1
         self._until = 0.0
         self._wake = threading.Event()
@@ -210,8 +229,10 @@ class WarmPool:
                     workers += math.ceil(anywhere * share)
                 # What the pool lacks now, once (module docstring): not a level that
                 # the actors of this job, or of the next, would drain as it runs.
-                idle, starting = raylet.count()
-                self._to_start = max(0, min(workers, cap) - idle - starting)
+                idle, starting, self._known = raylet.workers()
+                self._goal = max(0, min(workers, cap) - idle - starting)
+                self._born = set()
+                self._asked = 0
                 self._slots = 1 if gently else raylet.concurrency
                 self._until = time.monotonic() + (FILL_FOR_S * 3 if gently else FILL_FOR_S)
                 self._top_up(raylet)
@@ -262,17 +283,28 @@ class WarmPool:
 
     def _top_up(self, raylet: _Raylet) -> bool:
         """Ask for what is still to start and fits in the free start-up slots; True once
-        everything was asked for."""
-        if self._to_start <= 0:
+        the goal's processes started.
+
+        Progress is counted in worker processes seen to start (any new one:
+        it serves the same need), not in asks: the raylet drops an ask beyond
+        its free slots, and an ask not seen to start within ``ASK_AGAIN_S`` is
+        asked again."""
+        if len(self._born) >= self._goal:
             return True
-        _, starting = raylet.count()
+        _, starting, pids = raylet.workers()
+        self._born |= pids - self._known
+        missing = self._goal - len(self._born)
+        if missing <= 0:
+            return True
+        if self._asked > len(self._born) and time.monotonic() - self._asked_at < ASK_AGAIN_S:
+            return False  # asked, not started yet
         free = min(raylet.concurrency, self._slots) - starting
         if free > 0:
-            # The raylet drops what exceeds its free slots: ask for the rest as they free up.
-            count = min(self._to_start, free)
+            count = min(missing, free)
             raylet.prestart(count)
-            self._to_start -= count
-        return self._to_start <= 0
+            self._asked = len(self._born) + count
+            self._asked_at = time.monotonic()
+        return False
 
     def _run(self) -> None:
         while True:
