@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import html
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,11 +21,12 @@ from rayflow._internal.history import require
 
 def in_notebook() -> bool:
     """Whether this process is a Jupyter kernel (not a plain IPython shell)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
+    # A kernel has imported IPython long before; importing it to ask would cost a
+    # plain script's first job 0.3 s (measured: a third of its start).
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
         return False
-    shell = get_ipython()
+    shell = ipython.get_ipython()
     return shell is not None and hasattr(shell, "kernel")
 
 
