@@ -39,6 +39,8 @@ import tempfile
 import time
 from typing import Any
 
+import psutil
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -206,10 +208,11 @@ def wait_for_workers(flow: rf.Dataflow, timeout_s: float = 30.0) -> float:
     """Wait until this node has an idle Ray worker for each of the job's actors (at most
     ``timeout_s``); returns the seconds waited.
 
-    A running Ray, as a cluster or a notebook session has it, has them; one
-    that ``ray.init`` started a moment ago is still starting its worker
-    processes (~0.3 s of CPU each), beside the job, which is not the job's
-    cost but Ray's start, timed apart (``runtime_started``).
+    A running Ray, as a cluster or a notebook session has it, has them, and
+    is otherwise quiet; one that ``ray.init`` started a moment ago is still
+    starting its worker processes (~0.3 s of CPU each) and agents, beside
+    the job, which is not the job's cost but Ray's start, timed apart
+    (``runtime_started``).
     """
     from rayflow._internal.job import launcher, warm
     from rayflow._internal.plan import build_plan
@@ -223,6 +226,10 @@ def wait_for_workers(flow: rf.Dataflow, timeout_s: float = 30.0) -> float:
         if idle >= here + anywhere and not starting:
             break
         time.sleep(0.05)
+    # Then until the machine is quiet: a Ray just started is busy for a few seconds
+    # more (its agents, the workers' imports), which a running one is not.
+    while time.monotonic() - started < timeout_s and psutil.cpu_percent(interval=0.25) > 25:
+        pass
     return time.monotonic() - started
 
 
