@@ -10,7 +10,13 @@ With ``--recovery-overhead`` it runs instead with checkpoints every second,
 ``recovery="partial"`` (senders log what they send for partial recovery)
 against ``"global"`` (no logs), alternated, and prints their ratio.
 
+With ``--cpu`` it measures instead where the CPU goes: the CPU time each
+operator actor process spends from the job running to its end, per record,
+at parallelism 1 (one actor: source, key_by and the sum fused) and 2 (two
+source actors that shuffle to two keyed actors), alternated, medians.
+
     python benchmarks/keyed_sum.py [--records N] [--keys K] [--repeat R] [--recovery-overhead]
+    python benchmarks/keyed_sum.py --cpu --records 4000000
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from typing import Any
@@ -62,10 +69,7 @@ def pure_python(records: list[tuple[int, int]]) -> tuple[float, dict[int, int]]:
     return len(records) / (time.perf_counter() - start), sums
 
 
-def rayflow_run(
-    n: int, keys: int, parallelism: int, recovery: str | None = None
-) -> tuple[float, float, dict[int, int]]:
-    folder = tempfile.mkdtemp(prefix="rf-keyed-sum-")
+def _flow(n: int, keys: int, parallelism: int, folder: str) -> rf.Dataflow:
     flow = rf.Dataflow(f"keyed-sum-p{parallelism}", parallelism=parallelism)
     src = flow.source(
         "numbers",
@@ -77,6 +81,50 @@ def rayflow_run(
     )
     sums = src.key_by("by_key", lambda r: r[0]).reduce("sum", lambda acc, r: acc + r[1], initial=0)
     sums.sink("latest", LatestPerKey(folder))
+    return flow
+
+
+def cpu_per_record(n: int, keys: int, parallelism: int) -> dict[str, float]:
+    """Microseconds of CPU per record each step's actors spent (summed over partitions),
+    from the job running to its end (sampled every 20 ms until the actors are gone)."""
+    import psutil
+    import ray
+
+    flow = _flow(n, keys, parallelism, tempfile.mkdtemp(prefix="rf-keyed-sum-"))
+    handle = rf.start(flow)
+    stages = ["numbers"] if parallelism == 1 else ["numbers", "sum"]
+    procs: dict[str, list[Any]] = {}
+    for stage in stages:
+        for p in range(parallelism):
+            actor = ray.get_actor(f"rayflow/{flow.name}/{stage}/{p}", namespace="rayflow")
+            procs.setdefault(stage, []).append(psutil.Process(ray.get(actor.where.remote())["pid"]))
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    while True:
+        alive = 0
+        for proc in (x for group in procs.values() for x in group):
+            try:
+                used = sum(proc.cpu_times()[:2])
+            except psutil.Error:
+                continue
+            alive += 1
+            first.setdefault(proc.pid, used)
+            last[proc.pid] = used
+        if not alive:
+            break
+        time.sleep(0.02)
+    handle.wait()
+    return {
+        stage: sum(last[x.pid] - first[x.pid] for x in group) / n * 1e6
+        for stage, group in procs.items()
+    }
+
+
+def rayflow_run(
+    n: int, keys: int, parallelism: int, recovery: str | None = None
+) -> tuple[float, float, dict[int, int]]:
+    folder = tempfile.mkdtemp(prefix="rf-keyed-sum-")
+    flow = _flow(n, keys, parallelism, folder)
     t0 = time.time()
     checkpoint = None
     if recovery is not None:
@@ -100,8 +148,13 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=1_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--recovery-overhead", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="CPU per record of each step's actors")
     args = parser.parse_args()
     n, keys = args.records, args.keys
+    if args.cpu:
+        start_ray()
+        cpu_split(n, keys, args.repeat)
+        return
     if args.recovery_overhead:
         start_ray()
         recovery_overhead(n, keys, args.repeat)
@@ -125,6 +178,22 @@ def main() -> None:
             f"(best of {args.repeat}; deploy {deploy:.1f} s, runs "
             f"{', '.join(f'{r:,.0f}' for r, _ in runs)}); "
             f"ratio to pure Python {best / baseline:.1%}; sums verified"
+        )
+
+
+def cpu_split(n: int, keys: int, repeat: int) -> None:
+    """Where the CPU goes at parallelism 1 and 2 (alternated runs, medians)."""
+    runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+    for _ in range(repeat):
+        for parallelism in (1, 2):
+            runs[parallelism].append(cpu_per_record(n, keys, parallelism))
+    for parallelism, results in runs.items():
+        per_stage = {s: statistics.median(r[s] for r in results) for s in results[0]}
+        total = statistics.median(sum(r.values()) for r in results)
+        parts = ", ".join(f"{s} {v:.2f}" for s, v in per_stage.items())
+        print(
+            f"parallelism {parallelism}: {total:.2f} us of CPU per record in the operator "
+            f"actors ({parts}; median of {repeat})"
         )
 
 

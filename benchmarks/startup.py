@@ -3,6 +3,7 @@
     python benchmarks/startup.py                       # 8 tiny jobs after one ray.init
     python benchmarks/startup.py --trace               # and where the time goes
     python benchmarks/startup.py --pause 3 --parallelism 2 --checkpoint
+    python benchmarks/startup.py --settle --jobs 3 --pause 1.5 --parallelism 2
 
 Ray is started once (``ray.init``, timed apart); then ``--jobs`` tiny jobs run
 one after the other (``--pause`` seconds apart; a generator of ``--records``
@@ -15,7 +16,9 @@ each it measures
 - submit -> result: until ``handle.wait()`` returned the ``JobResult``;
 
 and prints their median, min and max, and the first job's figures with
-``ray.init`` included. ``--trace`` also times each phase of the start (the
+``ray.init`` included. ``--settle`` first waits until Ray's idle workers for a job are ready and
+the machine is quiet, so that the first job is a driver's first on a
+running Ray, not one started a moment ago. ``--trace`` also times each phase of the start (the
 driver's launch steps, the Ray worker processes the actors wait for, the
 coordinator's and the operators' steps; see TRACE_CODE) without changing
 rayflow, and prints the median of each phase over the jobs.
@@ -42,7 +45,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ray
-from _common import start_ray
+from _common import start_ray, wait_for_workers
 
 import rayflow as rf
 
@@ -410,6 +413,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="store_true", help="jobs with checkpointing")
     parser.add_argument("--pause", type=float, default=0.0, help="seconds between jobs")
     parser.add_argument("--trace", action="store_true", help="time every phase (see above)")
+    parser.add_argument(
+        "--settle",
+        action="store_true",
+        help="before the first job: wait for Ray's idle workers and a quiet machine",
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -422,6 +430,9 @@ def main() -> None:
     else:
         start_ray()
     init_s = time.time() - init_started
+    if args.settle:
+        # A driver on a running Ray, its flow built: the first job of the driver, not Ray's start.
+        wait_for_workers(tiny_flow("startup-settle", args.parallelism, args.records, ""))
     jobs = []
     for i in range(args.jobs):
         if i and args.pause:
