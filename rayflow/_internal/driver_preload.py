@@ -3,12 +3,14 @@
 A driver's first ``rf.start`` imported what Ray's serializers load on a
 process's first remote call (pyarrow, pydantic's v1 API: 0.18 s here) and
 rayflow's coordinator and operator modules, between submitting the flow and
-the first record out; every later job found them imported (measured: the
-first p=2 job of a driver took 0.34 s to run on a Ray with its workers
-ready, the next 0.10 s). Building a flow announces a job, and the driver
-usually still has to connect to Ray then (``ray.init`` takes seconds), so
-the first :class:`~rayflow.Dataflow` starts these imports in a thread: the
-same modules Ray's workers preload (``rayflow._internal.preload``).
+the first record out; every later job found them imported. Building a flow
+announces a job, and the driver usually still has to connect to Ray then
+(``ray.init`` takes seconds), so the first :class:`~rayflow.Dataflow`
+starts these imports in a thread: the same modules Ray's workers preload
+(``rayflow._internal.preload``). ``python benchmarks/startup.py --settle
+--jobs 1 --parallelism 2`` (a driver's first job on a Ray whose workers
+are ready): 0.23-0.25 s to the first record out, 0.40-0.42 s before this
+(and before ``in_notebook`` stopped importing IPython).
 """
 
 from __future__ import annotations
