@@ -91,7 +91,7 @@ def test_a_job_that_finds_its_workers_idle_starts_no_processes_beside_it(
     before = {p.pid for p in psutil.Process(raylet.pid).children()}
     handle = rf.start(_tiny("refill-b", limit=None))
     try:
-        time.sleep(2.0)  # the refill thread looked every 0.05 s for 10 s
+        time.sleep(1.0)  # the old refill thread looked every 0.05 s for 10 s
         started = [
             " ".join(p.cmdline()[:1])
             for p in psutil.Process(raylet.pid).children()
