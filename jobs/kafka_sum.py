@@ -26,7 +26,8 @@ infra/README.md for security settings and ACLs. Then:
     rayflow run jobs/kafka_sum.py --checkpoint out/kafka-sum/checkpoints --interval 1
     ray job submit --working-dir . -- python jobs/kafka_sum.py --seconds 600
 
-``python jobs/kafka_sum.py`` runs for ``--seconds`` (or until Ctrl-C), stops
+``python jobs/kafka_sum.py`` runs for ``--seconds`` (or until Ctrl-C, or
+until the source read ``--until-read`` records), stops
 with a final checkpoint, reads the output topic back (read_committed) and
 prints the largest sums. ``rayflow run`` runs until Ctrl-C; give it
 ``--checkpoint``, since the sink publishes at checkpoints (without any, it
@@ -90,7 +91,14 @@ def options(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="checkpoint folder or s3:// URI (python jobs/kafka_sum.py only)",
     )
     parser.add_argument("--interval", type=float, default=1.0, help="checkpoint interval, s")
-    parser.add_argument("--seconds", type=float, default=30.0, help="how long to run")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long to run (at most)")
+    parser.add_argument(
+        "--until-read",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop as soon as the source has read N records (within --seconds)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument(
         "--produce", type=int, default=0, metavar="N", help="first write N test records"
@@ -179,14 +187,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     handle = rf.start(dataflow, checkpoint=checkpoint, resume=args.resume)
     print(f"job {handle.job} running: {args.input} -> {args.output} at {args.bootstrap}")
     deadline = time.monotonic() + args.seconds
+    poll_s = 0.5 if args.until_read else 5.0
     try:
         while time.monotonic() < deadline:
-            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
             metrics = handle.metrics()
             read = sum(m["records_out"] for m in metrics.get("in", []))
             lag = sum(m.get("kafka_lag") or 0 for m in metrics.get("in", []))
             done = (handle.checkpoint_stats() or {}).get("completed", 0)
             print(f"  {read:,} records read, lag {lag:,}, {done} checkpoints", flush=True)
+            if args.until_read and read >= args.until_read:
+                break
     except KeyboardInterrupt:
         print("stopping (a final checkpoint commits the rest)", flush=True)
     result = handle.stop()

@@ -59,7 +59,10 @@ def test_every_job_runs_with_ray_job_submit_and_rayflow_takes_a_jobs_address(
             ),
             "kafka": (
                 *("python", "jobs/kafka_sum.py", "--bootstrap", kafka_broker.bootstrap),
-                *("--input", source, "--output", sink, "--produce", "1000", "--seconds", "2"),
+                *("--input", source, "--output", sink, "--produce", "1000"),
+                # Until all is read, not a fixed time: 2 s were not always enough beside
+                # four other jobs on the head's 2 cores.
+                *("--until-read", "1000", "--seconds", "60"),
                 *("--interval", "0.5", "--checkpoint", str(tmp_path / "kafka-cp")),
             ),
         }

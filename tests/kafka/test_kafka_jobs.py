@@ -277,7 +277,7 @@ def test_the_example_job_runs_as_a_script_and_with_rayflow_run(
         "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
     }
     topics = ("--input", source, "--output", sink)
-    options = ("--produce", "2000", "--seconds", "2", "--interval", "0.3")
+    options = ("--produce", "2000", "--until-read", "2000", "--seconds", "60", "--interval", "0.3")
     script = subprocess.run(
         [sys.executable, "jobs/kafka_sum.py", *topics, *options, "--checkpoint", str(tmp_path)],
         cwd=ROOT,
