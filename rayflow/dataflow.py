@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from rayflow._internal import driver_preload, naming
+from rayflow._internal import naming
 from rayflow._internal.callables import arity_mismatch
 from rayflow._internal.callables import describe as _describe
 from rayflow._internal.spec import (
@@ -60,7 +60,6 @@ class Dataflow:
         self.parallelism = parallelism
         self.max_parallelism = max_parallelism
         self._steps: dict[str, StepSpec] = {}
-        driver_preload.start()  # a job is coming: import what its start needs, meanwhile
 
     def source(
         self,
