@@ -295,7 +295,8 @@ def test_the_example_job_runs_as_a_script_and_with_rayflow_run(
     more = [(f"user{i % 100}".encode(), str(i % 10 + 1).encode()) for i in range(1000)]
     produce(bootstrap, source, more)
     command = ["rayflow", "run", "jobs/kafka_sum.py", *topics, "--job-name", "kafka-sum-cli"]
-    command += ["--checkpoint", str(tmp_path / "cp2"), "--interval", "0.3", "--json"]
+    command += ["--checkpoint", str(tmp_path / "cp2"), "--interval", "0.3", "--seconds", "150"]
+    command += ["--json"]  # stopped by SIGINT below; --seconds only bounds a stuck run
     proc = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -305,6 +306,13 @@ def test_the_example_job_runs_as_a_script_and_with_rayflow_run(
         watch = OutputWatch(bootstrap, sink)
         try:
             wait_for(lambda: watch.reached(expected), 90, "the rayflow run's last sums")
+        except AssertionError:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(
+                f"rayflow run, exit {proc.returncode}, free {ray.available_resources()}:"
+                f"\n{out}\n{err[-3000:]}"
+            ) from None
         finally:
             watch.close()
         proc.send_signal(signal.SIGINT)
