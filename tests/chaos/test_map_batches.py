@@ -52,7 +52,7 @@ def test_every_batch_format_under_kills_counts_each_record_once(tmp_path: Path) 
     handle = rf.start(
         flow, checkpoint=rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.4)
     )
-    monkey = rf.testing.chaos(handle, seed=5, kills=3, targets=("operators",), every_s=0.8)
+    monkey = rf.testing.chaos(handle, seed=7, kills=3, targets=("operators",), every_s=0.8)
     result = handle.wait(timeout=180)
     monkey.check()
     assert result.status is rf.JobStatus.FINISHED, result.failures
@@ -136,3 +136,47 @@ def test_a_columnar_pipeline_under_kills_sums_each_reading_once_in_order(tmp_pat
             assert got[key] == increments, f"{what}: sensor {key} differs"
     # Figures count rows, not chunks (a partition makes 50 chunks).
     assert max(m["records_out"] for m in result.metrics["readings"]) > ROWS // 1000
+
+
+def _tally(batch: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """One (key, records) per key of the batch: its output depends on where batches are cut."""
+    counts: dict[str, int] = {}
+    for key, _ in batch:
+        counts[key] = counts.get(key, 0) + 1
+    return list(counts.items())
+
+
+def test_a_batch_dependent_function_after_a_shuffle_is_exact_under_operator_kills(
+    tmp_path: Path,
+) -> None:
+    # map_batches may return any number of rows, so its output depends on where the
+    # batches were cut: a tally per key and batch, summed per key downstream. Seed 7
+    # restarts a partition of the tally's stage alone (partial) and later all of them.
+    flow = rf.Dataflow("tallies", parallelism=2)
+    events = flow.source(
+        "events", rf.sources.Generator(event, partitions=2, limit=PER_PARTITION, rate=20_000)
+    )
+    latest = events.key_by("by_key", lambda e: e[0]).reduce(
+        "latest", lambda acc, e: e, initial=None
+    )
+    tallies = latest.map_batches("tally", _tally)
+    totals = tallies.key_by("again", lambda kv: kv[0]).reduce(
+        "total", lambda acc, kv: acc + kv[1], initial=0
+    )
+    totals.sink("collected", rf.testing.Collect())
+    handle = rf.start(
+        flow, checkpoint=rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.4)
+    )
+    monkey = rf.testing.chaos(handle, seed=7, kills=3, targets=("operators",), every_s=0.8)
+    result = handle.wait(timeout=180)
+    monkey.check()
+    assert result.status is rf.JobStatus.FINISHED, result.failures
+    # Partitions are restarted alone (partial) or all (global); either way each
+    # key's total grows and ends at its count: no tally lost or counted twice.
+    assert handle.recoveries(), "no recovery happened"
+    last: dict[str, int] = {}
+    for p, records in result.output_partitions("collected").items():
+        for key, total in records:
+            assert total > last.get(key, 0), f"partition {p}: {key} went {last.get(key)}->{total}"
+            last[key] = total
+    assert last == dict(expected_counts(PER_PARTITION))
