@@ -273,7 +273,10 @@ class Stream:
         column ``"item"``. ``fn`` returns a batch of the same format, with any
         number of rows. A batch is what reaches the step at once (up to
         ``RuntimeConfig.batch_size`` records). With ``on_error`` "skip" or
-        "dead_letter" a failing batch is set aside whole."""
+        "dead_letter" a failing batch is set aside whole. Batches of records
+        are cut where the partition slices its work, which a restart does not
+        repeat, so a lost partition of this step's stage is recovered globally,
+        never alone (chunks of columns are cut alike and keep partial recovery)."""
         from rayflow._internal.runtime.batches import check_format
 
         return self._step(

@@ -228,6 +228,13 @@ class Failover:
                     f"{dep.name(key)} reads {head.connector!r}, which does not read the same "
                     "records in the same order again (rule P6)"
                 )
+            cut = _batch_step_on_records(self.plan, key[0])
+            if cut is not None:
+                return (
+                    f"{dep.name(key)} runs map_batches step {cut!r} on records: its batches "
+                    "are cut where the partition's work is sliced, which a restart does not "
+                    "repeat, so its output would not be the same stream again (rule P6)"
+                )
             neighbours = {s for _, _, s in dep.senders_of(key)}
             neighbours |= {r for _, _, r in dep.receivers_of(key)}
             lost = sorted(neighbours & dead)
@@ -401,3 +408,19 @@ def _unusable_checkpoint(exc: BaseException) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _batch_step_on_records(plan: Plan, stage: str) -> str | None:
+    """A ``map_batches`` step of ``stage`` that takes records (not chunks), if any.
+
+    Its function sees batches cut by the partition's cost per record (slices,
+    ``runtime/task.py``) and may return any number of rows, so what it emits
+    can depend on the cut (a count per batch). A partition restarted alone cuts
+    its replay afresh; its receivers, dropping what they consumed by record
+    index, would then drop other records than the ones they had (rule P1).
+    Chunks of columns are cut alike on a replay and map one to one.
+    """
+    for name in plan.stage(stage).steps:
+        if plan.step(name).kind is StepKind.MAP_BATCHES and name not in plan.chunk_steps:
+            return name
+    return None
