@@ -19,6 +19,15 @@ With ``--batch-bytes B1 B2 ...`` it runs instead parallelism 2 with each
 ``RuntimeConfig(batch_bytes=...)`` in turn, ``--repeat`` rounds alternated,
 and prints each one's rates and median (batches over Ray's 100 KiB limit for
 inline arguments go through the object store).
+
+With ``--local-combine`` it runs instead, alternated, the same job and one
+that counts each batch's events per (key, minute) with ``map_batches``
+before the shuffle and sums those counts in the window (``rf.windows.Sum``):
+what combining before the shuffle (Flink's local-global aggregation) would
+win. Its results are checked against the plain job's. A batch function on
+records makes its stage recover globally, never alone (docs/protocol.md,
+P6), and it would send late events on as counts, not to ``.late``: a
+measurement for the design of a combine in the runtime, not a recipe.
 """
 
 from __future__ import annotations
@@ -105,13 +114,74 @@ def rayflow_run(
     return steady, deploy, found
 
 
+def combined_run(n: int, parallelism: int) -> tuple[float, dict[tuple[str, int], int]]:
+    """The job with a count per (key, minute) of each batch before the shuffle."""
+    folder = tempfile.mkdtemp(prefix="rf-windows-")
+    flow = rf.Dataflow(f"windows-combined-p{parallelism}", parallelism=parallelism)
+    events = flow.source(
+        "events",
+        rf.sources.Generator(
+            lambda p, i, parts=parallelism: w.window_event(w.window_index(p, i, parts)),
+            partitions=parallelism,
+            limit=n // parallelism,
+        ),
+    ).with_event_time("ts", lambda e: e[1], max_delay_s=w.MAX_DELAY_S)
+    size = float(w.WINDOW_S)
+
+    def combine(batch: list[tuple[str, float]]) -> list[tuple[str, float, int]]:
+        counts: dict[tuple[str, float], int] = {}
+        get = counts.get
+        for key, ts in batch:
+            cell = (key, ts // size * size)  # the record's window start: its timestamp
+            counts[cell] = get(cell, 0) + 1
+        return [(key, start, c) for (key, start), c in counts.items()]
+
+    partial = events.map_batches("combine", combine)
+    counts = partial.key_by("by_key", lambda e: e[0]).window(
+        "per_min", rf.windows.Tumbling(size), rf.windows.Sum(lambda e: e[2])
+    )
+    counts.sink("results", KeepResults(folder))
+    result = rf.run(flow)
+    assert result.running_at is not None
+    found: dict[tuple[str, int], int] = {}
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name)) as f:
+            for key, start, _end, count in json.load(f):
+                found[key, int(start)] = count
+    return n / (result.ended_at - result.running_at), found
+
+
+def local_combine(n: int, repeat: int) -> None:
+    start_ray()
+    for parallelism in (2, 1):
+        plain: list[float] = []
+        combined: list[float] = []
+        for _ in range(repeat):
+            steady, _, expected = rayflow_run(n, parallelism)
+            plain.append(steady)
+            steady, found = combined_run(n, parallelism)
+            if found != expected:
+                raise SystemExit(f"combined results differ at parallelism {parallelism}")
+            combined.append(steady)
+        a, b = statistics.median(plain), statistics.median(combined)
+        print(
+            f"parallelism {parallelism}: window alone {a:,.0f} records/s, combined before "
+            f"the shuffle {b:,.0f} ({b / a:.2f}x; medians of {repeat}, runs "
+            f"{', '.join(f'{r:,.0f}' for r in plain)} / {', '.join(f'{r:,.0f}' for r in combined)})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="tumbling event-time window count benchmark")
     parser.add_argument("--events", type=int, default=1_000_000, help="rounded down to 4k")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch-bytes", type=int, nargs="+", default=None)
+    parser.add_argument("--local-combine", action="store_true")
     args = parser.parse_args()
     n = args.events // 4 * 4  # the same events at parallelism 1 and 2 (window_event's keys)
+    if args.local_combine:
+        local_combine(n, args.repeat)
+        return
     if args.batch_bytes:
         start_ray()
         rates: dict[int, list[float]] = {b: [] for b in args.batch_bytes}
