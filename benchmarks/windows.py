@@ -82,12 +82,9 @@ def pure_python(events: list[tuple[str, float]]) -> tuple[float, dict[tuple[str,
     return len(events) / (time.perf_counter() - start), tally.results
 
 
-def rayflow_run(
-    n: int, parallelism: int, runtime: rf.RuntimeConfig | None = None
-) -> tuple[float, float, dict[tuple[str, int], int]]:
-    folder = tempfile.mkdtemp(prefix="rf-windows-")
-    flow = rf.Dataflow(f"windows-p{parallelism}", parallelism=parallelism)
-    events = flow.source(
+def timestamped_events(flow: rf.Dataflow, n: int, parallelism: int) -> rf.Stream:
+    """The workload's events, partitioned by key, with a watermark MAX_DELAY_S behind."""
+    return flow.source(
         "events",
         rf.sources.Generator(
             lambda p, i, parts=parallelism: w.window_event(w.window_index(p, i, parts)),
@@ -95,6 +92,14 @@ def rayflow_run(
             limit=n // parallelism,
         ),
     ).with_event_time("ts", lambda e: e[1], max_delay_s=w.MAX_DELAY_S)
+
+
+def rayflow_run(
+    n: int, parallelism: int, runtime: rf.RuntimeConfig | None = None
+) -> tuple[float, float, dict[tuple[str, int], int]]:
+    folder = tempfile.mkdtemp(prefix="rf-windows-")
+    flow = rf.Dataflow(f"windows-p{parallelism}", parallelism=parallelism)
+    events = timestamped_events(flow, n, parallelism)
     counts = events.key_by("by_key", lambda e: e[0]).window(
         "per_min", rf.windows.Tumbling(float(w.WINDOW_S)), rf.windows.Count()
     )
@@ -118,14 +123,7 @@ def combined_run(n: int, parallelism: int) -> tuple[float, dict[tuple[str, int],
     """The job with a count per (key, minute) of each batch before the shuffle."""
     folder = tempfile.mkdtemp(prefix="rf-windows-")
     flow = rf.Dataflow(f"windows-combined-p{parallelism}", parallelism=parallelism)
-    events = flow.source(
-        "events",
-        rf.sources.Generator(
-            lambda p, i, parts=parallelism: w.window_event(w.window_index(p, i, parts)),
-            partitions=parallelism,
-            limit=n // parallelism,
-        ),
-    ).with_event_time("ts", lambda e: e[1], max_delay_s=w.MAX_DELAY_S)
+    events = timestamped_events(flow, n, parallelism)
     size = float(w.WINDOW_S)
 
     def combine(batch: list[tuple[str, float]]) -> list[tuple[str, float, int]]:
