@@ -443,3 +443,33 @@ def test_a_source_that_ends_while_a_recovery_is_decided_is_not_forgotten() -> No
     coordinator._global_under_way = True
     asyncio.run(coordinator.source_done(("src", 1), 3))
     assert coordinator._sources_done == {("src", 0)}
+
+
+def test_only_a_stage_with_a_batch_function_on_records_is_kept_from_partial_recovery() -> None:
+    import numpy as np
+
+    from rayflow._internal.job.failover import _batch_step_on_records
+    from rayflow._internal.plan import build_plan
+
+    flow = rf.Dataflow("cuts", parallelism=2)
+    records = flow.source("records", rf.sources.Generator(lambda p, i: (i % 3, i), limit=10))
+    tallied = records.key_by("k", lambda r: r[0]).reduce("r", lambda a, r: r, initial=None)
+    tallied.map_batches("tally", lambda b: b[:1]).sink("out", rf.testing.Collect())
+    chunks = flow.source(
+        "chunks",
+        rf.sources.Generator(
+            batch_fn=lambda p, o, n: {"v": np.arange(o, o + n)}, limit=10, rows_per_batch=5
+        ),
+    )
+    chunks.map_batches("scale", lambda b: {"v": b["v"] * 2}, batch_format="numpy").sink(
+        "out2", rf.testing.Collect()
+    )
+    plan = build_plan(flow.spec())
+    blocked = {
+        step: _batch_step_on_records(plan, stage.name)
+        for stage in plan.stages
+        for step in stage.steps
+    }
+    assert blocked["tally"] == "tally"  # its slices are its batches
+    assert blocked["scale"] is None  # chunks are cut alike on a replay
+    assert blocked["records"] is None
