@@ -155,8 +155,9 @@ class Checkpointing:
       else keeps running; it falls back to a global restart where it cannot
       be exact (an exception in a step, two neighbouring partitions lost
       together, a lost node, a second loss before a checkpoint completed,
-      the job's end game, a ``map_batches`` step on records in the lost
-      partition's stage; docs/protocol.md "Partial recovery").
+      the job's end game, a ``map_batches`` step on records or a window
+      on its own stage's ``with_event_time`` in the lost partition's stage;
+      docs/protocol.md "Partial recovery").
       ``"global"`` resets every operator to the last checkpoint on any
       failure. Partial recovery needs
       aligned exactly-once checkpoints (otherwise it is global);

@@ -473,3 +473,28 @@ def test_only_a_stage_with_a_batch_function_on_records_is_kept_from_partial_reco
     assert blocked["tally"] == "tally"  # its slices are its batches
     assert blocked["scale"] is None  # chunks are cut alike on a replay
     assert blocked["records"] is None
+
+
+def test_a_window_on_its_own_stages_watermark_is_kept_from_partial_recovery() -> None:
+    from rayflow._internal.job.failover import _timed_step_on_own_watermark
+    from rayflow._internal.plan import build_plan
+
+    flow = rf.Dataflow("own", parallelism=1)
+    events = flow.source("events", rf.sources.Generator(lambda p, i: ("k", float(i)), limit=9))
+    own = events.with_event_time("ts", lambda e: e[1], max_delay_s=1.0)
+    fused = own.key_by("k", lambda e: e[0]).window(
+        "w", rf.windows.Tumbling(1.0), rf.windows.Count()
+    )
+    fused.sink("out", rf.testing.Collect())
+    apart = own.key_by("k2", lambda e: e[0], parallelism=2).window(
+        "w2", rf.windows.Tumbling(1.0), rf.windows.Count()
+    )
+    apart.sink("out2", rf.testing.Collect())
+    plan = build_plan(flow.spec())
+    found = {
+        step: _timed_step_on_own_watermark(plan, stage.name)
+        for stage in plan.stages
+        for step in stage.steps
+    }
+    assert found["w"] == "w"  # the watermark is made in its stage, between cuts
+    assert found["w2"] is None  # another stage's watermarks come in the logged order
