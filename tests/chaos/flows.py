@@ -177,3 +177,20 @@ def collect_streams(result: rf.JobResult, step: str) -> dict[str, Stream]:
         f"partition {p}": [tuple(r) for r in records]  # type: ignore[misc]
         for p, records in sorted(result.output_partitions(step).items())
     }
+
+
+def kill_after_checkpoints(handle: rf.JobHandle, actor: str, completed: int) -> rf.JobResult:
+    """Kill ``actor`` once ``completed`` checkpoints completed and 0.2 s more passed
+    (while data flows: its receivers consumed some of its output since the last
+    one); return the job's result."""
+    import ray
+
+    deadline = time.monotonic() + 60
+    while (handle.checkpoint_stats() or {}).get("completed", 0) < completed:
+        assert time.monotonic() < deadline, "no checkpoint completed"
+        time.sleep(0.05)
+    time.sleep(0.2)
+    ray.kill(ray.get_actor(actor, namespace="rayflow"), no_restart=True)
+    result = handle.wait(timeout=180)
+    assert result.status is rf.JobStatus.FINISHED, result.failures
+    return result

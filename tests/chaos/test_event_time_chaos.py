@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 
 import rayflow as rf
 from rayflow import windows as W
+from tests.chaos.flows import kill_after_checkpoints
 
 PER_PARTITION = 12_000
 KEYS = 40
@@ -198,8 +198,6 @@ def test_a_window_on_its_own_stages_watermark_restarted_keeps_every_event_once(
     # where the watermark moved, between reads and slices, which a partition restarted
     # alone does not repeat: ~5 events came out both in a window and late, or not at all
     # (fails on the old code, 3 runs of 3). Such a stage recovers globally (rule P6).
-    import ray
-
     flow = rf.Dataflow("late-own", parallelism=1)
     events = flow.source("events", rf.sources.Generator(_late_event, limit=LATE_EVENTS, rate=8_000))
     timed = events.with_event_time("ts", lambda e: e[1], max_delay_s=0.5)
@@ -213,14 +211,7 @@ def test_a_window_on_its_own_stages_watermark_restarted_keeps_every_event_once(
     handle = rf.start(
         flow, checkpoint=rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.4)
     )
-    deadline = time.monotonic() + 60
-    while (handle.checkpoint_stats() or {}).get("completed", 0) < 3:
-        assert time.monotonic() < deadline, "no checkpoint completed"
-        time.sleep(0.05)
-    time.sleep(0.2)
-    ray.kill(ray.get_actor("rayflow/late-own/events/0", namespace="rayflow"), no_restart=True)
-    result = handle.wait(timeout=180)
-    assert result.status is rf.JobStatus.FINISHED, result.failures
+    result = kill_after_checkpoints(handle, "rayflow/late-own/events/0", 3)
     cells: Counter[tuple[str, float]] = Counter()
     counted: list[int] = []
     for records in result.output_partitions("out").values():

@@ -3,13 +3,11 @@ operators killed: the committed counts are exactly those of a run without failur
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 
 import rayflow as rf
 from tests.chaos.flows import (
@@ -18,6 +16,7 @@ from tests.chaos.flows import (
     event,
     expected_counts,
     json_lines_streams,
+    kill_after_checkpoints,
 )
 
 PER_PARTITION = 60_000
@@ -173,16 +172,7 @@ def test_a_batch_dependent_function_is_not_restarted_alone_and_stays_exact(
     handle = rf.start(
         flow, checkpoint=rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.4)
     )
-    # Killed once two checkpoints completed, while data flows (its receivers have
-    # consumed some of its output since the last one).
-    deadline = time.monotonic() + 60
-    while (handle.checkpoint_stats() or {}).get("completed", 0) < 2:
-        assert time.monotonic() < deadline, "no checkpoint completed"
-        time.sleep(0.05)
-    time.sleep(0.2)
-    ray.kill(ray.get_actor("rayflow/tallies/latest/0", namespace="rayflow"), no_restart=True)
-    result = handle.wait(timeout=180)
-    assert result.status is rf.JobStatus.FINISHED, result.failures
+    result = kill_after_checkpoints(handle, "rayflow/tallies/latest/0", 2)
     want: dict[str, int] = {}
     for key, n in expected_counts(PER_PARTITION).items():
         group = f"g{int(key[1:]) % 5}"

@@ -228,20 +228,9 @@ class Failover:
                     f"{dep.name(key)} reads {head.connector!r}, which does not read the same "
                     "records in the same order again (rule P6)"
                 )
-            cut = _batch_step_on_records(self.plan, key[0])
+            cut = cut_dependent(self.plan, key[0])
             if cut is not None:
-                return (
-                    f"{dep.name(key)} runs map_batches step {cut!r} on records: its batches "
-                    "are cut where the partition's work is sliced, which a restart does not "
-                    "repeat, so its output would not be the same stream again (rule P6)"
-                )
-            timed = _timed_step_on_own_watermark(self.plan, key[0])
-            if timed is not None:
-                return (
-                    f"{dep.name(key)} runs {timed!r} on a watermark made in its own stage, "
-                    "which moves between reads and slices, which a restart does not repeat: "
-                    "late records and firings could differ (rule P6)"
-                )
+                return f"{dep.name(key)} {cut}, which a restart does not repeat (rule P6)"
             neighbours = {s for _, _, s in dep.senders_of(key)}
             neighbours |= {r for _, _, r in dep.receivers_of(key)}
             lost = sorted(neighbours & dead)
@@ -417,36 +406,37 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _batch_step_on_records(plan: Plan, stage: str) -> str | None:
-    """A ``map_batches`` step of ``stage`` that takes records (not chunks), if any.
+def cut_dependent(plan: Plan, stage: str) -> str | None:
+    """What in ``stage`` emits according to where its input was cut, if anything.
 
-    Its function sees batches cut by the partition's cost per record (slices,
-    ``runtime/task.py``) and may return any number of rows, so what it emits
-    can depend on the cut (a count per batch). A partition restarted alone cuts
-    its replay afresh; its receivers, dropping what they consumed by record
-    index, would then drop other records than the ones they had (rule P1).
-    Chunks of columns are cut alike on a replay and map one to one.
-    """
-    for name in plan.stage(stage).steps:
-        if plan.step(name).kind is StepKind.MAP_BATCHES and name not in plan.chunk_steps:
-            return name
-    return None
+    A partition is restarted alone only if everything it emits is a function of
+    the records it takes, in their order (docs/protocol.md, P1 and P6): its
+    receivers drop what they consumed by record index. Two kinds of step see
+    the cut instead:
 
+    - ``map_batches`` on records: its batches are the partition's slices, cut
+      by its cost per record, and it may return any number of rows (a count
+      per batch). Chunks of columns are cut alike on a replay: not these.
+    - a window or ``process`` step on a ``with_event_time`` of the same stage:
+      that watermark moves between reads and slices, so which records are late
+      and where windows fire depend on the cut. Fed by another stage's
+      watermarks, a step gets them in the logged order: not these.
 
-def _timed_step_on_own_watermark(plan: Plan, stage: str) -> str | None:
-    """A window or process step of ``stage`` fed by a ``with_event_time`` of the same
-    stage, if any.
-
-    Its watermark is the generator's, taken between reads and slices (not per
-    record), so which records are late and where a window fires in the output
-    depend on those cuts. Restarted alone, such a partition put ~5 records both
-    in a window and in ``.late`` or lost some (``tests/chaos/test_event_time_chaos.py``).
-    Fed by another stage's watermarks, a step sees them in the logged order.
+    Each let a partition restarted alone emit another stream (found
+    2026-11-29: tests/chaos/test_map_batches.py, test_event_time_chaos.py).
     """
     kinds = {name: plan.step(name).kind for name in plan.stage(stage).steps}
-    if StepKind.EVENT_TIME not in kinds.values():
-        return None
     for name, kind in kinds.items():
-        if kind in (StepKind.WINDOW, StepKind.PROCESS):
-            return name
+        if kind is StepKind.MAP_BATCHES and name not in plan.chunk_steps:
+            return (
+                f"runs map_batches step {name!r} on records, whose batches are cut where "
+                "the partition's work is sliced"
+            )
+    if StepKind.EVENT_TIME in kinds.values():
+        for name, kind in kinds.items():
+            if kind in (StepKind.WINDOW, StepKind.PROCESS):
+                return (
+                    f"runs {name!r} on a watermark made in its own stage, which moves "
+                    "between reads and slices"
+                )
     return None
