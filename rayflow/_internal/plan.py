@@ -119,6 +119,23 @@ class Plan:
                 found.add(s.name)
         return frozenset(found)
 
+    def event_time_before(self, step: str) -> str | None:
+        """The nearest ``with_event_time`` step before ``step`` in its stage, if any.
+
+        A window or process step fed by one fires on that watermark (taken between
+        reads and slices), not on the watermarks that come over its channels.
+        """
+        stage = self.stage_of[step]
+        stack = list(self.step(step).inputs)
+        while stack:
+            name = stack.pop()
+            if self.stage_of[name] != stage:
+                continue  # in another stage: its watermark comes over the channels
+            if self.step(name).kind is StepKind.EVENT_TIME:
+                return name
+            stack.extend(self.step(name).inputs)
+        return None
+
     def consumers_in_stage(self, step: str) -> list[str]:
         """Steps in the same stage that read ``step``'s output, in plan order."""
         stage = self.stage_of[step]

@@ -432,11 +432,10 @@ def cut_dependent(plan: Plan, stage: str) -> str | None:
                 f"runs map_batches step {name!r} on records, whose batches are cut where "
                 "the partition's work is sliced"
             )
-    if StepKind.EVENT_TIME in kinds.values():
-        for name, kind in kinds.items():
-            if kind in (StepKind.WINDOW, StepKind.PROCESS):
-                return (
-                    f"runs {name!r} on a watermark made in its own stage, which moves "
-                    "between reads and slices"
-                )
+    for name, kind in kinds.items():
+        if kind in (StepKind.WINDOW, StepKind.PROCESS) and plan.event_time_before(name):
+            return (
+                f"runs {name!r} on a watermark made in its own stage, which moves "
+                "between reads and slices"
+            )
     return None

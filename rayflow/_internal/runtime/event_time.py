@@ -239,17 +239,10 @@ def merge_restored(states: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _generator_before(plan: Plan, step: str, ops: dict[str, Op]) -> EventTimeOp | None:
-    """The nearest ``with_event_time`` step before ``step`` in the same task, if any."""
-    stack = list(plan.step(step).inputs)
-    while stack:
-        name = stack.pop()
-        op = ops.get(name)
-        if op is None:
-            continue  # in another task: its watermark comes over the channels
-        if isinstance(op, EventTimeOp):
-            return op
-        stack.extend(plan.step(name).inputs)
-    return None
+    """The op of the nearest ``with_event_time`` step before ``step`` in this task."""
+    name = plan.event_time_before(step)
+    op = ops.get(name) if name is not None else None
+    return op if isinstance(op, EventTimeOp) else None
 
 
 def _enc(value: float) -> float | str | None:
