@@ -20,14 +20,11 @@ With ``--batch-bytes B1 B2 ...`` it runs instead parallelism 2 with each
 and prints each one's rates and median (batches over Ray's 100 KiB limit for
 inline arguments go through the object store).
 
-With ``--local-combine`` it runs instead, alternated, the same job and one
-that counts each batch's events per (key, minute) with ``map_batches``
-before the shuffle and sums those counts in the window (``rf.windows.Sum``):
-what combining before the shuffle (Flink's local-global aggregation) would
-win. Its results are checked against the plain job's. A batch function on
-records makes its stage recover globally, never alone (docs/protocol.md,
-P6), and it would send late events on as counts, not to ``.late``: a
-measurement for the design of a combine in the runtime, not a recipe.
+With ``--combine`` it runs instead, alternated, the same job and one whose
+window has ``combine=True`` (each batch counted per key and minute before
+the shuffle, Flink's local-global aggregation), at parallelism 2 and 1, and
+prints both rates and their ratio. Its results are checked against the
+plain job's.
 """
 
 from __future__ import annotations
@@ -120,27 +117,18 @@ def rayflow_run(
 
 
 def combined_run(n: int, parallelism: int) -> tuple[float, dict[tuple[str, int], int]]:
-    """The job with a count per (key, minute) of each batch before the shuffle."""
+    """The job with ``combine=True``: counted per key and minute before the shuffle."""
     folder = tempfile.mkdtemp(prefix="rf-windows-")
     flow = rf.Dataflow(f"windows-combined-p{parallelism}", parallelism=parallelism)
     events = timestamped_events(flow, n, parallelism)
-    size = float(w.WINDOW_S)
-
-    def combine(batch: list[tuple[str, float]]) -> list[tuple[str, float, int]]:
-        counts: dict[tuple[str, float], int] = {}
-        get = counts.get
-        for key, ts in batch:
-            cell = (key, ts // size * size)  # the record's window start: its timestamp
-            counts[cell] = get(cell, 0) + 1
-        return [(key, start, c) for (key, start), c in counts.items()]
-
-    partial = events.map_batches("combine", combine)
-    counts = partial.key_by("by_key", lambda e: e[0]).window(
-        "per_min", rf.windows.Tumbling(size), rf.windows.Sum(lambda e: e[2])
+    counts = events.key_by("by_key", lambda e: e[0]).window(
+        "per_min", rf.windows.Tumbling(float(w.WINDOW_S)), rf.windows.Count(), combine=True
     )
     counts.sink("results", KeepResults(folder))
     result = rf.run(flow)
     assert result.running_at is not None
+    if sum(m["records_in"] for m in result.metrics["per_min"]) != n:
+        raise SystemExit("the window step did not count every event")
     found: dict[tuple[str, int], int] = {}
     for name in os.listdir(folder):
         with open(os.path.join(folder, name)) as f:
@@ -149,7 +137,7 @@ def combined_run(n: int, parallelism: int) -> tuple[float, dict[tuple[str, int],
     return n / (result.ended_at - result.running_at), found
 
 
-def local_combine(n: int, repeat: int) -> None:
+def compare_combine(n: int, repeat: int) -> None:
     start_ray()
     for parallelism in (2, 1):
         plain: list[float] = []
@@ -163,8 +151,8 @@ def local_combine(n: int, repeat: int) -> None:
             combined.append(steady)
         a, b = statistics.median(plain), statistics.median(combined)
         print(
-            f"parallelism {parallelism}: window alone {a:,.0f} records/s, combined before "
-            f"the shuffle {b:,.0f} ({b / a:.2f}x; medians of {repeat}, runs "
+            f"parallelism {parallelism}: window {a:,.0f} records/s, with combine=True "
+            f"{b:,.0f} ({b / a:.2f}x; medians of {repeat}, runs "
             f"{', '.join(f'{r:,.0f}' for r in plain)} / {', '.join(f'{r:,.0f}' for r in combined)})"
         )
 
@@ -174,11 +162,11 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000, help="rounded down to 4k")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch-bytes", type=int, nargs="+", default=None)
-    parser.add_argument("--local-combine", action="store_true")
+    parser.add_argument("--combine", action="store_true")
     args = parser.parse_args()
     n = args.events // 4 * 4  # the same events at parallelism 1 and 2 (window_event's keys)
-    if args.local_combine:
-        local_combine(n, args.repeat)
+    if args.combine:
+        compare_combine(n, args.repeat)
         return
     if args.batch_bytes:
         start_ray()

@@ -503,12 +503,9 @@ class Stream:
         )
         return self.flow._add(spec)
 
-    def _event_time(self, name: str, ts_fn: Any) -> tuple[Callable[[Any], Any], str]:
-        """The timestamp function for step ``name`` and where it comes from.
-
-        Every path from the sources to this step must pass an event-time step
-        (their watermarks decide when windows and timers fire).
-        """
+    def _nearest_event_time(self) -> tuple[dict[str, StepSpec], list[str]]:
+        """The event-time steps nearest upstream of this stream on each path, and the
+        sources reached by a path without one."""
         flow = self.flow
         found: dict[str, StepSpec] = {}
         missing: list[str] = []
@@ -524,6 +521,15 @@ class Stream:
                 missing.append(step.name)
             else:
                 stack.extend(step.inputs)
+        return found, missing
+
+    def _event_time(self, name: str, ts_fn: Any) -> tuple[Callable[[Any], Any], str]:
+        """The timestamp function for step ``name`` and where it comes from.
+
+        Every path from the sources to this step must pass an event-time step
+        (their watermarks decide when windows and timers fire).
+        """
+        found, missing = self._nearest_event_time()
         if missing:
             raise BuildError(
                 f"step {name!r} needs event time, but records from source "
@@ -597,6 +603,7 @@ class KeyedStream(Stream):
         *,
         allowed_lateness_s: float = 0.0,
         ts_fn: Callable[[Any], Any] | None = None,
+        combine: bool = False,
         **options: Any,
     ) -> WindowedStream:
         """Aggregate each key's records per event-time window.
@@ -607,6 +614,15 @@ class KeyedStream(Stream):
         ``(key, rf.windows.Result(start, end, value))``, when the watermark
         passes its end plus ``allowed_lateness_s``. Records that come after
         their window closed go to ``.late`` as ``(key, record)``.
+
+        ``combine=True`` (``Tumbling`` with ``Count`` or ``Sum``) counts or
+        sums each batch per key and window before the ``key_by``'s shuffle,
+        so one partial crosses it instead of many records (Flink's
+        local-global aggregation); results and ``.late`` are the same.
+        The partitions that combine are then recovered with the whole job,
+        never alone, and no ``with_event_time`` before it may have
+        ``idle_timeout_s``. Where the window runs in the same actor as
+        the steps before it (no shuffle), there is nothing to combine.
         """
         from rayflow import windows
 
@@ -623,16 +639,37 @@ class KeyedStream(Stream):
         _check_seconds(name, "allowed_lateness_s", allowed_lateness_s, allow_zero=True)
         self.flow._check_new_name(name)
         ts = self._event_time(name, ts_fn)
+        if combine is not False:
+            self._check_combine(name, windower, aggregator, combine)
         stream = self._step(
             name,
             StepKind.WINDOW,
             _window_marker,
             1,
             options,
-            params=(windower, aggregator, float(allowed_lateness_s)),
+            params=(windower, aggregator, float(allowed_lateness_s), combine),
             ts=ts,
         )
         return WindowedStream(self.flow, stream.step)
+
+    def _check_combine(self, name: str, windower: Any, aggregator: Any, combine: Any) -> None:
+        from rayflow._internal.eventtime.combine import unsupported
+
+        if combine is not True:
+            raise BuildError(f"step {name!r}: combine must be True or False; got {combine!r}")
+        why = unsupported(windower, aggregator)
+        if why is not None:
+            raise BuildError(f"step {name!r}: {why}; or leave combine off")
+        for step in self._nearest_event_time()[0].values():
+            idle = step.params[1]
+            if idle is not None:
+                raise BuildError(
+                    f"step {name!r}: combine=True needs watermarks that never go idle, but "
+                    f"with_event_time step {step.name!r} has idle_timeout_s={idle!r} (its "
+                    "receivers would stop waiting for it, and what it combined could come "
+                    "after its window closed); drop idle_timeout_s there, or leave "
+                    "combine off"
+                )
 
     def process(
         self,

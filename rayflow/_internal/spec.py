@@ -113,12 +113,20 @@ class StepSpec:
     on_error: str = "fail"  # one of ON_ERROR
     port: str | None = None  # SIDE_OUTPUT: which output of its input (LATE, DEAD_LETTERS)
     # Per kind: EVENT_TIME (max_delay_s, idle_timeout_s); WINDOW (windower,
-    # aggregator, allowed_lateness_s); PROCESS the on_timer function.
+    # aggregator, allowed_lateness_s, combine), see window_params; PROCESS the
+    # on_timer function.
     params: Any = None
     # WINDOW and PROCESS: the timestamp function (the upstream EVENT_TIME step's
     # unless the step was given its own) and the step it came from.
     ts_fn: Callable[[Any], Any] | None = None
     ts_step: str | None = None
+
+
+def window_params(spec: StepSpec) -> tuple[Any, Any, float, bool]:
+    """A WINDOW step's (windower, aggregator, allowed_lateness_s, combine); plans
+    made before ``combine`` existed have three."""
+    windower, aggregator, lateness, *rest = spec.params
+    return windower, aggregator, lateness, bool(rest and rest[0])
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def _validate(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def windowed_flow(
-    name: str, tmp_path: Path, *, rate: float | None, parallelism: int = 2
+    name: str, tmp_path: Path, *, rate: float | None, parallelism: int = 2, combine: bool = False
 ) -> rf.Dataflow:
     flow = rf.Dataflow(name, parallelism=parallelism)
     clicks = flow.source(
@@ -103,7 +103,7 @@ def windowed_flow(
     ).with_event_time("ts", lambda c: c["ts"], max_delay_s=1.0)
     good = clicks.map("validate", _validate, on_error="dead_letter")
     counts = good.key_by("user", lambda c: c["user"]).window(
-        "per_s", W.Tumbling(WINDOW_S), W.Count()
+        "per_s", W.Tumbling(WINDOW_S), W.Count(), combine=combine
     )
     counts.map("row", lambda kr: (kr[0], list(kr[1]))).sink(
         "out", rf.sinks.JsonLines(tmp_path / "out")
@@ -150,12 +150,64 @@ def test_window_results_and_dead_letters_exactly_once_under_kills(
     assert _dead(tmp_path / "dead") == expected_dead()
 
 
-def test_windows_resume_exactly_once_at_another_parallelism(tmp_path: Path) -> None:
+def test_combined_windows_exactly_once_under_kills_at_every_point(tmp_path: Path) -> None:
+    """combine=True (partials cross the shuffle, unaligned checkpoints keep some in
+    flight): operators killed before, during and after each checkpoint step. A
+    partition that combines is recovered with the whole job (rule P6)."""
+    flow = windowed_flow("win-combined-chaos", tmp_path, rate=6_000, combine=True)
+    handle = rf.start(
+        flow,
+        checkpoint=rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.25, unaligned=True),
+    )
+    points = ("triggered", "before_manifest", "after_manifest", "after_notify")
+    monkey = rf.testing.chaos(
+        handle,
+        seed=5,
+        kills=3,
+        targets=("operators",),
+        points=points,
+        every_s=0.4,
+        point_timeout_s=3.0,
+    )
+    try:
+        result = handle.wait(timeout=180)
+    finally:
+        monkey.stop()
+    monkey.check()
+    assert monkey.kills, f"no fault struck (missed: {monkey.missed})"
+    assert result.status is rf.JobStatus.FINISHED and result.restarts >= 1
+    _check(tmp_path / "out", expected_windows())
+    assert _dead(tmp_path / "dead") == expected_dead()
+    assert sum(m["partials_in"] for m in result.metrics["per_s"]) > 0
+    for recovery in handle.recoveries():
+        if any("/clicks/" in actor for actor in recovery["replaced"]):
+            assert recovery["scope"] == "global", recovery
+
+
+def test_a_window_fed_partials_restarted_alone_gets_them_again_from_the_log(
+    tmp_path: Path,
+) -> None:
+    """combine=True, aligned checkpoints: a window partition killed while data flows is
+    restarted alone, its senders replaying the partials they logged; every window once."""
+    flow = windowed_flow("win-combined-alone", tmp_path, rate=6_000, combine=True)
+    handle = rf.start(
+        flow, checkpoint=rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.25)
+    )
+    result = kill_after_checkpoints(handle, "rayflow/win-combined-alone/per_s/0", 2)
+    _check(tmp_path / "out", expected_windows())
+    assert _dead(tmp_path / "dead") == expected_dead()
+    recoveries = handle.recoveries()
+    assert [r["scope"] for r in recoveries] == ["partial"], recoveries
+    assert sum(m["partials_in"] for m in result.metrics["per_s"]) > 0
+
+
+@pytest.mark.parametrize("combine", [False, True], ids=["plain", "combined"])
+def test_windows_resume_exactly_once_at_another_parallelism(tmp_path: Path, combine: bool) -> None:
     """Stopped with a savepoint mid-stream at p=2 (open windows in the state), resumed
     at p=3: the two runs' output together holds every window once."""
     storage = str(tmp_path / "cp")
     handle = rf.start(
-        windowed_flow("win-rescale", tmp_path, rate=6_000),
+        windowed_flow("win-rescale", tmp_path, rate=6_000, combine=combine),
         checkpoint=rf.Checkpointing(storage=storage, interval_s=0.25),
     )
     import time
@@ -170,7 +222,7 @@ def test_windows_resume_exactly_once_at_another_parallelism(tmp_path: Path) -> N
     assert first.savepoint is not None
     assert 0 < first.records_out("clicks") < 2 * PER_PARTITION  # stopped mid-stream
     second = rf.run(
-        windowed_flow("win-rescale", tmp_path, rate=None, parallelism=3),
+        windowed_flow("win-rescale", tmp_path, rate=None, parallelism=3, combine=combine),
         checkpoint=rf.Checkpointing(storage=storage, interval_s=0.25),
         restore_from=first.savepoint,
     )

@@ -271,3 +271,47 @@ def test_bad_records_are_skipped_or_dead_lettered_and_counted() -> None:
         assert final[key] == sum(1 // (n % 7) for n in good if n % 3 == key and n % 7)
     failed = {step: sum(m["records_failed"] for m in ms) for step, ms in result.metrics.items()}
     assert failed["parse"] == 20 and failed["sum"] == len(failing)
+
+
+def _mostly_in_order(p: int, i: int) -> dict[str, Any]:
+    """10 ms apart per partition; one in 50 is 100 s old: late once the job ran a while."""
+    ts = 1000.0 + i * 0.01 - (100.0 if i % 50 == 49 else 0.0)
+    return {"user": KEYS[(i * 3 + p) % len(KEYS)], "ts": ts, "n": i % 10, "id": (p, i)}
+
+
+def test_combined_windows_count_each_record_once_and_leave_late_ones_to_late(
+    tmp_path: Path,
+) -> None:
+    """combine=True over two senders: every record is in one window or in .late, never
+    both; results match the reference over the records not late, per key in order."""
+    per_partition = 8_000
+    flow = rf.Dataflow("combined", parallelism=2)
+    clicks = flow.source(
+        "clicks",
+        rf.sources.Generator(_mostly_in_order, partitions=2, limit=per_partition, rate=8_000),
+    ).with_event_time("ts", lambda e: e["ts"], max_delay_s=0.5)
+    per_user = clicks.key_by("user", lambda e: e["user"])
+    counts = per_user.window("count", W.Tumbling(1.0), W.Count(), combine=True)
+    counts.sink("counts", rf.testing.Collect())
+    counts.late.sink("count_late", rf.testing.Collect())
+    sums = per_user.window(
+        "sum", W.Tumbling(1.0), W.Sum(lambda e: e["n"]), allowed_lateness_s=0.5, combine=True
+    )
+    sums.sink("sums", rf.testing.Collect())
+    sums.late.sink("sum_late", rf.testing.Collect())
+    result = rf.run(flow, checkpoint=rf.Checkpointing(storage=str(tmp_path / "cp"), interval_s=0.3))
+    events = [_mostly_in_order(p, i) for p in range(2) for i in range(per_partition)]
+    for window, late, value in (
+        ("counts", "count_late", len),
+        ("sums", "sum_late", lambda v: sum(e["n"] for e in v)),
+    ):
+        dropped = {r["id"] for _, r in result.output(late)}
+        assert dropped, f"{late}: nothing was late; the test would not see the rule"
+        kept = [e for e in events if e["id"] not in dropped]
+        expected = _tumbling(kept, 1.0, value)
+        assert _per_key_in_order(result.output_partitions(window)) == expected
+    for step in ("count", "sum"):
+        metrics = result.metrics[step]
+        assert sum(m["records_in"] for m in metrics) == 2 * per_partition
+        partials = sum(m["partials_in"] for m in metrics)
+        assert 0 < partials < per_partition  # fewer items crossed than records

@@ -39,9 +39,9 @@ from rayflow._internal.checkpoint.coordinator import CheckpointCoordinator
 from rayflow._internal.checkpoint.restore import RestorePoint, assign
 from rayflow._internal.checkpoint.snapshot import CorruptSnapshot
 from rayflow._internal.job.deployment import ActorKey, Deployment
-from rayflow._internal.plan import Plan
+from rayflow._internal.plan import Partitioning, Plan
 from rayflow._internal.runtime.causal import order_since
-from rayflow._internal.spec import StepKind
+from rayflow._internal.spec import StepKind, window_params
 from rayflow._internal.storage.base import ObjectNotFound, StorageError
 from rayflow.config import Checkpointing
 from rayflow.errors import Failure
@@ -421,6 +421,8 @@ def cut_dependent(plan: Plan, stage: str) -> str | None:
       that watermark moves between reads and slices, so which records are late
       and where windows fire depend on the cut. Fed by another stage's
       watermarks, a step gets them in the logged order: not these.
+    - the sender of a window with ``combine=True``: it sends one partial per
+      key and window of each slice (eventtime/combine.py).
 
     Each let a partition restarted alone emit another stream (found
     2026-11-29: tests/chaos/test_map_batches.py, test_event_time_chaos.py).
@@ -437,5 +439,17 @@ def cut_dependent(plan: Plan, stage: str) -> str | None:
             return (
                 f"runs {name!r} on a watermark made in its own stage, which moves "
                 "between reads and slices"
+            )
+    for edge_id in plan.stage(stage).outputs:
+        edge = plan.edges[edge_id]
+        dst = plan.step(edge.dst_step)
+        if (
+            dst.kind is StepKind.WINDOW
+            and edge.partitioning is Partitioning.HASH
+            and window_params(dst)[3]
+        ):
+            return (
+                f"combines its records per slice for window {dst.name!r} (combine=True) "
+                "before the shuffle"
             )
     return None

@@ -21,8 +21,8 @@ A generator that saw no record for its ``idle_timeout_s`` marks its output
 idle, and a task whose open inputs are all idle passes that on: an idle
 channel does not hold back its receiver's minimum until it sends again.
 
-The input watermark, each generator's highest timestamp and each timed
-step's watermark are part of the snapshot. On restore at the same
+The input watermark, each generator's highest timestamp, each timed
+step's watermark and the highest watermark sent are part of the snapshot. On restore at the same
 parallelism a partition takes its own; rescaled, the input and timed
 watermarks take the maximum over the old partitions (they all saw the same
 channels, so the highest one was reached by all: a window that fired stays
@@ -77,6 +77,7 @@ class EventTime:
         self.sent = -INF
         self.sent_at = 0.0
         self.sent_idle = False
+        self.sent_before = -INF  # the highest watermark sent before the restore
 
     # -- in -------------------------------------------------------------------
 
@@ -120,6 +121,12 @@ class EventTime:
                 return False
             return all(now - g.last_record_at >= (g.idle_timeout_s or 0.0) for g in self.generators)
         return self._inputs_idle(open_channels)
+
+    def combine_floor(self) -> float:
+        """``T`` of combining before the shuffle (eventtime/combine.py): the highest
+        watermark this partition sent, since its start or before its restore. What
+        it routes now reaches its receivers before any higher one it sends next."""
+        return max(self.sent, self.sent_before)
 
     # -- fire -----------------------------------------------------------------
 
@@ -186,6 +193,7 @@ class EventTime:
                 g.name: {str(sp): _enc(v) for sp, v in g.max_ts.items()} for g in self.generators
             },
             "ops": {op.name: _enc(op.watermark) for op in self.timed},
+            "sent": _enc(max(self.sent, self.sent_before)),
         }
 
     def restore(self, state: dict[str, Any] | None) -> None:
@@ -200,6 +208,7 @@ class EventTime:
                 g.last_record_at = time.monotonic()
             for op in self.timed:
                 op.watermark = max(op.watermark, _dec(state.get("ops", {}).get(op.name)))
+            self.sent_before = max(self.sent_before, _dec(state.get("sent")))
         for op in self.timed:
             op.restored()
 
@@ -235,6 +244,8 @@ def merge_restored(states: list[dict[str, Any]]) -> dict[str, Any]:
     names = {n for s in states for n in s.get("ops", {})}
     for n in names:
         merged["ops"][n] = _enc(max(_dec(s.get("ops", {}).get(n)) for s in states))
+    # What any old partition sent: every receiver's restored watermark is below it.
+    merged["sent"] = _enc(max((_dec(s.get("sent")) for s in states), default=-INF))
     return merged
 
 

@@ -31,7 +31,7 @@ from rayflow._internal.runtime.columns import (
     rows_in,
     running_sum,
 )
-from rayflow._internal.spec import MISSING, StepKind, StepSpec
+from rayflow._internal.spec import MISSING, StepKind, StepSpec, window_params
 from rayflow.errors import DeadLetter, Failure
 from rayflow.sinks import Sink, SinkContext, SinkWriter
 
@@ -809,9 +809,9 @@ def _build_op(spec: StepSpec, job: str, partition: int, run_id: str) -> Op:
     if kind is StepKind.WINDOW:
         from rayflow._internal.runtime.window_ops import WindowOp
 
-        windower, aggregator, lateness = spec.params
+        windower, aggregator, lateness, combine = window_params(spec)
         assert spec.ts_fn is not None
-        return WindowOp(spec.name, windower, aggregator, lateness, spec.ts_fn)
+        return WindowOp(spec.name, windower, aggregator, lateness, spec.ts_fn, combine)
     if kind is StepKind.PROCESS:
         from rayflow._internal.runtime.window_ops import ProcessOp
 

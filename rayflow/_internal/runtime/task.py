@@ -60,8 +60,9 @@ from rayflow._internal.checkpoint.manifest import (
     encode_offset,
 )
 from rayflow._internal.checkpoint.restore import Assignment
+from rayflow._internal.eventtime.combine import make_combiner
 from rayflow._internal.keygroups import key_group_range, stable_hash
-from rayflow._internal.plan import ChannelId, Partitioning, Plan
+from rayflow._internal.plan import ChannelId, Edge, Partitioning, Plan
 from rayflow._internal.runtime import nondeterminism, serde
 from rayflow._internal.runtime.causal import CausalLog, CausalStore
 from rayflow._internal.runtime.channels import (
@@ -92,7 +93,7 @@ from rayflow._internal.runtime.operators import (
 from rayflow._internal.runtime.pacing import CostMeter, Debloater
 from rayflow._internal.runtime.replay_log import ReplayLog
 from rayflow._internal.runtime.timing import BACKPRESSURED, BUSY, IDLE, RateWindow, TimeAccount
-from rayflow._internal.spec import LATE, StepKind
+from rayflow._internal.spec import LATE, StepKind, window_params
 from rayflow._internal.storage import Storage, open_storage
 from rayflow._internal.storage.base import create_once
 from rayflow.config import RuntimeConfig
@@ -372,9 +373,26 @@ class StageTask:
                 route = rebalance_router(channels, sum(ch.records_sent for ch in channels))
             else:
                 route = forward_router(channels[0])
-            self.ops[edge.src_step].downstream.append(route)
+            # What was produced but not sent (an unaligned restore) goes out as it was.
             self._routes[edge_id] = route
+            combine = self._combiner(edge)
+            if combine is not None:
+                route = _combined(combine, route)
+            self.ops[edge.src_step].downstream.append(route)
         self.outputs = outputs
+
+    def _combiner(self, edge: Edge) -> Callable[[list[Any]], list[Any]] | None:
+        """The combine before the shuffle into a window with ``combine=True``."""
+        dst = self.plan.step(edge.dst_step)
+        if dst.kind is not StepKind.WINDOW or edge.partitioning is not Partitioning.HASH:
+            return None
+        windower, aggregator, lateness, combine = window_params(dst)
+        if not combine:
+            return None
+        assert dst.ts_fn is not None
+        return make_combiner(
+            dst.name, windower, aggregator, lateness, dst.ts_fn, self.time.combine_floor
+        )
 
     # -- data plane and control -------------------------------------------
 
@@ -1660,6 +1678,9 @@ class StageTask:
                 entry["records_late"] = op.records_late
                 wm = op.watermark  # type: ignore[attr-defined]
                 entry["watermark"] = wm if math.isfinite(wm) else None
+            partials = getattr(op, "partials_in", None)
+            if partials is not None:  # a window with combine=True
+                entry["partials_in"] = partials
             if op.state_size is not None:
                 entry["state_keys"] = op.state_size
             if isinstance(op, KeyedOp):
@@ -1699,6 +1720,15 @@ class StageTask:
                 entry["last_snapshot"] = dict(self.last_snapshot)
             result.append(entry)
         return result
+
+
+def _combined(
+    combine: Callable[[list[Any]], list[Any]], route: Callable[[list[Any]], None]
+) -> Callable[[list[Any]], None]:
+    def routed(items: list[Any]) -> None:
+        route(combine(items))
+
+    return routed
 
 
 def _create_and_hash(storage: Storage, key: str, data: bytes) -> str:

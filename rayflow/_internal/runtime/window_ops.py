@@ -33,7 +33,7 @@ from typing import Any
 
 from rayflow._internal.eventtime import UserFunctionError
 from rayflow._internal.eventtime.timers import KeyedTimers, OnRecord, OnTimer
-from rayflow._internal.eventtime.windowing import Engine, make_engine
+from rayflow._internal.eventtime.windowing import AlignedWindows, Engine, make_engine
 from rayflow._internal.runtime.operators import Feed, KeyedOp, UserCodeError
 from rayflow.errors import BuildError
 from rayflow.windows import Aggregator, Windower
@@ -90,7 +90,7 @@ class _EventTimeOp(KeyedOp):
 class WindowOp(_EventTimeOp):
     """Aggregates each key's records per event-time window; emits a Result per window."""
 
-    __slots__ = ("_engine",)
+    __slots__ = ("_combined", "_engine", "partials_in")
 
     def __init__(
         self,
@@ -99,13 +99,24 @@ class WindowOp(_EventTimeOp):
         aggregator: Aggregator,
         allowed_lateness_s: float,
         ts_fn: Callable[[Any], Any],
+        combined: bool = False,
     ):
         self._engine: Engine = make_engine(name, windower, aggregator, allowed_lateness_s, ts_fn)
+        # Fed partials by combining senders (eventtime/combine.py): Tumbling windows only.
+        self._combined: AlignedWindows | None = None
+        self.partials_in: int | None = None  # how many partials came (metrics)
+        if combined:
+            assert isinstance(self._engine, AlignedWindows)
+            self._combined = self._engine
+            self.partials_in = 0
         super().__init__(name, self._engine)
 
     def apply(self, items: list[Any]) -> list[Any]:
         try:
-            late = self._engine.add(items, self.state.values, self.watermark)
+            if self._combined is not None:
+                late = self._add_combined(self._combined, items)
+            else:
+                late = self._engine.add(items, self.state.values, self.watermark)
         except UserFunctionError as exc:
             if exc.partial:  # the late records before the failing one are out already
                 self._late(exc.partial)
@@ -113,6 +124,15 @@ class WindowOp(_EventTimeOp):
         if late:
             self._late(late)
         return []
+
+    def _add_combined(self, engine: AlignedWindows, items: list[Any]) -> list[Any]:
+        folded, partials = engine.folded, engine.partials
+        try:
+            return engine.add_combined(items, self.state.values, self.watermark)
+        finally:
+            # records_in counts records, not partials: each one stood for several.
+            self.records_in += (engine.folded - folded) - (engine.partials - partials)
+            self.partials_in = engine.partials
 
 
 class ProcessOp(_EventTimeOp):
