@@ -116,7 +116,7 @@ def rayflow_run(
     return steady, deploy, found
 
 
-def combined_run(n: int, parallelism: int) -> tuple[float, dict[tuple[str, int], int]]:
+def combined_run(n: int, parallelism: int) -> tuple[float, dict[tuple[str, int], int], float]:
     """The job with ``combine=True``: counted per key and minute before the shuffle."""
     folder = tempfile.mkdtemp(prefix="rf-windows-")
     flow = rf.Dataflow(f"windows-combined-p{parallelism}", parallelism=parallelism)
@@ -129,12 +129,13 @@ def combined_run(n: int, parallelism: int) -> tuple[float, dict[tuple[str, int],
     assert result.running_at is not None
     if sum(m["records_in"] for m in result.metrics["per_min"]) != n:
         raise SystemExit("the window step did not count every event")
+    crossed = sum(m.get("partials_in") or 0 for m in result.metrics["per_min"]) / n
     found: dict[tuple[str, int], int] = {}
     for name in os.listdir(folder):
         with open(os.path.join(folder, name)) as f:
             for key, start, _end, count in json.load(f):
                 found[key, int(start)] = count
-    return n / (result.ended_at - result.running_at), found
+    return n / (result.ended_at - result.running_at), found, crossed
 
 
 def compare_combine(n: int, repeat: int) -> None:
@@ -142,10 +143,12 @@ def compare_combine(n: int, repeat: int) -> None:
     for parallelism in (2, 1):
         plain: list[float] = []
         combined: list[float] = []
+        crossed: list[float] = []
         for _ in range(repeat):
             steady, _, expected = rayflow_run(n, parallelism)
             plain.append(steady)
-            steady, found = combined_run(n, parallelism)
+            steady, found, share = combined_run(n, parallelism)
+            crossed.append(share)
             if found != expected:
                 raise SystemExit(f"combined results differ at parallelism {parallelism}")
             combined.append(steady)
@@ -154,6 +157,7 @@ def compare_combine(n: int, repeat: int) -> None:
             f"parallelism {parallelism}: window {a:,.0f} records/s, with combine=True "
             f"{b:,.0f} ({b / a:.2f}x; medians of {repeat}, runs "
             f"{', '.join(f'{r:,.0f}' for r in plain)} / {', '.join(f'{r:,.0f}' for r in combined)})"
+            f"; partials per event crossing the shuffle {statistics.median(crossed):.3f}"
         )
 
 

@@ -134,7 +134,7 @@ def build(
         )
         sums.sink("out", LastPerKey(out, firsts))
         return flow, per * parallelism
-    if workload == "windows":
+    if workload in ("windows", "windows_combined"):
         per = w.WINDOW_EVENTS // parallelism
         src = flow.source(
             "events",
@@ -148,7 +148,10 @@ def build(
             "ts", lambda e: e[1], max_delay_s=w.MAX_DELAY_S
         )
         counts = events.key_by("by_key", lambda e: e[0]).window(
-            "per_min", rf.windows.Tumbling(float(w.WINDOW_S)), rf.windows.Count()
+            "per_min",
+            rf.windows.Tumbling(float(w.WINDOW_S)),
+            rf.windows.Count(),
+            combine=workload == "windows_combined",
         )
         counts.sink("out", WindowStats(out, firsts))
         return flow, per * parallelism

@@ -103,21 +103,23 @@ def test_a_lagging_source_partition_holds_the_watermark_back_until_it_ends() -> 
 
 def test_restored_watermarks_take_the_highest_input_and_follow_source_partitions() -> None:
     old = [
-        {"input": 50.0, "max_ts": {"ts": {"0": 70.0}}, "ops": {"w": 50.0}},
-        {"input": 60.0, "max_ts": {"ts": {"1": 65.0}}, "ops": {"w": 60.0}},
-        {"input": None, "max_ts": {"ts": {"2": None}}, "ops": {"w": None}},
+        {"input": 50.0, "max_ts": {"ts": {"0": 70.0}}, "ops": {"w": 50.0}, "sent": 64.0},
+        {"input": 60.0, "max_ts": {"ts": {"1": 65.0}}, "ops": {"w": 60.0}, "sent": 60.0},
+        {"input": None, "max_ts": {"ts": {"2": None}}, "ops": {"w": None}},  # before "sent"
     ]
     assert merge_restored(old) == {
         "input": 60.0,
         "max_ts": {"ts": {"0": 70.0, "1": 65.0, "2": None}},
         "ops": {"w": 60.0},
+        "sent": 64.0,  # the highest sent: every receiver's restored watermark is below it
     }
     et = _task("w")
     et.restore({"input": "inf", "max_ts": {}, "ops": {"w": 60.0}})
     assert et.input == INF and et.timed[0].watermark == 60.0
-    assert et.snapshot() == {"input": "inf", "max_ts": {}, "ops": {"w": 60.0}}
+    assert et.snapshot() == {"input": "inf", "max_ts": {}, "ops": {"w": 60.0}, "sent": None}
     src = _task("src")
     src.restore(merge_restored(old))
+    assert src.combine_floor() == 64.0  # before it sends anything again
     (gen,) = src.generators
     gen.set_splits([1, 2])  # this partition reads source partitions 1 and 2 now
     assert gen.max_ts == {1: 65.0, 2: -INF}

@@ -93,6 +93,7 @@ from rayflow._internal.runtime.operators import (
 from rayflow._internal.runtime.pacing import CostMeter, Debloater
 from rayflow._internal.runtime.replay_log import ReplayLog
 from rayflow._internal.runtime.timing import BACKPRESSURED, BUSY, IDLE, RateWindow, TimeAccount
+from rayflow._internal.runtime.window_ops import WindowOp
 from rayflow._internal.spec import LATE, StepKind, window_params
 from rayflow._internal.storage import Storage, open_storage
 from rayflow._internal.storage.base import create_once
@@ -184,7 +185,11 @@ class StageTask:
 
         self.ops: dict[str, Op] = {}
         for step in self.stage.steps:
-            self.ops[step] = build_op(plan.step(step), job, partition, run_id)
+            built = self.ops[step] = build_op(plan.step(step), job, partition, run_id)
+            if isinstance(built, WindowOp) and not any(
+                e.dst_step == step and e.partitioning is Partitioning.HASH for e in plan.edges
+            ):
+                built.fed_partials(False)
         for step in self.stage.steps:
             op = self.ops[step]
             op.downstream = []

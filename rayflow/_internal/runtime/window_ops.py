@@ -111,6 +111,13 @@ class WindowOp(_EventTimeOp):
             self.partials_in = 0
         super().__init__(name, self._engine)
 
+    def fed_partials(self, fed: bool) -> None:
+        """Whether partials can come at all: not to a window in its senders' actor
+        (no shuffle before it), which then skips looking for them."""
+        if not fed:
+            self._combined = None
+            self.partials_in = None
+
     def apply(self, items: list[Any]) -> list[Any]:
         try:
             if self._combined is not None:
