@@ -407,6 +407,49 @@ def test_r15_in_flight_data_is_restored_only_into_the_layout_it_was_taken_in() -
     assert assign(build_plan(_layout_flow(3).spec()), RestorePoint("/s", aligned))
 
 
+def test_r17_partials_in_flight_are_restored_only_at_their_windows_parallelism() -> None:
+    """R17: rescaled, a window partition takes the highest old watermark, which may have
+    closed a window an in-flight partial was on time for; a partial cannot go to .late
+    record by record, so an unaligned checkpoint restores only at the same parallelism."""
+    from rayflow._internal.checkpoint.manifest import describe_flow
+
+    def flow(par: int, window_par: int, combine: bool = True) -> rf.Dataflow:
+        f = rf.Dataflow("j", parallelism=par)
+        timed = f.source(
+            "events", rf.testing.from_items([("k", 0.0)], partitions=2)
+        ).with_event_time("ts", lambda e: e[1])
+        timed.key_by("k", lambda e: e[0]).window(
+            "count",
+            rf.windows.Tumbling(60.0),
+            rf.windows.Count(),
+            combine=combine,
+            parallelism=window_par,
+        ).sink("out", rf.testing.Collect(), parallelism=window_par)
+        return f
+
+    old = build_plan(flow(2, 2).spec())
+    ops = [
+        OperatorSnapshot(st.name, p, _obj(4, "plain", f"{st.name}-{p}"), inflight=True)
+        for st in old.stages
+        for p in range(st.parallelism)
+    ]
+    manifest = Manifest("j", 4, "checkpoint", 0.0, 1.0, describe_flow(old), tuple(ops))
+    assert assign(build_plan(flow(3, 2).spec()), RestorePoint("/s", manifest))  # senders only
+    with pytest.raises(rf.ConfigError, match=r"window 'count' \(combine=True\).* at 3.*savepoint"):
+        assign(build_plan(flow(2, 3).spec()), RestorePoint("/s", manifest))
+    assert assign(build_plan(flow(2, 3, combine=False).spec()), RestorePoint("/s", manifest))
+    aligned = Manifest(
+        "j",
+        4,
+        "checkpoint",
+        0.0,
+        1.0,
+        describe_flow(old),
+        tuple(OperatorSnapshot(o.stage, o.partition, o.object) for o in ops),
+    )
+    assert assign(build_plan(flow(2, 3).spec()), RestorePoint("/s", aligned))
+
+
 def test_watermarks_restore_per_step_when_steps_share_actors_differently() -> None:
     """At parallelism 1 a window joins its source's actor (plan.py); its restored watermark
     must come from the actors that ran it before, whatever they were named."""

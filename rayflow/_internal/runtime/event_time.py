@@ -22,9 +22,10 @@ idle, and a task whose open inputs are all idle passes that on: an idle
 channel does not hold back its receiver's minimum until it sends again.
 
 The input watermark, each generator's highest timestamp, each timed
-step's watermark and the highest watermark sent are part of the snapshot. On restore at the same
-parallelism a partition takes its own; rescaled, the input and timed
-watermarks take the maximum over the old partitions (they all saw the same
+step's watermark and the highest watermark sent are part of the
+snapshot. On restore at the same parallelism a partition takes its own;
+rescaled, the input and timed watermarks take the maximum over the old
+partitions (they all saw the same
 channels, so the highest one was reached by all: a window that fired stays
 fired), and a generator's per-source-partition timestamps go with their
 source partitions.
