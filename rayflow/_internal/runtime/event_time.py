@@ -25,10 +25,9 @@ The input watermark, each generator's highest timestamp, each timed
 step's watermark and the highest watermark sent are part of the
 snapshot. On restore at the same parallelism a partition takes its own;
 rescaled, the input and timed watermarks take the maximum over the old
-partitions (they all saw the same
-channels, so the highest one was reached by all: a window that fired stays
-fired), and a generator's per-source-partition timestamps go with their
-source partitions.
+partitions (they all saw the same channels, so the highest one was reached
+by all: a window that fired stays fired), and a generator's
+per-source-partition timestamps go with their source partitions.
 """
 
 from __future__ import annotations
