@@ -377,33 +377,32 @@ def test_edge_ids_are_rebuilt_from_the_manifest_as_the_plan_numbers_them(
     assert _edges_of(describe_flow(plan)) == [(e.src_step, e.dst_step) for e in plan.edges]
 
 
+def _in_flight_manifest(plan: Any, *, inflight: bool = True) -> Manifest:
+    """Checkpoint 4 of ``plan``: every partition's snapshot, unaligned (records in
+    flight) or aligned."""
+    from rayflow._internal.checkpoint.manifest import describe_flow
+
+    ops = [
+        OperatorSnapshot(st.name, p, _obj(4, "plain", f"{st.name}-{p}"), inflight=inflight)
+        for st in plan.stages
+        for p in range(st.parallelism)
+    ]
+    return Manifest("j", 4, "checkpoint", 0.0, 1.0, describe_flow(plan), tuple(ops))
+
+
 def test_r15_in_flight_data_is_restored_only_into_the_layout_it_was_taken_in() -> None:
     """R15: an unaligned snapshot's in-flight records are addressed by edge id. A map at
     parallelism 2 beside a source of 2 shares its actor; at 3 it does not, and every
     edge id after it moves: those records would have gone to other steps (or been lost)."""
-    from rayflow._internal.checkpoint.manifest import describe_flow
 
     old = build_plan(_layout_flow(2).spec())
-    ops = [
-        OperatorSnapshot(st.name, p, _obj(4, "plain", f"{st.name}-{p}"), inflight=True)
-        for st in old.stages
-        for p in range(st.parallelism)
-    ]
-    manifest = Manifest("j", 4, "checkpoint", 0.0, 1.0, describe_flow(old), tuple(ops))
+    manifest = _in_flight_manifest(old)
     # Another parallelism in the same layout (every step at 3): restored.
     assert assign(build_plan(_layout_flow(3, 3).spec()), RestorePoint("/s", manifest))
     with pytest.raises(rf.ConfigError, match=r"new: src -> double.*savepoint"):
         assign(build_plan(_layout_flow(3).spec()), RestorePoint("/s", manifest))
     # Without records in flight (an aligned checkpoint) the layout may change.
-    aligned = Manifest(
-        "j",
-        4,
-        "checkpoint",
-        0.0,
-        1.0,
-        describe_flow(old),
-        tuple(OperatorSnapshot(o.stage, o.partition, o.object) for o in ops),
-    )
+    aligned = _in_flight_manifest(old, inflight=False)
     assert assign(build_plan(_layout_flow(3).spec()), RestorePoint("/s", aligned))
 
 
@@ -411,7 +410,6 @@ def test_r17_partials_in_flight_are_restored_only_at_their_windows_parallelism()
     """R17: rescaled, a window partition takes the highest old watermark, which may have
     closed a window an in-flight partial was on time for; a partial cannot go to .late
     record by record, so an unaligned checkpoint restores only at the same parallelism."""
-    from rayflow._internal.checkpoint.manifest import describe_flow
 
     def flow(par: int, window_par: int, combine: bool = True) -> rf.Dataflow:
         f = rf.Dataflow("j", parallelism=par)
@@ -428,25 +426,12 @@ def test_r17_partials_in_flight_are_restored_only_at_their_windows_parallelism()
         return f
 
     old = build_plan(flow(2, 2).spec())
-    ops = [
-        OperatorSnapshot(st.name, p, _obj(4, "plain", f"{st.name}-{p}"), inflight=True)
-        for st in old.stages
-        for p in range(st.parallelism)
-    ]
-    manifest = Manifest("j", 4, "checkpoint", 0.0, 1.0, describe_flow(old), tuple(ops))
+    manifest = _in_flight_manifest(old)
     assert assign(build_plan(flow(3, 2).spec()), RestorePoint("/s", manifest))  # senders only
     with pytest.raises(rf.ConfigError, match=r"window 'count' \(combine=True\).* at 3.*savepoint"):
         assign(build_plan(flow(2, 3).spec()), RestorePoint("/s", manifest))
     assert assign(build_plan(flow(2, 3, combine=False).spec()), RestorePoint("/s", manifest))
-    aligned = Manifest(
-        "j",
-        4,
-        "checkpoint",
-        0.0,
-        1.0,
-        describe_flow(old),
-        tuple(OperatorSnapshot(o.stage, o.partition, o.object) for o in ops),
-    )
+    aligned = _in_flight_manifest(old, inflight=False)
     assert assign(build_plan(flow(2, 3).spec()), RestorePoint("/s", aligned))
 
 
