@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import random
 import re
 from typing import Any
 
@@ -63,6 +64,49 @@ def test_combined_windows_equal_the_plain_ones_with_the_same_late_records(
     assert combined.op.records_in == plain.op.records_in == 2_000
     assert combined.op.partials_in is not None and 0 < combined.op.partials_in < 2_000
     assert crossed < 2_000 * 0.6  # fewer items cross (many here may be late: raw)
+
+
+@pytest.mark.parametrize("seed", [3, 17, 29])
+def test_two_senders_in_any_interleaving_give_the_plain_results(seed: int) -> None:
+    """Two senders, each combining against the watermark it last sent; the window step
+    takes their batches and watermarks in a random interleaving (its watermark the
+    lower of the two), as a plain window takes the same records the same way."""
+    rng = random.Random(seed)
+    items = make_input(seed, n=3_000, keys=6, jitter=15.0)
+    own = [items[0::2], items[1::2]]  # each sender's records, in its order
+    batches = [
+        batches_of(part, seed + s, size=rng.choice([40, 90, 200])) for s, part in enumerate(own)
+    ]
+    wms = [watermarks(b, max_delay=3.0) for b in batches]
+    agg = W.Sum(lambda r: r["n"])
+    plain = Run(W.Tumbling(10.0), agg, 1.0)
+    combined = Run(W.Tumbling(10.0), agg, 1.0)
+    combined.op = type(combined.op)("win", W.Tumbling(10.0), agg, 1.0, ts_of, True)
+    combined.op.downstream.append(combined.emitted.append)
+    combined.op.late_downstream.append(combined.late.extend)
+    sent = [-INF, -INF]
+    combines = [
+        make_combiner("win", W.Tumbling(10.0), agg, 1.0, ts_of, lambda s=s: sent[s])
+        for s in range(2)
+    ]
+    at = [0, 0]
+    received = [-INF, -INF]
+    while at[0] < len(batches[0]) or at[1] < len(batches[1]):
+        s = rng.choice([x for x in range(2) if at[x] < len(batches[x])])
+        batch, wm = batches[s][at[s]], wms[s][at[s]]
+        at[s] += 1
+        plain.op.feed(list(batch))
+        combined.op.feed(combines[s](list(batch)))
+        sent[s] = received[s] = wm  # the watermark follows the batch on its channel
+        low = min(received)
+        plain.op.advance(low)
+        combined.op.advance(low)
+    plain.op.advance(INF)
+    combined.op.advance(INF)
+    assert plain.late, "no record was late: the test would not see the lateness rule"
+    assert combined.per_key() == plain.per_key()
+    assert sorted(map(repr, combined.late)) == sorted(map(repr, plain.late))
+    assert combined.op.records_in == plain.op.records_in == 3_000
 
 
 def test_records_that_could_be_late_or_fail_go_on_as_they_are() -> None:
