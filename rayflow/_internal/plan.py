@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ray import cloudpickle as ray_cloudpickle
 
-from rayflow._internal.spec import FlowSpec, Resources, StepKind, StepSpec
+from rayflow._internal.spec import FlowSpec, Resources, StepKind, StepSpec, window_params
 from rayflow.errors import BuildError
 
 #: A channel into a partition, seen by the receiver: (edge id, sender partition).
@@ -135,6 +135,16 @@ class Plan:
                 return name
             stack.extend(self.step(name).inputs)
         return None
+
+    def combines(self, edge: Edge) -> bool:
+        """Whether ``edge`` carries partials: its sender combines before the shuffle into
+        a window with ``combine=True`` (eventtime/combine.py)."""
+        dst = self.step(edge.dst_step)
+        return (
+            dst.kind is StepKind.WINDOW
+            and edge.partitioning is Partitioning.HASH
+            and window_params(dst)[3]
+        )
 
     def consumers_in_stage(self, step: str) -> list[str]:
         """Steps in the same stage that read ``step``'s output, in plan order."""

@@ -119,7 +119,7 @@ def test_restored_watermarks_take_the_highest_input_and_follow_source_partitions
     assert et.snapshot() == {"input": "inf", "max_ts": {}, "ops": {"w": 60.0}, "sent": None}
     src = _task("src")
     src.restore(merge_restored(old))
-    assert src.combine_floor() == 64.0  # before it sends anything again
+    assert src.highest_sent() == 64.0  # before it sends anything again
     (gen,) = src.generators
     gen.set_splits([1, 2])  # this partition reads source partitions 1 and 2 now
     assert gen.max_ts == {1: 65.0, 2: -INF}

@@ -26,7 +26,7 @@ from rayflow._internal.checkpoint.manifest import (
 from rayflow._internal.keygroups import key_group_range
 from rayflow._internal.plan import Plan
 from rayflow._internal.runtime.event_time import merge_restored
-from rayflow._internal.spec import StepKind, window_params
+from rayflow._internal.spec import StepKind
 from rayflow._internal.storage import StorageError, open_storage
 from rayflow._internal.storage.base import normalize_uri
 from rayflow.errors import ConfigError
@@ -276,16 +276,15 @@ def _check_partials_stay(plan: Plan, manifest: Manifest) -> None:
     ``.late`` record by record."""
     old_stage_of = {s["name"]: s["stage"] for s in manifest.flow["steps"]}
     for edge in plan.edges:
-        dst = plan.step(edge.dst_step)
-        if dst.kind is not StepKind.WINDOW or not window_params(dst)[3]:
+        if not plan.combines(edge):
             continue
-        old_stage = old_stage_of.get(dst.name)
+        old_stage = old_stage_of.get(edge.dst_step)
         old_par = sum(1 for op in manifest.operators if op.stage == old_stage)
         new_par = plan.stage(edge.dst_stage).parallelism
         if old_stage is not None and old_par != new_par:
             raise ConfigError(
                 f"checkpoint {manifest.checkpoint_id} is unaligned and may hold partials in "
-                f"flight to window {dst.name!r} (combine=True), which ran at parallelism "
+                f"flight to window {edge.dst_step!r} (combine=True), which ran at parallelism "
                 f"{old_par} and would run at {new_par}: restore it at parallelism "
                 f"{old_par}, or stop that job with a savepoint (aligned: nothing in flight) "
                 "and restore the savepoint at the new parallelism"

@@ -15,7 +15,7 @@ Which records may be combined: late records must still reach ``.late`` one
 by one, and only the window step knows its watermark ``W``. The sender
 combines a record only if its window cannot be closed at the receiver when
 the partial arrives: ``start + size + lateness > T``, ``T`` the highest
-watermark the sender has sent (``EventTime.combine_floor``). A receiver's
+watermark the sender has sent (``EventTime.highest_sent``). A receiver's
 watermark is the minimum over its input channels of what came on them, and
 a watermark goes out behind the records routed before it (``send_control``
 flushes them first), so ``W <= T`` when the partial arrives; the other
@@ -97,10 +97,7 @@ def make_combiner(
         cells: dict[tuple[Any, float], list[Any]] = {}
         get = cells.get
         passed: Items = []
-        for kv in items:
-            if len(kv) != 2:
-                passed.append(kv)  # a partial already
-                continue
+        for kv in items:  # the key_by's (key, record) items (a replay skips this)
             key, record = kv
             try:
                 t = ts_fn(record)

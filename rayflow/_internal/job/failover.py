@@ -39,9 +39,9 @@ from rayflow._internal.checkpoint.coordinator import CheckpointCoordinator
 from rayflow._internal.checkpoint.restore import RestorePoint, assign
 from rayflow._internal.checkpoint.snapshot import CorruptSnapshot
 from rayflow._internal.job.deployment import ActorKey, Deployment
-from rayflow._internal.plan import Partitioning, Plan
+from rayflow._internal.plan import Plan
 from rayflow._internal.runtime.causal import order_since
-from rayflow._internal.spec import StepKind, window_params
+from rayflow._internal.spec import StepKind
 from rayflow._internal.storage.base import ObjectNotFound, StorageError
 from rayflow.config import Checkpointing
 from rayflow.errors import Failure
@@ -442,14 +442,9 @@ def cut_dependent(plan: Plan, stage: str) -> str | None:
             )
     for edge_id in plan.stage(stage).outputs:
         edge = plan.edges[edge_id]
-        dst = plan.step(edge.dst_step)
-        if (
-            dst.kind is StepKind.WINDOW
-            and edge.partitioning is Partitioning.HASH
-            and window_params(dst)[3]
-        ):
+        if plan.combines(edge):
             return (
-                f"combines its records per slice for window {dst.name!r} (combine=True) "
+                f"combines its records per slice for window {edge.dst_step!r} (combine=True) "
                 "before the shuffle"
             )
     return None

@@ -122,10 +122,10 @@ class EventTime:
             return all(now - g.last_record_at >= (g.idle_timeout_s or 0.0) for g in self.generators)
         return self._inputs_idle(open_channels)
 
-    def combine_floor(self) -> float:
-        """``T`` of combining before the shuffle (eventtime/combine.py): the highest
-        watermark this partition sent, since its start or before its restore. What
-        it routes now reaches its receivers before any higher one it sends next."""
+    def highest_sent(self) -> float:
+        """The highest watermark this partition sent, since its start or before its
+        restore: ``T`` of combining before the shuffle (eventtime/combine.py). What it
+        routes now reaches its receivers before any higher one it sends next."""
         return max(self.sent, self.sent_before)
 
     # -- fire -----------------------------------------------------------------
@@ -193,7 +193,7 @@ class EventTime:
                 g.name: {str(sp): _enc(v) for sp, v in g.max_ts.items()} for g in self.generators
             },
             "ops": {op.name: _enc(op.watermark) for op in self.timed},
-            "sent": _enc(max(self.sent, self.sent_before)),
+            "sent": _enc(self.highest_sent()),
         }
 
     def restore(self, state: dict[str, Any] | None) -> None:

@@ -187,9 +187,9 @@ class StageTask:
         for step in self.stage.steps:
             built = self.ops[step] = build_op(plan.step(step), job, partition, run_id)
             if isinstance(built, WindowOp) and not any(
-                e.dst_step == step and e.partitioning is Partitioning.HASH for e in plan.edges
+                e.dst_step == step and plan.combines(e) for e in plan.edges
             ):
-                built.fed_partials(False)
+                built.no_partials()
         for step in self.stage.steps:
             op = self.ops[step]
             op.downstream = []
@@ -388,15 +388,13 @@ class StageTask:
 
     def _combiner(self, edge: Edge) -> Callable[[list[Any]], list[Any]] | None:
         """The combine before the shuffle into a window with ``combine=True``."""
+        if not self.plan.combines(edge):
+            return None
         dst = self.plan.step(edge.dst_step)
-        if dst.kind is not StepKind.WINDOW or edge.partitioning is not Partitioning.HASH:
-            return None
-        windower, aggregator, lateness, combine = window_params(dst)
-        if not combine:
-            return None
+        windower, aggregator, lateness, _ = window_params(dst)
         assert dst.ts_fn is not None
         return make_combiner(
-            dst.name, windower, aggregator, lateness, dst.ts_fn, self.time.combine_floor
+            dst.name, windower, aggregator, lateness, dst.ts_fn, self.time.highest_sent
         )
 
     # -- data plane and control -------------------------------------------

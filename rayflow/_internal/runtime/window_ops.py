@@ -90,7 +90,7 @@ class _EventTimeOp(KeyedOp):
 class WindowOp(_EventTimeOp):
     """Aggregates each key's records per event-time window; emits a Result per window."""
 
-    __slots__ = ("_combined", "_engine", "partials_in")
+    __slots__ = ("_combined", "_engine")
 
     def __init__(
         self,
@@ -104,19 +104,20 @@ class WindowOp(_EventTimeOp):
         self._engine: Engine = make_engine(name, windower, aggregator, allowed_lateness_s, ts_fn)
         # Fed partials by combining senders (eventtime/combine.py): Tumbling windows only.
         self._combined: AlignedWindows | None = None
-        self.partials_in: int | None = None  # how many partials came (metrics)
         if combined:
             assert isinstance(self._engine, AlignedWindows)
             self._combined = self._engine
-            self.partials_in = 0
         super().__init__(name, self._engine)
 
-    def fed_partials(self, fed: bool) -> None:
-        """Whether partials can come at all: not to a window in its senders' actor
-        (no shuffle before it), which then skips looking for them."""
-        if not fed:
-            self._combined = None
-            self.partials_in = None
+    @property
+    def partials_in(self) -> int | None:
+        """How many partials came (metrics); None for a window that takes none."""
+        return self._combined.partials if self._combined is not None else None
+
+    def no_partials(self) -> None:
+        """No partial can come: the window runs in its senders' actor (no shuffle before
+        it), and skips looking for them."""
+        self._combined = None
 
     def apply(self, items: list[Any]) -> list[Any]:
         try:
@@ -139,7 +140,6 @@ class WindowOp(_EventTimeOp):
         finally:
             # records_in counts records, not partials: each one stood for several.
             self.records_in += (engine.folded - folded) - (engine.partials - partials)
-            self.partials_in = engine.partials
 
 
 class ProcessOp(_EventTimeOp):
