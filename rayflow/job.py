@@ -158,7 +158,7 @@ class JobHandle:
         self,
         launch: _Launch,
         coordinator: Any,
-        collector: Any,
+        collector: tuple[Any, str] | None,
         publisher: Telemetry | None,
     ):
         self.job = launch.job
@@ -532,8 +532,9 @@ class JobHandle:
         try:
             if self._collector is not None and report.status is not JobStatus.FAILED:
                 for step in launcher.collect_sinks(self.plan):
-                    outputs[step] = ray.get(self._collector.output.remote(step))
-                    partitioned[step] = ray.get(self._collector.by_partition.remote(step))
+                    collector, key = self._collector
+                    outputs[step] = ray.get(collector.output.remote(key, step))
+                    partitioned[step] = ray.get(collector.by_partition.remote(key, step))
         finally:
             self._cleanup(report)
         ended_at = report.ended_at or time.time()
@@ -576,7 +577,7 @@ class JobHandle:
         except Exception:
             pass
         launcher.kill_quietly(self._coordinator)
-        launcher.kill_quietly(self._collector)
+        launcher.forget_collected(self._collector)
 
 
 def start(
@@ -648,6 +649,8 @@ def start(
     launch = _Launch(job, plan, runtime, checkpoint, restart or RestartStrategy(), decision)
     collector = coordinator = operators = None
     try:
+        # First: it names the collector's key in the plan's Collect sinks, then shipped.
+        collector = launcher.collector_for(job, plan)
         coordinator = launcher.create_coordinator(
             job,
             plan,
@@ -659,19 +662,18 @@ def start(
         )
         # The operators start beside the coordinator, not after it (launcher.create_operators).
         operators = launcher.create_operators(job, plan, runtime, checkpoint, decision)
-        collector = launcher.create_collector(job) if launcher.collect_sinks(plan) else None
         report: JobReport = ray.get(coordinator.start.remote(operators))
     except BaseException:
         launcher.hand_over(operators, kill=True)
         launcher.kill_quietly(coordinator)
-        launcher.kill_quietly(collector)
+        launcher.forget_collected(collector)
         _release(checkpoint, decision)
         raise
     # From here on the coordinator holds the operators' only handles: they die with it.
     launcher.hand_over(operators, kill=report.status is JobStatus.FAILED)
     if report.status is JobStatus.FAILED:
         launcher.kill_quietly(coordinator)
-        launcher.kill_quietly(collector)
+        launcher.forget_collected(collector)
         raise JobFailedError(job, report.failures)
     handle = JobHandle(launch, coordinator, collector, None)
     try:
@@ -693,7 +695,7 @@ def start(
         if handle._publisher is not None:
             handle._publisher.close(None)
         launcher.kill_quietly(coordinator)
-        launcher.kill_quietly(collector)
+        launcher.forget_collected(collector)
         _release(checkpoint, decision)
         raise
     return handle

@@ -153,16 +153,25 @@ class Collect(Sink):
     exactly-once like a real transactional sink's.
     """
 
+    #: (collector actor, key of the job start), set by ``rf.start`` for each run.
+    _into: tuple[str, str] | None = None
+
     def open(self, ctx: SinkContext) -> SinkWriter:
-        return _CollectWriter(ctx)
+        if self._into is None:
+            raise ConfigError(
+                f"step {ctx.step!r}: rf.testing.Collect() collects only in a job that "
+                "rf.run or rf.start runs"
+            )
+        return _CollectWriter(ctx, *self._into)
 
     def __repr__(self) -> str:
         return "Collect()"
 
 
 class _CollectWriter(SinkWriter):
-    def __init__(self, ctx: SinkContext):
+    def __init__(self, ctx: SinkContext, collector: str, key: str):
         self._ctx = ctx
+        self._name, self._key = collector, key
         self._pending: list[Any] = []
         self._collector: Any = None
 
@@ -178,10 +187,10 @@ class _CollectWriter(SinkWriter):
 
         partition, run, checkpoint_id, records = committable
         if self._collector is None:
-            self._collector = ray.get_actor(
-                naming.collector_actor(self._ctx.job), namespace=naming.NAMESPACE
-            )
-        ref = self._collector.commit.remote(self._ctx.step, partition, run, checkpoint_id, records)
+            self._collector = ray.get_actor(self._name, namespace=naming.NAMESPACE)
+        ref = self._collector.commit.remote(
+            self._key, self._ctx.step, partition, run, checkpoint_id, records
+        )
         # Commits run in a worker thread; wait on the future, not ray.get,
         # which Ray reports as blocking when the process runs an event loop.
         ref.future().result()

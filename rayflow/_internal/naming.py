@@ -23,5 +23,6 @@ def coordinator_actor(job: str) -> str:
     return f"rayflow/{job}/coordinator"
 
 
-def collector_actor(job: str) -> str:
-    return f"rayflow/{job}/collect"
+def collector_actor(driver: str) -> str:
+    """The Collect actor of one driver (its Ray job id), shared by the jobs it starts."""
+    return f"rayflow/collect/{driver}"

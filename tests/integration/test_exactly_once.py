@@ -22,6 +22,7 @@ import pytest
 import ray
 
 import rayflow as rf
+from rayflow._internal import naming
 from rayflow._internal.checkpoint import lease as leases
 from rayflow._internal.checkpoint.restore import (
     latest_checkpoint,
@@ -253,13 +254,22 @@ def test_a_job_nobody_waits_for_leaves_nothing_behind(tmp_path: Path) -> None:
     stale.write_bytes(b"half an upload")
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
 
-    def flow() -> rf.Dataflow:
-        f = rf.Dataflow("leaky")
-        f.source("n", rf.testing.from_items(range(1000))).sink("out", rf.testing.Collect())
+    def flow(name: str = "leaky", items: range = range(1000)) -> rf.Dataflow:
+        f = rf.Dataflow(name)
+        f.source("n", rf.testing.from_items(items)).sink("out", rf.testing.Collect())
         return f
 
+    # Another job of this driver runs all along: the Collect actor is shared, not the output.
+    other = rf.Dataflow("beside")
+    other.source("n", rf.sources.Generator(lambda p, i: -i, limit=3000, rate=1500)).sink(
+        "out", rf.testing.Collect()
+    )
+    beside = rf.start(other, checkpoint=rf.Checkpointing(storage=str(storage), interval_s=0.1))
     handle = rf.start(flow(), checkpoint=rf.Checkpointing(storage=str(storage), interval_s=0.1))
     wait_for(lambda: handle.status().terminal, what="the end of the job")
+    assert not beside.status().terminal
+    assert handle.wait().output("out") == list(range(1000))
+    assert beside.wait().output("out") == [-i for i in range(3000)]
 
     def gone(name: str) -> bool:
         try:
@@ -268,7 +278,15 @@ def test_a_job_nobody_waits_for_leaves_nothing_behind(tmp_path: Path) -> None:
             return True
         return False
 
-    wait_for(lambda: gone("rayflow/leaky/coordinator") and gone("rayflow/leaky/collect"), 10)
+    # The driver's Collect actor outlives its jobs; what this one committed does not.
+    collector = ray.get_actor(
+        naming.collector_actor(ray.get_runtime_context().get_job_id()), namespace="rayflow"
+    )
+
+    def collected() -> list[str]:
+        return [k for k in ray.get(collector.keys.remote()) if k.startswith("leaky/")]
+
+    wait_for(lambda: gone("rayflow/leaky/coordinator") and not collected(), 10)
     assert not stale.exists()  # a killed upload's leftover, collected by retention
     lease = leases.current(open_storage(storage), "leaky")
     assert lease is not None and lease.released
@@ -276,7 +294,7 @@ def test_a_job_nobody_waits_for_leaves_nothing_behind(tmp_path: Path) -> None:
         flow(), job_name="leaky", checkpoint=rf.Checkpointing(storage=str(storage)), resume=True
     )
     assert again.status is rf.JobStatus.FINISHED
-    assert len(handle.wait().output("out")) == 1000
+    assert handle.wait().output("out") == list(range(1000))
 
 
 def test_a_coordinator_that_dies_again_while_it_restarts_is_retried(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import site
 import sys
 import sysconfig
+import uuid
 from typing import Any
 
 import ray
@@ -111,8 +112,10 @@ def collect_sinks(plan: Plan) -> list[str]:
 
 def actors_of(plan: Plan) -> tuple[int, int]:
     """The actors (each a Ray worker process) a job starts with: those beside the
-    driver (the coordinator, a collector) and the operators, which go anywhere."""
-    return 1 + (1 if collect_sinks(plan) else 0), sum(s.parallelism for s in plan.stages)
+    driver (the coordinator, the driver's collector if it has none yet) and the
+    operators, which go anywhere."""
+    beside = 1 + (1 if collect_sinks(plan) and not _collector_alive() else 0)
+    return beside, sum(s.parallelism for s in plan.stages)
 
 
 def _beside_the_driver() -> Any:
@@ -124,13 +127,51 @@ def _beside_the_driver() -> Any:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def create_collector(job: str) -> Any:
-    return _RemoteCollector.options(
-        name=naming.collector_actor(job),
+def _collector_alive() -> bool:
+    try:
+        ray.get_actor(_collector_name(), namespace=naming.NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def _collector_name() -> str:
+    return naming.collector_actor(ray.get_runtime_context().get_job_id())
+
+
+def collector_for(job: str, plan: Plan) -> tuple[Any, str] | None:
+    """The driver's Collect actor (created by its first job that collects) and the key
+    this start of ``job`` commits under; None if the job has no Collect sink.
+
+    The key goes into the plan's ``Collect`` sinks before the plan is shipped, so
+    that their writers (and those of any later recovery) find it.
+    """
+    sinks = [plan.step(name).connector for name in collect_sinks(plan)]
+    if not sinks:
+        return None
+    name = _collector_name()
+    handle = _RemoteCollector.options(
+        name=name,
         namespace=naming.NAMESPACE,
+        get_if_exists=True,
         num_cpus=0,
         scheduling_strategy=_beside_the_driver(),
     ).remote()
+    key = f"{job}/{uuid.uuid4().hex[:12]}"
+    for sink in sinks:
+        sink._into = (name, key)
+    return handle, key
+
+
+def forget_collected(collector: tuple[Any, str] | None) -> None:
+    """Drop a job start's collected output from the driver's collector (best effort)."""
+    if collector is None:
+        return
+    handle, key = collector
+    try:
+        ray.get(handle.forget.remote(key), timeout=10)
+    except Exception:
+        pass
 
 
 def create_operators(
