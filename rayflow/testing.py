@@ -371,7 +371,10 @@ def chaos(
     from ``FAULT_POINTS``), each kill strikes at one of those protocol points
     instead of at a random moment: it is armed in the coordinator and fires
     when the job gets there (within ``point_timeout_s``, else it is dropped
-    and listed in ``missed``). Killing the driver kills this process: use it
+    and listed in ``missed``). ``"during_restore"`` kills an operator to cause a
+    restore: under ``Checkpointing(recovery="partial")`` it may restart alone,
+    which restores nothing, and the point is missed; ``recovery="global"``
+    reaches it. Killing the driver kills this process: use it
     from a driver process of its own and resume the job from another.
     """
     unknown = sorted(set(targets) - set(CHAOS_TARGETS))
