@@ -636,6 +636,8 @@ def start(
     # beside the coordinator's, if Ray has none idle for them (warm.py).
     actors = launcher.actors_of(plan)
     warm.POOL.ensure(*actors)
+    # The plan to ship names, in its Collect sinks, the driver's collector and this start's key.
+    plan, collector = launcher.collector_for(job, plan)
     runtime = resources.resolve(runtime, plan)
     # Where the run starts, its run id, its lease and its first checkpoint id: one decision.
     decision = decide_start(
@@ -647,10 +649,8 @@ def start(
         alive=launcher.lease_holder_alive,
     )
     launch = _Launch(job, plan, runtime, checkpoint, restart or RestartStrategy(), decision)
-    collector = coordinator = operators = None
+    coordinator = operators = None
     try:
-        # First: it names the collector's key in the plan's Collect sinks, then shipped.
-        collector = launcher.collector_for(job, plan)
         coordinator = launcher.create_coordinator(
             job,
             plan,

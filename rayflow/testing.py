@@ -153,7 +153,7 @@ class Collect(Sink):
     exactly-once like a real transactional sink's.
     """
 
-    #: (collector actor, key of the job start), set by ``rf.start`` for each run.
+    #: (collector actor, key of the job start): set on the copy that ``rf.start`` ships.
     _into: tuple[str, str] | None = None
 
     def open(self, ctx: SinkContext) -> SinkWriter:

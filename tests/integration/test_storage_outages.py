@@ -108,9 +108,9 @@ def test_a_5_s_outage_the_job_runs_through_and_its_output_is_exact(s3_server: An
 def test_a_long_outage_bounds_what_is_uncommitted_and_loses_nothing(
     s3_server: Any, request: pytest.FixtureRequest
 ) -> None:
-    # 8 s: the sources reach the bound within ~2 s and then wait; --chaos-full waits 60 s
+    # 6 s: the sources reach the bound within ~2 s and then wait; --chaos-full waits 60 s
     # (benchmarks/storage_outage.py: 2 minutes).
-    seconds = 60.0 if request.config.getoption("--chaos-full") else 8.0
+    seconds = 60.0 if request.config.getoption("--chaos-full") else 6.0
     per_partition = 25_000
     limit = 8_000
     flow, prefix = _job("outage-60s", per_partition, rate=4000)
@@ -174,7 +174,7 @@ def test_an_outage_during_a_recovery_waits_for_the_storage(s3_server: Any) -> No
     s3_server.stop()
     try:
         ray.kill(ray.get_actor("rayflow/outage-recovery/count/0", namespace="rayflow"))
-        time.sleep(5)  # the recovery cannot read the checkpoint meanwhile
+        time.sleep(3)  # the recovery cannot read the checkpoint meanwhile
         assert handle.status() is rf.JobStatus.RECOVERING
     finally:
         s3_server.start()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 import site
@@ -22,7 +24,7 @@ from rayflow._internal.job.coordinator import JobCoordinator
 from rayflow._internal.job.deployment import ActorKey, Deployment
 from rayflow._internal.job.warm import preload_in_new_ray
 from rayflow._internal.plan import Plan, encode_plan
-from rayflow._internal.spec import StepKind
+from rayflow._internal.spec import StepKind, StepSpec
 from rayflow.config import Checkpointing, RestartStrategy, RuntimeConfig
 from rayflow.errors import BuildError, JobAlreadyRunningError
 from rayflow.testing import Collect, Fault
@@ -139,16 +141,17 @@ def _collector_name() -> str:
     return naming.collector_actor(ray.get_runtime_context().get_job_id())
 
 
-def collector_for(job: str, plan: Plan) -> tuple[Any, str] | None:
+def collector_for(job: str, plan: Plan) -> tuple[Plan, tuple[Any, str] | None]:
     """The driver's Collect actor (created by its first job that collects) and the key
-    this start of ``job`` commits under; None if the job has no Collect sink.
+    this start of ``job`` commits under (None without a Collect sink), with the plan to
+    ship: its Collect sinks are copies that name the actor and the key.
 
-    The key goes into the plan's ``Collect`` sinks before the plan is shipped, so
-    that their writers (and those of any later recovery) find it.
+    Copies, not the user's objects: one ``Collect()`` in two jobs at once, or a
+    coordinator restarted from this plan later, must each keep their own key.
     """
-    sinks = [plan.step(name).connector for name in collect_sinks(plan)]
-    if not sinks:
-        return None
+    names = set(collect_sinks(plan))
+    if not names:
+        return plan, None
     name = _collector_name()
     handle = _RemoteCollector.options(
         name=name,
@@ -158,9 +161,16 @@ def collector_for(job: str, plan: Plan) -> tuple[Any, str] | None:
         scheduling_strategy=_beside_the_driver(),
     ).remote()
     key = f"{job}/{uuid.uuid4().hex[:12]}"
-    for sink in sinks:
+
+    def stamped(step: StepSpec) -> StepSpec:
+        if step.name not in names:
+            return step
+        sink = copy.copy(step.connector)
         sink._into = (name, key)
-    return handle, key
+        return dataclasses.replace(step, connector=sink)
+
+    flow = dataclasses.replace(plan.flow, steps=tuple(stamped(s) for s in plan.flow.steps))
+    return dataclasses.replace(plan, flow=flow), (handle, key)
 
 
 def forget_collected(collector: tuple[Any, str] | None) -> None:
