@@ -24,8 +24,9 @@ coordinator's and the operators' steps; see TRACE_CODE) without changing
 rayflow, and prints the median of each phase over the jobs.
 
 Each job's actors (its coordinator and one per operator partition) need Ray
-worker processes, ~0.3 s of CPU each to start; rayflow starts them ahead,
-while the previous job runs (rayflow/_internal/job/warm.py). Back to back
+worker processes, 0.5-0.65 s of CPU each to start (benchmarks/worker_cost.py);
+rayflow starts them ahead, while the previous job runs
+(rayflow/_internal/job/warm.py). Back to back
 on a small machine the next job still finds them starting; ``--pause 1.5``
 shows a start on a Ray that had a moment to get them ready.
 """

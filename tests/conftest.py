@@ -45,9 +45,9 @@ os.environ.setdefault("RAYFLOW_WARM_DURING_S", "1")
 
 # Every Ray worker process imports rayflow (Ray's preload, then the actor's modules).
 # Under PYTHONDONTWRITEBYTECODE (set in some sandboxes) an editable install has no
-# bytecode cache, so each worker compiled rayflow's sources anew: 0.30 s of the
-# preload's import instead of 0.19 s here, in every worker the suite starts.
-# Compile them once; Python reads caches whatever that variable says.
+# bytecode cache, so each worker compiled rayflow's sources anew: 0.78 s of CPU per
+# worker instead of 0.64 s (benchmarks/worker_cost.py), in every worker the suite
+# starts. Compile them once; Python reads caches whatever that variable says.
 compileall.compile_dir(ROOT / "rayflow", quiet=1)
 
 S3_BUCKET = "rayflow-test"

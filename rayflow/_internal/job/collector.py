@@ -3,8 +3,8 @@
 One per driver, shared by the jobs it starts (each under a key of its own
 start), and owned by the driver, not by a coordinator, so committed output
 survives a coordinator restart. One actor per driver rather than one per
-job: every actor is a Ray worker process of its own, which took 0.6 s of CPU
-to start on the 2-core test machine (0.8 s with rayflow's modules preloaded),
+job: every actor is a Ray worker process of its own, 0.64 s of CPU to start
+with rayflow's modules preloaded (``benchmarks/worker_cost.py``, 2 cores),
 and most test and notebook jobs collect. Commits are keyed by (step, partition, run,
 checkpoint), which makes a re-issued commit a no-op, and a commit of a new
 run a new one whatever its checkpoint id. A job's share is dropped once its
