@@ -261,7 +261,7 @@ def test_a_job_nobody_waits_for_leaves_nothing_behind(tmp_path: Path) -> None:
 
     # Another job of this driver runs all along: the Collect actor is shared, not the output.
     other = rf.Dataflow("beside")
-    other.source("n", rf.sources.Generator(lambda p, i: -i, limit=3000, rate=1500)).sink(
+    other.source("n", rf.sources.Generator(lambda p, i: -i, limit=6000, rate=1500)).sink(
         "out", rf.testing.Collect()
     )
     beside = rf.start(other, checkpoint=rf.Checkpointing(storage=str(storage), interval_s=0.1))
@@ -269,7 +269,7 @@ def test_a_job_nobody_waits_for_leaves_nothing_behind(tmp_path: Path) -> None:
     wait_for(lambda: handle.status().terminal, what="the end of the job")
     assert not beside.status().terminal
     assert handle.wait().output("out") == list(range(1000))
-    assert beside.wait().output("out") == [-i for i in range(3000)]
+    assert beside.wait().output("out") == [-i for i in range(6000)]
 
     def gone(name: str) -> bool:
         try:
