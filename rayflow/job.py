@@ -531,8 +531,8 @@ class JobHandle:
         partitioned: dict[str, dict[int, list[Any]]] = {}
         try:
             if self._collector is not None and report.status is not JobStatus.FAILED:
+                collector, key = self._collector
                 for step in launcher.collect_sinks(self.plan):
-                    collector, key = self._collector
                     outputs[step] = ray.get(collector.output.remote(key, step))
                     partitioned[step] = ray.get(collector.by_partition.remote(key, step))
         finally:

@@ -70,9 +70,6 @@ class Collector:
             for p, commits in self._steps(key).get(step, {}).items()
         }
 
-    def steps(self, key: str) -> list[str]:
-        return sorted(self._steps(key))
-
     def keys(self) -> list[str]:
         """The job starts whose output is held."""
         return sorted(self._jobs)
