@@ -218,7 +218,7 @@ def start_traced_ray(trace: str) -> dict[str, Any]:
     for name in (
         "check_picklable",
         "check_not_running",
-        "create_collector",
+        "collector_for",
         "create_coordinator",
         "create_operators",
     ):

@@ -659,6 +659,7 @@ def start(
             decision,
             restart=launch.restart,
             faults=faults.all() if faults else (),
+            fault_record=faults.record if faults else None,
         )
         # The operators start beside the coordinator, not after it (launcher.create_operators).
         operators = launcher.create_operators(job, plan, runtime, checkpoint, decision)

@@ -79,10 +79,15 @@ class Faults:
       once every operator acknowledged that checkpoint, before its manifest
       is written (the snapshots exist; the checkpoint must not).
     - ``at``: any :class:`Fault` s, armed when the job starts.
+    - ``record``: a file (on the coordinator's machine) that each of those
+      faults is appended to as a JSON line when it fires, before it strikes,
+      so a test can tell which fired even after the coordinator died of one
+      (:func:`fired_faults` reads it).
     """
 
     crash_coordinator_before_manifest: int | None = None
     at: tuple[Fault, ...] = ()
+    record: str | None = None
 
     def all(self) -> tuple[Fault, ...]:
         faults = list(self.at)
@@ -95,6 +100,20 @@ class Faults:
                 )
             )
         return tuple(faults)
+
+
+def fired_faults(record: str) -> list[Fault]:
+    """The faults written to ``Faults(record=...)``, in the order they fired."""
+    import json
+
+    try:
+        with open(record) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+    return [
+        Fault(d["point"], d["action"], d["target"], d["checkpoint_id"], d["nth"]) for d in lines
+    ]
 
 
 class _Items(Source):

@@ -238,7 +238,8 @@ def _run(scenario: Scenario, seed: int, tmp_path: Path, server: Any) -> None:
         unaligned=scenario.unaligned,
         recovery=scenario.recovery,
     )
-    faults = rf.testing.Faults(at=tuple(_resolve(f, job) for f in scenario.faults))
+    record = str(tmp_path / "fired.jsonl")
+    faults = rf.testing.Faults(at=tuple(_resolve(f, job) for f in scenario.faults), record=record)
     runtime = rf.RuntimeConfig(target_inflight_s=2.0) if scenario.unaligned else None
     handle = rf.start(flow, checkpoint=config, faults=faults, runtime=runtime)
     monkey = rf.testing.chaos(
@@ -262,8 +263,11 @@ def _run(scenario: Scenario, seed: int, tmp_path: Path, server: Any) -> None:
             requests.halt.set()
             requests.join(30)
     monkey.check()
-    _log_run(scenario.name, seed, monkey, scenario.faults, result)
-    struck = len(monkey.kills) + len(scenario.faults)
+    fired = rf.testing.fired_faults(record)
+    _log_run(scenario.name, seed, monkey, tuple(fired), result)
+    # Every fault armed at start fired (a job can end before it reaches a point).
+    assert [f.point for f in fired] == [f.point for f in scenario.faults], fired
+    struck = len(monkey.kills) + len(fired)
     assert struck >= 1, f"no fault struck (missed: {monkey.missed})"
     if scenario.recovery == "global":
         assert not monkey.missed, monkey.missed  # every point armed was reached
@@ -304,7 +308,7 @@ def _log_run(
                     "scenario": name,
                     "seed": seed,
                     "kills": [(k["action"], k["point"], k["target"]) for k in monkey.kills],
-                    "armed_faults": [(f.action, f.point) for f in faults],
+                    "faults_fired": [(f.action, f.point) for f in faults],
                     "strikes": strikes,
                     "missed": [m["point"] for m in monkey.missed],
                     "restarts": result.restarts,

@@ -84,6 +84,7 @@ class JobCoordinator:
         faults: tuple[Fault, ...] = (),
         driver_pid: int | None = None,
         startup_timeout_s: float = 600.0,
+        fault_record: str | None = None,
     ):
         self.job = job
         self._plan_blob = plan_blob
@@ -96,7 +97,9 @@ class JobCoordinator:
         self._recovery_point = start.point
         self._startup_timeout_s = startup_timeout_s
         self._restarts = RestartTracker(restart if checkpointing is not None else None)
-        self.faults = FaultInjector(job, driver_pid=driver_pid, kill_actor=self._kill_actor)
+        self.faults = FaultInjector(
+            job, driver_pid=driver_pid, kill_actor=self._kill_actor, record=fault_record
+        )
         for fault in faults:
             self.faults.arm(fault)
         self.plan: Plan | None = None

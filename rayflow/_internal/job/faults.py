@@ -8,6 +8,7 @@ the protocol goes on, exactly as if the process had died at that moment.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -39,8 +40,10 @@ class FaultInjector:
         *,
         driver_pid: int | None,
         kill_actor: Callable[[str], None],
+        record: str | None = None,
     ):
         self.job = job
+        self._record = record
         self.driver_pid = driver_pid
         self._kill_actor = kill_actor
         self._armed: dict[int, tuple[Fault, int]] = {}  # id -> (fault, times seen)
@@ -81,6 +84,12 @@ class FaultInjector:
             "time": time.time(),
         }
         self.fired.append(record)
+        if self._record:
+            # Written through before the fault strikes: a kill_coordinator ends this process.
+            with open(self._record, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         log.warning(
             "fault injection in job %s: %s at %s (checkpoint %s)%s",
             self.job,

@@ -235,6 +235,7 @@ def create_coordinator(
     *,
     restart: RestartStrategy | None = None,
     faults: tuple[Fault, ...] = (),
+    fault_record: str | None = None,
 ) -> Any:
     blob = encode_plan(plan)
     return _RemoteCoordinator.options(
@@ -253,6 +254,7 @@ def create_coordinator(
         restart,
         faults,
         os.getpid(),
+        fault_record=fault_record,
     )
 
 
