@@ -176,9 +176,10 @@ def _check_all_sinks(
 # The default run (the suite's 20 minutes) puts scenarios that strike at the same points
 # into one job, several kills among their targets: at the checkpoint points of operators,
 # sinks and sources; of the coordinator and operators; of operators, sinks and sources
-# with unaligned checkpoints. Random moments and savepoints run aligned (the default
-# mode), savepoints at their points only. --chaos-full runs every scenario apart, five
-# seeds each, aligned and unaligned. (RAYFLOW_CHAOS_LOG=file lists what each run struck.)
+# with unaligned checkpoints; the final checkpoint's faults. Random moments and
+# savepoints run aligned (the default mode), savepoints at their points only.
+# --chaos-full runs every scenario apart, five seeds each, aligned and unaligned.
+# (RAYFLOW_CHAOS_LOG=file lists what each run struck.)
 TOGETHER = [
     # 4 s of input: in 3 s the third kill found the job ended.
     Scenario("points-all-targets", CHECKPOINT_POINTS, ("operators", "sinks", "sources"), 3,
@@ -187,6 +188,13 @@ TOGETHER = [
              ("coordinator", "operators"), 3),
     Scenario("unaligned-points-all-targets", CHECKPOINT_POINTS,
              ("operators", "sinks", "sources"), 3, unaligned=True),
+    # A sink killed before the final manifest, a source after it, then the coordinator
+    # after its notifications: each fires once (the run checks), in that order.
+    Scenario("final-all", None, kills=0, faults=(
+        rf.testing.Fault("final_before_manifest", "kill_operator", "SINK"),
+        rf.testing.Fault("final_after_manifest", "kill_operator", "SOURCE"),
+        rf.testing.Fault("final_after_notify", "kill_coordinator"),
+    )),
 ]  # fmt: skip
 FULL_ONLY = {
     "points-operators", "points-sinks", "points-sources",  # points-all-targets
@@ -195,6 +203,7 @@ FULL_ONLY = {
     "unaligned-random",  # random-moments, aligned
     "savepoints-random",  # savepoints, at their points
     "unaligned-savepoints",  # savepoints, aligned
+    "final-checkpoint", "final-coordinator",  # final-all
 }  # fmt: skip
 
 
