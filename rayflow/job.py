@@ -174,9 +174,9 @@ class JobHandle:
         self._done = threading.Event()
         self._recovering = False
         self._coordinator_recoveries: list[dict[str, Any]] = []
-        # Recoveries the current coordinator reported in telemetry polls: if it dies, its
-        # report dies with it, and these are what the result keeps of them.
-        self._polled_recoveries: list[dict[str, Any]] = []
+        # The current coordinator's recoveries, as its watch gave them (each at once):
+        # if it dies, its report dies with it, and these are what the result keeps.
+        self._watched_recoveries: list[dict[str, Any]] = []
         self._restarts = RestartTracker(launch.restart if launch.checkpoint else None)
         # Filled by the telemetry poll (no call of its own), closed with the final metrics.
         self._history = MetricsHistory(
@@ -198,9 +198,6 @@ class JobHandle:
             display = publisher.on_poll
 
             def observe(data: dict[str, Any]) -> None:
-                self._polled_recoveries.extend(
-                    _recovery_of(e) for e in data.get("events") or () if e.get("type") == "recovery"
-                )
                 self._history.record(time.time(), data)
                 self._journal.update(data)
                 if display is not None:
@@ -397,13 +394,20 @@ class JobHandle:
     # -- supervision of the coordinator ---------------------------------------
 
     def _watch(self) -> None:
+        seen = 0  # what the current coordinator announced (recoveries, timings, the end)
         while True:
             try:
-                report: JobReport = ray.get(self._coordinator.wait.remote())
+                seen, self._watched_recoveries, final = ray.get(
+                    self._coordinator.watch.remote(seen)
+                )
+                if final is None:
+                    continue
+                report: JobReport = final
             except ray.exceptions.RayActorError as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 failure = Failure(kind="system", message=f"the job's coordinator died: {first}")
                 final = self._recover_coordinator(failure)
+                seen = 0  # a new coordinator counts from 0
                 if final is None:
                     continue
                 report = final
@@ -484,8 +488,8 @@ class JobHandle:
             if report.status is JobStatus.FAILED:
                 return report
             point = decision.point
-            # What the dead coordinator had recovered from, as far as the polls saw it.
-            seen, self._polled_recoveries = self._polled_recoveries, []
+            # What the dead coordinator had recovered from (its watch gave each at once).
+            seen, self._watched_recoveries = self._watched_recoveries, []
             self._coordinator_recoveries.extend(seen)
             self._coordinator_recoveries.append(
                 {
@@ -711,16 +715,3 @@ def _release(checkpoint: Checkpointing | None, decision: StartDecision) -> None:
 def run(flow: Dataflow, **options: Any) -> JobResult:
     """Run ``flow`` to its end (bounded sources) or until stopped; return the result."""
     return start(flow, **options).wait()
-
-
-def _recovery_of(event: dict[str, Any]) -> dict[str, Any]:
-    """A recovery record (as ``JobHandle.recoveries`` gives) from a recovery event."""
-    return {
-        "detected_at": event["started"],
-        "cause": event.get("cause"),
-        "replaced": event.get("replaced"),
-        "restored_checkpoint": event.get("restored_checkpoint"),
-        "records_replayed": event.get("records_replayed"),
-        "recovered_in_s": event["ended"] - event["started"],
-        "scope": event.get("scope", "global"),
-    }

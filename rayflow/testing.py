@@ -26,6 +26,7 @@ __all__ = [
     "Fault",
     "Faults",
     "chaos",
+    "fired_faults",
     "from_items",
 ]
 
@@ -79,10 +80,11 @@ class Faults:
       once every operator acknowledged that checkpoint, before its manifest
       is written (the snapshots exist; the checkpoint must not).
     - ``at``: any :class:`Fault` s, armed when the job starts.
-    - ``record``: a file (on the coordinator's machine) that each of those
-      faults is appended to as a JSON line when it fires, before it strikes,
-      so a test can tell which fired even after the coordinator died of one
-      (:func:`fired_faults` reads it).
+    - ``record``: a file (on the coordinator's machine) that each fault of
+      the job (these, and those :func:`chaos` arms at points) is appended to
+      as a JSON line when it fires, before it strikes, so a test can tell
+      which fired even after the coordinator died of one (:func:`fired_faults`
+      reads it).
     """
 
     crash_coordinator_before_manifest: int | None = None

@@ -109,6 +109,10 @@ class JobCoordinator:
         self._status = JobStatus.STARTING
         self._report = JobReport(job=job, status=JobStatus.STARTING, started_at=time.time())
         self._finished: asyncio.Event | None = None
+        # What the driver's long poll (``watch``) waits for: a recovery recorded or
+        # timed, or the end; ``_version`` counts them.
+        self._news: asyncio.Event | None = None
+        self._version = 0
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._final_task: asyncio.Task[None] | None = None
@@ -146,6 +150,7 @@ class JobCoordinator:
         beside this coordinator (launcher.create_operators); else it creates them.
         """
         self._finished = asyncio.Event()
+        self._news = asyncio.Event()
         self._wake = asyncio.Event()
         try:
             plan = self.plan = decode_plan(self._plan_blob)
@@ -225,6 +230,26 @@ class JobCoordinator:
         assert self._finished is not None, "start() first"
         await self._finished.wait()
         return self._report
+
+    async def watch(self, seen: int) -> tuple[int, list[dict[str, Any]], JobReport | None]:
+        """The driver's long poll: once more happened than its ``seen`` count, this
+        coordinator's recoveries and the count (with the final report once the job ended).
+
+        The driver holds every recovery as soon as it is recorded, so a coordinator
+        that dies afterwards takes none with it (``JobResult.recoveries`` lists them).
+        """
+        assert self._finished is not None and self._news is not None, "start() first"
+        while self._version <= seen and not self._finished.is_set():
+            self._news.clear()
+            await self._news.wait()
+        report = self._report if self._finished.is_set() else None
+        return self._version, [dict(r) for r in self._report.recoveries], report
+
+    def _announce(self) -> None:
+        """Something the driver's ``watch`` waits for happened."""
+        self._version += 1
+        if self._news is not None:
+            self._news.set()
 
     async def status(self) -> str:
         return self._status.value
@@ -576,6 +601,7 @@ class JobCoordinator:
         if why_global:  # partial recovery was on, and could not be exact here
             record["reason"] = why_global
         self._report.recoveries.append(record)
+        self._announce()
         self._tasks.append(
             asyncio.get_running_loop().create_task(self._time_recovery(record, phases))
         )
@@ -643,6 +669,7 @@ class JobCoordinator:
         self._set_status(JobStatus.STOPPING if self._stopping else JobStatus.RUNNING)
         record["cause"] = order_failures(failures)[0].describe()
         self._report.recoveries.append(record)
+        self._announce()
         log.warning(
             "job %s: restarted %s alone from checkpoint %s (%d records resent from logs)",
             self.job,
@@ -672,6 +699,7 @@ class JobCoordinator:
                     record["phases"] = {
                         name: round(at - record["detected_at"], 3) for name, at in phases.items()
                     }
+                    self._announce()
                     return
                 await asyncio.sleep(0.02)
         finally:
@@ -721,6 +749,7 @@ class JobCoordinator:
             log.error("job %s failed: %s", self.job, failures[0].describe())
         assert self._finished is not None
         self._finished.set()
+        self._announce()
 
 
 def _key(key: Any) -> ActorKey:
