@@ -290,7 +290,8 @@ def _run(scenario: Scenario, seed: int, tmp_path: Path, server: Any) -> None:
     monkey.check()
     fired = rf.testing.fired_faults(record)  # the chaos harness's kills at points too
     _log_run(scenario.name, seed, monkey, tuple(f for f in fired if f in armed), result)
-    # Every fault armed at start fired (a job can end before it reaches a point).
+    # Every fault armed at start fired: a job that ended before one's point would
+    # otherwise pass untested.
     assert [f for f in fired if f in armed] == list(armed), fired
     causes = [str(r.get("cause")) for r in result.recoveries]
     for word in scenario.recovered:
