@@ -159,14 +159,15 @@ class LocalS3:
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=name)
 
-    def stop(self) -> None:
-        """Stop the server's whole process group: SIGTERM, then SIGKILL."""
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop the server's whole process group: SIGTERM, then SIGKILL after ``grace_s``
+        (0: at once, for a server whose data is thrown away)."""
         pid = self.process.pid if self.process else _read_pid(self.folder)
         if pid is None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and _alive(pid, self.process):
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):
