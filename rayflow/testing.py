@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from rayflow._internal import naming
@@ -113,9 +113,9 @@ def fired_faults(record: str) -> list[Fault]:
             lines = [json.loads(line) for line in f if line.strip()]
     except FileNotFoundError:
         return []
-    return [
-        Fault(d["point"], d["action"], d["target"], d["checkpoint_id"], d["nth"]) for d in lines
-    ]
+    # Each line is the fault's fields (asdict) and what the injector adds (id, time).
+    names = [f.name for f in fields(Fault)]
+    return [Fault(**{name: d[name] for name in names}) for d in lines]
 
 
 class _Items(Source):

@@ -289,10 +289,11 @@ def _run(scenario: Scenario, seed: int, tmp_path: Path, server: Any) -> None:
             requests.join(30)
     monkey.check()
     fired = rf.testing.fired_faults(record)  # the chaos harness's kills at points too
-    _log_run(scenario.name, seed, monkey, tuple(f for f in fired if f in armed), result)
+    fired_armed = [f for f in fired if f in armed]
+    _log_run(scenario.name, seed, monkey, tuple(fired_armed), result)
     # Every fault armed at start fired: a job that ended before one's point would
     # otherwise pass untested.
-    assert [f for f in fired if f in armed] == list(armed), fired
+    assert fired_armed == list(armed), fired
     causes = [str(r.get("cause")) for r in result.recoveries]
     for word in scenario.recovered:
         assert any(word in cause for cause in causes), (word, causes)

@@ -43,7 +43,7 @@ class FaultInjector:
         record: str | None = None,
     ):
         self.job = job
-        self._record = record
+        self._record_path = record
         self.driver_pid = driver_pid
         self._kill_actor = kill_actor
         self._armed: dict[int, tuple[Fault, int]] = {}  # id -> (fault, times seen)
@@ -84,9 +84,9 @@ class FaultInjector:
             "time": time.time(),
         }
         self.fired.append(record)
-        if self._record:
+        if self._record_path:
             # Written through before the fault strikes: a kill_coordinator ends this process.
-            with open(self._record, "a") as f:
+            with open(self._record_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
