@@ -55,6 +55,7 @@ from collections.abc import Callable
 from typing import Any
 
 from _common import start_ray
+from keyed_sum import LatestPerKey
 
 import rayflow as rf
 from rayflow._internal.keygroups import KeyRouter
@@ -125,32 +126,6 @@ def loop(n: int, keys: int) -> dict[int, int]:
     return sums
 
 
-class _Sums(rf.sinks.Sink):
-    """Each partition's final sums, to a file on commit (to check them)."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-
-    def open(self, ctx: rf.sinks.SinkContext) -> rf.sinks.SinkWriter:
-        return _SumsWriter(os.path.join(self.folder, f"{ctx.partition}.json"))
-
-
-class _SumsWriter(rf.sinks.SinkWriter):
-    def __init__(self, path: str):
-        self.path = path
-        self.latest: dict[int, int] = {}
-
-    def write(self, items: list[Any]) -> None:
-        self.latest.update(items)
-
-    def prepare_commit(self, checkpoint_id: int) -> Any:
-        return dict(self.latest)
-
-    def commit(self, committable: Any) -> None:
-        with open(self.path, "w") as f:
-            json.dump(list(committable.items()), f)
-
-
 def rayflow_run(parts: int, n: int, keys: int, spin: int) -> tuple[float, dict[int, int]]:
     """rayflow's keyed sum (benchmarks/keyed_sum.py's flow, with this script's key function)."""
     folder = tempfile.mkdtemp(prefix="rf-bound-")
@@ -167,7 +142,7 @@ def rayflow_run(parts: int, n: int, keys: int, spin: int) -> tuple[float, dict[i
         rf.sources.Generator(lambda p, i: make[p](i), partitions=parts, limit=n // parts),
     )
     sums = src.key_by("by_key", key).reduce("sum", lambda acc, r: acc + r[1], initial=0)
-    sums.sink("sums", _Sums(folder))
+    sums.sink("sums", LatestPerKey(folder))
     result = rf.run(flow)
     assert result.running_at is not None
     found: dict[int, int] = {}
