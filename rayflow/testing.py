@@ -342,9 +342,13 @@ class Chaos(threading.Thread):
             self.kills.pop()  # gone already (a recovery is replacing it)
 
     def _arm_and_wait(self, point: str, action: str, target: str | None) -> None:
+        import ray
+
         handle = self.handle
         coordinator = handle._coordinator
         fault_id = handle._call("arm_fault", Fault(point, action, target))
+        if coordinator is None:  # it was being replaced: the new one was armed
+            coordinator = handle._coordinator
         if point == "during_restore":
             # A restore happens after a failure: cause one.
             _, victim = self._pick("operators")
@@ -354,11 +358,22 @@ class Chaos(threading.Thread):
             if handle._coordinator is not coordinator or handle.status().terminal:
                 fired = action == "kill_coordinator" or handle.status().terminal
                 break
+            if coordinator is None:
+                time.sleep(0.05)
+                continue
             try:
-                fired = any(f["id"] == fault_id for f in handle._call("fired_faults"))
-            except Exception:
-                fired = action == "kill_coordinator"
+                # Ask the coordinator the fault was armed in. handle._call would wait
+                # for a replacement coordinator and ask that one, which never had the
+                # fault: a kill that fired would be missed whenever the replacement came
+                # after the deadline (the slow restart of tests/chaos/test_protocol.py's
+                # during-restore-coordinator).
+                listed = ray.get(coordinator.fired_faults.remote(), timeout=10)
+                fired = any(f["id"] == fault_id for f in listed)
+            except ray.exceptions.RayActorError:
+                fired = action == "kill_coordinator"  # the one it was armed in died
                 break
+            except ray.exceptions.GetTimeoutError:
+                fired = False
             if fired:
                 break
             time.sleep(0.05)

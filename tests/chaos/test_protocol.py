@@ -62,6 +62,8 @@ class Scenario:
     # armed faults cause, even when the coordinator that recovered died afterwards.
     recovered: tuple[str, ...] = ()
     poll_s: float | None = None  # RuntimeConfig.metrics_interval_s: the driver's poll
+    backoff_s: float | None = None  # RestartStrategy.backoff_s: how long restarts wait
+    point_timeout_s: float = 3.0  # how long the harness waits for a point to be reached
 
 
 SCENARIOS = [
@@ -76,6 +78,20 @@ SCENARIOS = [
     # nothing, and the kill armed at during_restore never fired (seed 1: it was missed).
     Scenario(
         "during-restore", ("during_restore",), ("operators", "coordinator"), 1, recovery="global"
+    ),
+    # The coordinator killed during a restore, and its replacement slow to come (every
+    # restart waits 3 s): the harness must count the kill that struck, not miss it
+    # waiting to ask the replacement, which never had it armed (--chaos-full, seed 5
+    # of during-restore, on a slow host).
+    Scenario(
+        "during-restore-coordinator",
+        ("during_restore",),
+        ("coordinator",),
+        1,
+        recovery="global",
+        recovered=("coordinator died",),
+        backoff_s=3.0,
+        point_timeout_s=7.0,
     ),
     Scenario(
         "savepoints",
@@ -266,7 +282,10 @@ def _run(scenario: Scenario, seed: int, tmp_path: Path, server: Any) -> None:
     runtime = rf.RuntimeConfig(target_inflight_s=2.0) if scenario.unaligned else None
     if scenario.poll_s is not None:
         runtime = replace(runtime or rf.RuntimeConfig(), metrics_interval_s=scenario.poll_s)
-    handle = rf.start(flow, checkpoint=config, faults=faults, runtime=runtime)
+    restart = (
+        None if scenario.backoff_s is None else rf.RestartStrategy(backoff_s=scenario.backoff_s)
+    )
+    handle = rf.start(flow, checkpoint=config, faults=faults, runtime=runtime, restart=restart)
     monkey = rf.testing.chaos(
         handle,
         seed=seed,
@@ -274,7 +293,7 @@ def _run(scenario: Scenario, seed: int, tmp_path: Path, server: Any) -> None:
         targets=scenario.targets,
         points=scenario.points,
         every_s=0.5,
-        point_timeout_s=3.0,
+        point_timeout_s=scenario.point_timeout_s,
     )
     requests = None
     if scenario.savepoints or scenario.checkpoints:
