@@ -369,12 +369,9 @@ class Chaos(threading.Thread):
                 # during-restore-coordinator).
                 listed = ray.get(coordinator.fired_faults.remote(), timeout=10)
                 fired = any(f["id"] == fault_id for f in listed)
-            except ray.exceptions.RayActorError:
-                fired = action == "kill_coordinator"  # the one it was armed in died
-                break
             except ray.exceptions.GetTimeoutError:
                 fired = False
-            except Exception:  # as before: a call that fails ends the wait
+            except Exception:  # RayActorError: the one it was armed in died; a kill struck
                 fired = action == "kill_coordinator"
                 break
             if fired:
