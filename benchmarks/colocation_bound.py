@@ -68,21 +68,26 @@ def _records(p: int, parts: int, keys: int) -> Callable[[int], tuple[int, int]]:
     return lambda i: ((i * parts + p) % keys, 1)
 
 
-#: Iterations of busy work in the key function (``--spin``), for heavier records.
-SPIN = 0
+Key = Callable[[tuple[int, int]], int]
 
 
-def _key(record: tuple[int, int]) -> int:
-    for _ in range(SPIN):
-        pass
-    return record[0]
+def key_function(spin: int) -> Key:
+    """Every variant's key function: a record's key, after ``spin`` turns of an empty
+    loop (``--spin``, for heavier records)."""
+
+    def key(record: tuple[int, int], spin: int = spin) -> int:
+        for _ in range(spin):
+            pass
+        return record[0]
+
+    return key
 
 
 class _Partition:
     """One source partition and one keyed partition (of ``parts``) in one process."""
 
-    def __init__(self, p: int, parts: int, keys: int, batch: int):
-        self.p, self.parts, self.keys, self.batch = p, parts, keys, batch
+    def __init__(self, p: int, parts: int, keys: int, batch: int, key: Key):
+        self.p, self.parts, self.keys, self.batch, self.key = p, parts, keys, batch, key
         self.sums: dict[int, int] = {}  # records of its own keys made here
         self.received: dict[int, int] = {}  # those the other partition sent
         self.router = KeyRouter(MAX_PARALLELISM, parts)
@@ -94,11 +99,11 @@ class _Partition:
 
     def batches(self, n: int) -> Any:
         """Each batch of this partition's ``n`` records, split by receiving partition."""
-        make = _records(self.p, self.parts, self.keys)
+        make, key = _records(self.p, self.parts, self.keys), self.key
         cache, partition = self.router._cache, self.router.partition
         for start in range(0, n, self.batch):
             records = [make(i) for i in range(start, min(n, start + self.batch))]
-            pairs = [(_key(r), r) for r in records]
+            pairs = [(key(r), r) for r in records]
             out: list[list[tuple[int, tuple[int, int]]]] = [[] for _ in range(self.parts)]
             get = cache.get
             for kv in pairs:
@@ -115,28 +120,22 @@ class _Partition:
         return both
 
 
-def loop(n: int, keys: int) -> dict[int, int]:
+def loop(n: int, keys: int, key: Key) -> dict[int, int]:
     sums: dict[int, int] = {}
     get = sums.get
     make = _records(0, 1, keys)
     for i in range(n):
         record = make(i)
-        key = _key(record)
-        sums[key] = get(key, 0) + record[1]
+        k = key(record)
+        sums[k] = get(k, 0) + record[1]
     return sums
 
 
-def rayflow_run(parts: int, n: int, keys: int, spin: int) -> tuple[float, dict[int, int]]:
+def rayflow_run(parts: int, n: int, keys: int, key: Key) -> tuple[float, dict[int, int]]:
     """rayflow's keyed sum (benchmarks/keyed_sum.py's flow, with this script's key function)."""
     folder = tempfile.mkdtemp(prefix="rf-bound-")
     flow = rf.Dataflow(f"bound-p{parts}", parallelism=parts)
     make = [_records(p, parts, keys) for p in range(parts)]
-
-    def key(record: tuple[int, int], spin: int = spin) -> int:
-        for _ in range(spin):
-            pass
-        return record[0]
-
     src = flow.source(
         "numbers",
         rf.sources.Generator(lambda p, i: make[p](i), partitions=parts, limit=n // parts),
@@ -184,11 +183,11 @@ def _ray_actor() -> Any:
     return RayPartition
 
 
-def ray_run(parts: int, n: int, keys: int, batch: int) -> tuple[float, dict[int, int]]:
+def ray_run(parts: int, n: int, keys: int, batch: int, key: Key) -> tuple[float, dict[int, int]]:
     import ray
 
     cls = _ray_actor()
-    actors = [cls.remote(p, parts, keys, batch) for p in range(parts)]
+    actors = [cls.remote(p, parts, keys, batch, key) for p in range(parts)]
     ray.get([a.connect.remote(actors[(i + 1) % parts]) for i, a in enumerate(actors)])
     started = time.perf_counter()
     ray.get([a.run.remote(n // parts) for a in actors])
@@ -202,9 +201,9 @@ def ray_run(parts: int, n: int, keys: int, batch: int) -> tuple[float, dict[int,
 
 
 def _pipe_partition(
-    p: int, n: int, keys: int, batch: int, conn: Any, results: Any, go: Any
+    p: int, n: int, keys: int, batch: int, key: Key, conn: Any, results: Any, go: Any
 ) -> None:
-    part = _Partition(p, 2, keys, batch)
+    part = _Partition(p, 2, keys, batch, key)
 
     def receive() -> None:
         while True:
@@ -228,12 +227,12 @@ def _pipe_partition(
     results.put(("done", part.totals()))
 
 
-def pipes_run(n: int, keys: int, batch: int) -> tuple[float, dict[int, int]]:
+def pipes_run(n: int, keys: int, batch: int, key: Key) -> tuple[float, dict[int, int]]:
     ctx = mp.get_context("fork")
     a, b = ctx.Pipe()
     results, go = ctx.Queue(), ctx.Event()
     procs = [
-        ctx.Process(target=_pipe_partition, args=(p, n // 2, keys, batch, conn, results, go))
+        ctx.Process(target=_pipe_partition, args=(p, n // 2, keys, batch, key, conn, results, go))
         for p, conn in ((0, a), (1, b))
     ]
     for proc in procs:
@@ -263,23 +262,21 @@ def main() -> None:
         "--spin", type=int, default=0, help="iterations of busy work per record (heavier records)"
     )
     args = parser.parse_args()
-    global SPIN
-    SPIN = args.spin
-    n, keys, batch = args.records, args.keys, args.batch
-    expected = loop(n, keys)
+    n, keys, batch, key = args.records, args.keys, args.batch, key_function(args.spin)
+    expected = loop(n, keys, key)
     start_ray()
     names = ["loop", "ray p=1", "ray p=2", "pipes p=2", "rayflow p=1", "rayflow p=2"]
     rates: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.repeat):
         started = time.perf_counter()
-        loop(n, keys)
+        loop(n, keys, key)
         rates["loop"].append(n / (time.perf_counter() - started))
         for name, run in (
-            ("ray p=1", lambda: ray_run(1, n, keys, batch)),
-            ("ray p=2", lambda: ray_run(2, n, keys, batch)),
-            ("pipes p=2", lambda: pipes_run(n, keys, batch)),
-            ("rayflow p=1", lambda: rayflow_run(1, n, keys, args.spin)),
-            ("rayflow p=2", lambda: rayflow_run(2, n, keys, args.spin)),
+            ("ray p=1", lambda: ray_run(1, n, keys, batch, key)),
+            ("ray p=2", lambda: ray_run(2, n, keys, batch, key)),
+            ("pipes p=2", lambda: pipes_run(n, keys, batch, key)),
+            ("rayflow p=1", lambda: rayflow_run(1, n, keys, key)),
+            ("rayflow p=2", lambda: rayflow_run(2, n, keys, key)),
         ):
             rate, sums = run()
             if sums != expected:
